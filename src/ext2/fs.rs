@@ -1,0 +1,269 @@
+//! A safe wrapper over one open libext2fs filesystem.
+//!
+//! libext2fs is not thread-safe, not even for reads (its inode cache and
+//! lazily loaded bitmaps are shared state), so a [`Filesystem`] is only ever
+//! used behind the one process-wide lock in `filter::shared`; every method
+//! takes `&mut self` to make that visible.
+
+use std::ffi::{CStr, CString};
+use std::ptr;
+
+use crate::error::{Error, Result};
+use crate::ext2::io_shim;
+use crate::sys;
+
+/// An inode number.
+pub type Ino = sys::ext2_ino_t;
+
+/// How a file's blocks are recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// An ext4 extent tree.
+    Extents,
+    /// ext2/ext3 direct and indirect block pointers.
+    Indirect,
+    /// The bytes live inside the inode itself.
+    Inline,
+}
+
+/// What the filter needs to know about an inode.
+#[derive(Clone, Copy, Debug)]
+pub struct InodeInfo {
+    pub mode: u16,
+    pub size: u64,
+    pub layout: Layout,
+}
+
+impl InodeInfo {
+    pub fn is_regular(&self) -> bool {
+        u32::from(self.mode) & sys::LINUX_S_IFMT == sys::LINUX_S_IFREG
+    }
+
+    pub fn is_dir(&self) -> bool {
+        u32::from(self.mode) & sys::LINUX_S_IFMT == sys::LINUX_S_IFDIR
+    }
+}
+
+/// How the filesystem was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+pub struct Filesystem {
+    fs: sys::ext2_filsys,
+    device: CString,
+    access: Access,
+}
+
+// SAFETY: the handle is only used behind the process-wide filesystem lock;
+// libext2fs keeps no thread-affine state.
+unsafe impl Send for Filesystem {}
+
+/// Turns a libext2fs return code into a Result.
+pub(crate) fn check(code: sys::errcode_t, context: impl FnOnce() -> String) -> Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Error::ext2(context(), code))
+    }
+}
+
+impl Filesystem {
+    /// Opens the filesystem on the device registered as `device` with
+    /// [`io_shim::register`].  The error text follows the C filter
+    /// (`open: Bad magic number in super-block`).
+    pub fn open(device: CString, access: Access) -> Result<Filesystem> {
+        let mut flags = sys::EXT2_FLAG_64BITS as i32;
+        if access == Access::ReadWrite {
+            flags |= sys::EXT2_FLAG_RW as i32;
+        }
+        let mut fs: sys::ext2_filsys = ptr::null_mut();
+        // SAFETY: the device name is NUL-terminated, the manager table is
+        // static, and `fs` is a valid out-pointer.
+        let code = unsafe {
+            sys::ext2fs_open(
+                device.as_ptr(),
+                flags,
+                0,
+                0,
+                io_shim::MANAGER.as_ptr(),
+                &mut fs,
+            )
+        };
+        if code != 0 {
+            io_shim::unregister(&device);
+            return Err(Error::ext2("open", code));
+        }
+        let this = Filesystem { fs, device, access };
+        // SAFETY: `fs` is open; flags is a plain field.
+        unsafe {
+            // Rewrite only the primary superblock and descriptors on flush:
+            // rewriting every backup on every client flush is slow and
+            // e2fsck only needs the primary to be right.
+            (*this.fs).flags |= sys::EXT2_FLAG_MASTER_SB_ONLY as i32;
+        }
+        if access == Access::ReadWrite {
+            // SAFETY: `fs` is open.
+            let code = unsafe { sys::ext2fs_read_bitmaps(this.fs) };
+            check(code, || "read_bitmaps".into())?;
+        }
+        Ok(this)
+    }
+
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    fn super_block(&self) -> &sys::ext2_super_block {
+        // SAFETY: an open filesystem always has its superblock loaded.
+        unsafe { &*(*self.fs).super_ }
+    }
+
+    pub fn block_size(&self) -> u32 {
+        // SAFETY: a plain field of an open filesystem.
+        unsafe { (*self.fs).blocksize }
+    }
+
+    pub fn blocks_count(&self) -> u64 {
+        // SAFETY: an open filesystem's superblock.
+        unsafe { sys::ext2fs_blocks_count((*self.fs).super_) }
+    }
+
+    /// Whether the journal holds transactions not yet written to their
+    /// places (`needs_recovery`).
+    pub fn needs_recovery(&self) -> bool {
+        self.super_block().s_feature_incompat & sys::EXT3_FEATURE_INCOMPAT_RECOVER != 0
+    }
+
+    /// Looks `path` up from the root, following symlinks (absolute ones from
+    /// the image's root) in every component and at the end.
+    pub fn lookup(&mut self, path: &str) -> Result<Ino> {
+        let root = sys::EXT2_ROOT_INO;
+        let relative = path.trim_start_matches('/');
+        if relative.is_empty() {
+            return Ok(root);
+        }
+        let name = CString::new(relative).map_err(|_| {
+            Error::other(crate::error::Errno::EINVAL, "file name contains a NUL byte")
+        })?;
+        let mut ino: Ino = 0;
+        // SAFETY: open filesystem, NUL-terminated name, valid out-pointer.
+        let code =
+            unsafe { sys::ext2fs_namei_follow(self.fs, root, root, name.as_ptr(), &mut ino) };
+        check(code, || "namei".into())?;
+        Ok(ino)
+    }
+
+    fn read_raw_inode(&mut self, ino: Ino) -> Result<sys::ext2_inode> {
+        let mut inode = sys::ext2_inode::default();
+        // SAFETY: open filesystem, valid out-pointer of the right type.
+        let code = unsafe { sys::ext2fs_read_inode(self.fs, ino, &mut inode) };
+        check(code, || "inode".into())?;
+        Ok(inode)
+    }
+
+    fn write_raw_inode(&mut self, ino: Ino, inode: &mut sys::ext2_inode) -> Result<()> {
+        // SAFETY: open filesystem, inode buffer of the right type.
+        let code = unsafe { sys::ext2fs_write_inode(self.fs, ino, inode) };
+        check(code, || "write_inode".into())
+    }
+
+    pub fn inode(&mut self, ino: Ino) -> Result<InodeInfo> {
+        let inode = self.read_raw_inode(ino)?;
+        let layout = if inode.i_flags & sys::EXT4_INLINE_DATA_FL != 0 {
+            Layout::Inline
+        } else if inode.i_flags & sys::EXT4_EXTENTS_FL != 0 {
+            Layout::Extents
+        } else {
+            Layout::Indirect
+        };
+        Ok(InodeInfo {
+            mode: inode.i_mode,
+            size: u64::from(inode.i_size) | (u64::from(inode.i_size_high) << 32),
+            layout,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` through the library's own file
+    /// code (used only for inline-data files, whose bytes live in the inode).
+    pub fn read_via_library(&mut self, ino: Ino, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut file: sys::ext2_file_t = ptr::null_mut();
+        // SAFETY: open filesystem; read-only file handle, closed below.
+        let code = unsafe { sys::ext2fs_file_open2(self.fs, ino, ptr::null_mut(), 0, &mut file) };
+        check(code, || "file_open".into())?;
+        let result = (|| {
+            // SAFETY: `file` is open.
+            let code = unsafe {
+                sys::ext2fs_file_llseek(file, offset, sys::EXT2_SEEK_SET as i32, ptr::null_mut())
+            };
+            check(code, || "llseek".into())?;
+            let mut done = 0usize;
+            while done < buf.len() {
+                let mut got: u32 = 0;
+                let want = (buf.len() - done).min(u32::MAX as usize) as u32;
+                // SAFETY: `file` is open; the buffer has `want` bytes left.
+                let code = unsafe {
+                    sys::ext2fs_file_read(file, buf[done..].as_mut_ptr().cast(), want, &mut got)
+                };
+                check(code, || "read".into())?;
+                if got == 0 {
+                    buf[done..].fill(0);
+                    break;
+                }
+                done += got as usize;
+            }
+            Ok(())
+        })();
+        // SAFETY: `file` is open and closed once.
+        unsafe { sys::ext2fs_file_close(file) };
+        result
+    }
+
+    /// Writes bitmaps, group descriptors and the superblock, then flushes the
+    /// channel (and so the plugin).
+    pub fn flush(&mut self) -> Result<()> {
+        if self.access == Access::ReadOnly {
+            return Ok(());
+        }
+        // SAFETY: open filesystem.
+        let code = unsafe { sys::ext2fs_flush2(self.fs, 0) };
+        check(code, || "flush".into())
+    }
+
+    /// The raw handle, for the sibling modules that walk and change maps.
+    pub(crate) fn raw(&mut self) -> sys::ext2_filsys {
+        self.fs
+    }
+
+    pub(crate) fn read_inode_raw(&mut self, ino: Ino) -> Result<sys::ext2_inode> {
+        self.read_raw_inode(ino)
+    }
+
+    pub(crate) fn write_inode_raw(&mut self, ino: Ino, inode: &mut sys::ext2_inode) -> Result<()> {
+        self.write_raw_inode(ino, inode)
+    }
+
+    pub fn device(&self) -> &CStr {
+        &self.device
+    }
+}
+
+impl Drop for Filesystem {
+    fn drop(&mut self) {
+        // SAFETY: open filesystem, closed (and freed) exactly once; close
+        // writes out any dirty metadata first.
+        let code = unsafe { sys::ext2fs_close2(self.fs, 0) };
+        if code != 0 {
+            crate::nbdkit::report::error(&format!(
+                "close: {}",
+                crate::error::Ext2Code(code).message()
+            ));
+            // ext2fs_close2 does not free on failure; free the memory anyway.
+            // SAFETY: the handle is not used again.
+            unsafe { sys::ext2fs_free(self.fs) };
+        }
+        io_shim::unregister(&self.device);
+    }
+}

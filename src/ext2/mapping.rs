@@ -1,0 +1,438 @@
+//! Reading and changing where a file's blocks live.
+//!
+//! Reading builds the extent list the data path works from.  Changing is
+//! done in the order that keeps a crash from exposing stale image contents:
+//! new blocks are allocated and filled by the caller BEFORE they are linked
+//! into the file, and unwritten extents are marked written only after their
+//! data is in place.
+
+use std::ffi::{c_int, c_void};
+use std::ptr;
+
+use crate::error::{Errno, Error, Result};
+use crate::ext2::fs::{check, Filesystem, Ino, Layout};
+use crate::extent_map::Extent;
+use crate::sys;
+
+/// Longest initialized extent ext4 can record (EXT_INIT_MAX_LEN).
+const MAX_INIT_LEN: u64 = 1 << 15;
+
+/// An open extent handle, freed on drop.
+struct ExtentHandle(sys::ext2_extent_handle_t);
+
+impl ExtentHandle {
+    fn open(fs: &mut Filesystem, ino: Ino) -> Result<ExtentHandle> {
+        let mut handle: sys::ext2_extent_handle_t = ptr::null_mut();
+        // SAFETY: open filesystem; the library reads the inode itself.
+        let code = unsafe { sys::ext2fs_extent_open2(fs.raw(), ino, ptr::null_mut(), &mut handle) };
+        check(code, || "extent_open".into())?;
+        Ok(ExtentHandle(handle))
+    }
+
+    /// Moves the handle and returns the extent it lands on.
+    fn get(&mut self, op: u32) -> std::result::Result<sys::ext2fs_extent, sys::errcode_t> {
+        let mut e = sys::ext2fs_extent::default();
+        // SAFETY: open handle, valid out-pointer.
+        match unsafe { sys::ext2fs_extent_get(self.0, op as c_int, &mut e) } {
+            0 => Ok(e),
+            code => Err(code),
+        }
+    }
+
+    /// Moves to the leaf extent holding `block`; `false` when the block is in
+    /// a hole (the handle then rests on a neighbouring extent, if any).
+    fn goto(&mut self, block: u64) -> Result<bool> {
+        // SAFETY: open handle.
+        match unsafe { sys::ext2fs_extent_goto(self.0, block) } {
+            0 => Ok(true),
+            code if code == sys::EXT2_ET_EXTENT_NOT_FOUND as sys::errcode_t => Ok(false),
+            code => Err(Error::ext2("extent_goto", code)),
+        }
+    }
+
+    fn replace(&mut self, e: &sys::ext2fs_extent) -> Result<()> {
+        let mut e = *e;
+        // SAFETY: open handle positioned on a leaf extent.
+        let code = unsafe { sys::ext2fs_extent_replace(self.0, 0, &mut e) };
+        check(code, || "extent_replace".into())
+    }
+
+    fn insert(&mut self, after: bool, e: &sys::ext2fs_extent) -> Result<()> {
+        let mut e = *e;
+        let flags = if after {
+            sys::EXT2_EXTENT_INSERT_AFTER as c_int
+        } else {
+            0
+        };
+        // SAFETY: open handle; the library splits nodes as needed.
+        let code = unsafe { sys::ext2fs_extent_insert(self.0, flags, &mut e) };
+        check(code, || "extent_insert".into())
+    }
+
+    fn fix_parents(&mut self) -> Result<()> {
+        // SAFETY: open handle.
+        let code = unsafe { sys::ext2fs_extent_fix_parents(self.0) };
+        check(code, || "extent_fix_parents".into())
+    }
+}
+
+impl Drop for ExtentHandle {
+    fn drop(&mut self) {
+        // SAFETY: opened by ExtentHandle::open, freed once.
+        unsafe { sys::ext2fs_extent_free(self.0) }
+    }
+}
+
+fn raw_extent(logical: u64, physical: u64, len: u64, unwritten: bool) -> sys::ext2fs_extent {
+    sys::ext2fs_extent {
+        e_pblk: physical,
+        e_lblk: logical as sys::blk64_t,
+        e_len: len as u32,
+        e_flags: if unwritten {
+            sys::EXT2_EXTENT_FLAGS_UNINIT
+        } else {
+            0
+        },
+    }
+}
+
+/// Reads the whole block map of a file with extents or block pointers.
+pub fn read_map(fs: &mut Filesystem, ino: Ino, layout: Layout) -> Result<Vec<Extent>> {
+    let extents = match layout {
+        Layout::Extents => read_extent_tree(fs, ino)?,
+        Layout::Indirect => read_block_pointers(fs, ino)?,
+        Layout::Inline => Vec::new(),
+    };
+    let limit = fs.blocks_count();
+    if let Some(bad) = extents.iter().find(|e| {
+        e.physical
+            .checked_add(e.len)
+            .map_or(true, |end| end > limit)
+    }) {
+        return Err(Error::other(
+            Errno::EIO,
+            format!(
+                "file block {} maps to image block {} beyond the end of the filesystem ({limit} blocks): the image is damaged",
+                bad.logical, bad.physical
+            ),
+        ));
+    }
+    Ok(extents)
+}
+
+fn read_extent_tree(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
+    let limit = fs.blocks_count();
+    let mut handle = ExtentHandle::open(fs, ino)?;
+    let mut out = Vec::new();
+    let mut op = sys::EXT2_EXTENT_ROOT;
+    loop {
+        let e = match handle.get(op) {
+            Ok(e) => e,
+            Err(code) if code == sys::EXT2_ET_EXTENT_NO_NEXT as sys::errcode_t => break,
+            // An inode with an empty extent tree has no current extent.
+            Err(code)
+                if op == sys::EXT2_EXTENT_ROOT
+                    && code == sys::EXT2_ET_NO_CURRENT_NODE as sys::errcode_t =>
+            {
+                break
+            }
+            Err(code) => return Err(Error::ext2("extent_get", code)),
+        };
+        op = sys::EXT2_EXTENT_NEXT_LEAF;
+        if e.e_flags & sys::EXT2_EXTENT_FLAGS_LEAF == 0 || e.e_len == 0 {
+            continue;
+        }
+        out.push(Extent {
+            logical: e.e_lblk,
+            physical: e.e_pblk,
+            len: u64::from(e.e_len),
+            unwritten: e.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT != 0,
+        });
+        // A damaged tree can loop; no file has more extents than the image
+        // has blocks.
+        if out.len() as u64 > limit {
+            return Err(Error::other(
+                Errno::EIO,
+                "the extent tree loops: the image is damaged",
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// State for the block iterator callback.
+struct PointerWalk {
+    extents: Vec<Extent>,
+    limit: u64,
+    damaged: bool,
+}
+
+unsafe extern "C" fn collect_block(
+    _fs: sys::ext2_filsys,
+    blocknr: *mut sys::blk64_t,
+    blockcnt: sys::e2_blkcnt_t,
+    _ref_blk: sys::blk64_t,
+    _ref_offset: c_int,
+    private: *mut c_void,
+) -> c_int {
+    // SAFETY: `private` is the PointerWalk passed by read_block_pointers,
+    // alive for the whole iteration; blocknr points at a valid block number.
+    let (walk, physical) = unsafe { (&mut *private.cast::<PointerWalk>(), *blocknr) };
+    let Ok(logical) = u64::try_from(blockcnt) else {
+        return 0; // metadata blocks are not asked for, but skip them anyway
+    };
+    if walk.extents.len() as u64 > walk.limit {
+        walk.damaged = true;
+        return sys::BLOCK_ABORT as c_int;
+    }
+    match walk.extents.last_mut() {
+        Some(last)
+            if last.logical + last.len == logical && last.physical + last.len == physical =>
+        {
+            last.len += 1
+        }
+        _ => walk.extents.push(Extent {
+            logical,
+            physical,
+            len: 1,
+            unwritten: false,
+        }),
+    }
+    0
+}
+
+fn read_block_pointers(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
+    let mut walk = PointerWalk {
+        extents: Vec::new(),
+        limit: fs.blocks_count(),
+        damaged: false,
+    };
+    let flags = (sys::BLOCK_FLAG_DATA_ONLY | sys::BLOCK_FLAG_READ_ONLY) as c_int;
+    // SAFETY: open filesystem; the callback only touches `walk`, which
+    // outlives the call.
+    let code = unsafe {
+        sys::ext2fs_block_iterate3(
+            fs.raw(),
+            ino,
+            flags,
+            ptr::null_mut(),
+            Some(collect_block),
+            (&mut walk as *mut PointerWalk).cast(),
+        )
+    };
+    check(code, || "block_iterate".into())?;
+    if walk.damaged {
+        return Err(Error::other(
+            Errno::EIO,
+            "the block map loops: the image is damaged",
+        ));
+    }
+    Ok(walk.extents)
+}
+
+/// Allocates up to `len` free blocks near `goal`, marking them in use.
+/// Returns the runs allocated (their total is `len`), not yet linked to any
+/// file; give them back with [`free_blocks`] if linking fails.
+pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut want = len;
+    let mut goal = goal;
+    while want > 0 {
+        let mut start: sys::blk64_t = 0;
+        let mut got: sys::blk64_t = 0;
+        // SAFETY: open read-write filesystem with its bitmaps loaded.
+        let code = unsafe {
+            sys::ext2fs_new_range(
+                fs.raw(),
+                0,
+                goal,
+                want,
+                ptr::null_mut(),
+                &mut start,
+                &mut got,
+            )
+        };
+        if code != 0 {
+            free_blocks(fs, &runs);
+            return Err(Error::ext2("allocate", code));
+        }
+        let got = got.min(want);
+        // SAFETY: as above; marks the range in use in bitmaps and counters.
+        unsafe { sys::ext2fs_block_alloc_stats_range(fs.raw(), start, got as u32, 1) };
+        runs.push((start, got));
+        want -= got;
+        goal = start + got;
+    }
+    Ok(runs)
+}
+
+/// Returns blocks from [`allocate`] that were never linked into a file.
+pub fn free_blocks(fs: &mut Filesystem, runs: &[(u64, u64)]) {
+    for &(start, len) in runs {
+        // SAFETY: open read-write filesystem; the blocks were allocated by us.
+        unsafe { sys::ext2fs_block_alloc_stats_range(fs.raw(), start, len as u32, -1) };
+    }
+}
+
+/// Where to look for free blocks for file block `logical`.
+pub fn goal_for(fs: &mut Filesystem, ino: Ino, logical: u64) -> Result<u64> {
+    let mut inode = fs.read_inode_raw(ino)?;
+    // SAFETY: open filesystem, inode read just above.
+    Ok(unsafe { sys::ext2fs_find_inode_goal(fs.raw(), ino, &mut inode, logical) })
+}
+
+/// Links already-filled blocks into a file: `runs` are (first image block,
+/// count) laid out in order from file block `logical`, which must be a hole.
+/// Adds the blocks to the inode's block count.
+pub fn link_blocks(
+    fs: &mut Filesystem,
+    ino: Ino,
+    layout: Layout,
+    logical: u64,
+    runs: &[(u64, u64)],
+) -> Result<()> {
+    match layout {
+        Layout::Extents => {
+            let mut at = logical;
+            for &(physical, len) in runs {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(MAX_INIT_LEN);
+                    insert_extent(fs, ino, at + done, physical + done, n)?;
+                    done += n;
+                }
+                at += len;
+            }
+        }
+        Layout::Indirect => link_block_pointers(fs, ino, logical, runs)?,
+        Layout::Inline => {
+            return Err(Error::other(
+                Errno::ENOTSUP,
+                "inline-data files have no blocks",
+            ))
+        }
+    }
+    let total: u64 = runs.iter().map(|r| r.1).sum();
+    let mut inode = fs.read_inode_raw(ino)?;
+    // SAFETY: open filesystem and an inode buffer we own.
+    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, total) };
+    check(code, || "iblk_add_blocks".into())?;
+    fs.write_inode_raw(ino, &mut inode)
+}
+
+/// Records one new written extent in a hole of the tree, extending the
+/// extent before it when they are contiguous.
+fn insert_extent(
+    fs: &mut Filesystem,
+    ino: Ino,
+    logical: u64,
+    physical: u64,
+    len: u64,
+) -> Result<()> {
+    let mut handle = ExtentHandle::open(fs, ino)?;
+    let new = raw_extent(logical, physical, len, false);
+    if handle.goto(logical)? {
+        return Err(Error::other(
+            Errno::EIO,
+            format!("file block {logical} is already mapped"),
+        ));
+    }
+    match handle.get(sys::EXT2_EXTENT_CURRENT) {
+        // An empty tree: the first extent goes into the root.
+        Err(_) => handle.insert(false, &new)?,
+        Ok(cur) => {
+            let cur_end = cur.e_lblk + u64::from(cur.e_len);
+            let contiguous = cur_end == logical
+                && cur.e_pblk + u64::from(cur.e_len) == physical
+                && cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT == 0
+                && u64::from(cur.e_len) + len <= MAX_INIT_LEN;
+            if contiguous {
+                handle.replace(&raw_extent(
+                    cur.e_lblk,
+                    cur.e_pblk,
+                    u64::from(cur.e_len) + len,
+                    false,
+                ))?;
+            } else {
+                handle.insert(cur.e_lblk < logical, &new)?;
+            }
+        }
+    }
+    handle.fix_parents()
+}
+
+/// Sets block pointers one by one (ext2/ext3 have nothing better); the
+/// library allocates indirect blocks as it needs them.
+fn link_block_pointers(
+    fs: &mut Filesystem,
+    ino: Ino,
+    logical: u64,
+    runs: &[(u64, u64)],
+) -> Result<()> {
+    let mut inode = fs.read_inode_raw(ino)?;
+    let mut at = logical;
+    for &(physical, len) in runs {
+        for i in 0..len {
+            let mut block: sys::blk64_t = physical + i;
+            // SAFETY: open filesystem; `inode` is ours and written back by
+            // bmap2 when it allocates indirect blocks.
+            let code = unsafe {
+                sys::ext2fs_bmap2(
+                    fs.raw(),
+                    ino,
+                    &mut inode,
+                    ptr::null_mut(),
+                    sys::BMAP_SET as c_int,
+                    at + i,
+                    ptr::null_mut(),
+                    &mut block,
+                )
+            };
+            check(code, || "bmap".into())?;
+        }
+        at += len;
+    }
+    Ok(())
+}
+
+/// Marks the unwritten blocks in `[start, end)` written, splitting extents
+/// at the range's edges.  The caller has already filled the blocks.
+pub fn mark_written(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Result<()> {
+    let mut handle = ExtentHandle::open(fs, ino)?;
+    let mut block = start;
+    while block < end {
+        if !handle.goto(block)? {
+            return Err(Error::other(
+                Errno::EIO,
+                format!("file block {block} is not allocated"),
+            ));
+        }
+        let cur = handle
+            .get(sys::EXT2_EXTENT_CURRENT)
+            .map_err(|code| Error::ext2("extent_get", code))?;
+        let (c_start, c_len) = (cur.e_lblk, u64::from(cur.e_len));
+        let c_end = c_start + c_len;
+        let seg_end = end.min(c_end);
+        if cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT == 0 {
+            block = seg_end;
+            continue;
+        }
+        let at = |lblk: u64| cur.e_pblk + (lblk - c_start);
+        // The extent becomes up to three: [unwritten][written][unwritten].
+        let mut parts = Vec::with_capacity(3);
+        if c_start < block {
+            parts.push(raw_extent(c_start, cur.e_pblk, block - c_start, true));
+        }
+        parts.push(raw_extent(block, at(block), seg_end - block, false));
+        if seg_end < c_end {
+            parts.push(raw_extent(seg_end, at(seg_end), c_end - seg_end, true));
+        }
+        handle.replace(&parts[0])?;
+        for part in &parts[1..] {
+            handle.insert(true, part)?;
+        }
+        handle.fix_parents()?;
+        block = seg_end;
+    }
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! Safe wrappers over libext2fs: the filesystem, block maps, and the
+//! io_manager that puts the filesystem on top of the nbdkit plugin.
+
+pub mod fs;
+pub mod io_shim;
+pub mod mapping;
+
+pub use fs::{Access, Filesystem, Ino, InodeInfo, Layout};

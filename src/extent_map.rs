@@ -1,0 +1,415 @@
+//! The map of one served file: which file blocks live at which image blocks.
+//!
+//! Pure Rust with no library calls, so the data path can split requests
+//! without taking the filesystem lock, and so it can be unit-tested.
+//! Runs that are adjacent in both the file and the image are merged, so a
+//! contiguous file of any size costs one entry.
+
+use std::cmp::{max, min};
+
+/// One run of file blocks stored contiguously in the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First file block.
+    pub logical: u64,
+    /// First image block.
+    pub physical: u64,
+    /// Number of blocks.
+    pub len: u64,
+    /// Allocated but never written: reads as zeroes.
+    pub unwritten: bool,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.logical + self.len
+    }
+
+    /// Whether `next` continues this run in both spaces with the same state.
+    fn continued_by(&self, next: &Extent) -> bool {
+        self.end() == next.logical
+            && self.physical + self.len == next.physical
+            && self.unwritten == next.unwritten
+    }
+}
+
+/// What a piece of a request finds in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// Written data at this byte offset of the image.
+    Data { image_offset: u64 },
+    /// Allocated, unwritten blocks: zeroes until written.
+    Unwritten { image_offset: u64 },
+    /// No blocks at all (a hole, or past the end of the file): zeroes.
+    Hole,
+}
+
+/// A piece of a request: `len` bytes at `file_offset` that are all alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub file_offset: u64,
+    pub len: u64,
+    pub content: Content,
+}
+
+/// The block map of one file, sorted by logical block, without overlaps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileMap {
+    block_size: u64,
+    extents: Vec<Extent>,
+}
+
+impl FileMap {
+    /// Builds a map from extents in any order; overlaps are a corrupt file.
+    pub fn new(block_size: u32, mut extents: Vec<Extent>) -> Result<FileMap, String> {
+        extents.retain(|e| e.len > 0);
+        extents.sort_by_key(|e| e.logical);
+        for pair in extents.windows(2) {
+            if pair[0].end() > pair[1].logical {
+                return Err(format!(
+                    "file blocks {}..{} are mapped twice",
+                    pair[1].logical,
+                    min(pair[0].end(), pair[1].end())
+                ));
+            }
+        }
+        let mut map = FileMap {
+            block_size: u64::from(block_size),
+            extents: Vec::with_capacity(extents.len()),
+        };
+        for e in extents {
+            map.push_merged(e);
+        }
+        map.extents.shrink_to_fit();
+        Ok(map)
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    /// Bytes of memory the map holds (for debug output).
+    pub fn memory(&self) -> usize {
+        self.extents.capacity() * std::mem::size_of::<Extent>()
+    }
+
+    fn push_merged(&mut self, e: Extent) {
+        match self.extents.last_mut() {
+            Some(last) if last.continued_by(&e) => last.len += e.len,
+            _ => self.extents.push(e),
+        }
+    }
+
+    /// Index of the first extent that ends after `block`.
+    fn first_ending_after(&self, block: u64) -> usize {
+        self.extents.partition_point(|e| e.end() <= block)
+    }
+
+    /// Splits `[offset, offset + len)` of the file into pieces of like
+    /// content, merging neighbours that are contiguous in the image so that
+    /// each `Data` piece is one plugin request.
+    pub fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let mut out: Vec<Piece> = Vec::new();
+        let end = offset + len;
+        let bs = self.block_size;
+        let mut pos = offset;
+        let mut i = self.first_ending_after(offset / bs);
+        while pos < end {
+            let (content, piece_end) = match self.extents.get(i) {
+                Some(e) if e.logical * bs <= pos => {
+                    let image_offset = e.physical * bs + (pos - e.logical * bs);
+                    let content = if e.unwritten {
+                        Content::Unwritten { image_offset }
+                    } else {
+                        Content::Data { image_offset }
+                    };
+                    i += 1;
+                    (content, min(end, e.end() * bs))
+                }
+                Some(e) => (Content::Hole, min(end, e.logical * bs)),
+                None => (Content::Hole, end),
+            };
+            push_piece(
+                &mut out,
+                Piece {
+                    file_offset: pos,
+                    len: piece_end - pos,
+                    content,
+                },
+            );
+            pos = piece_end;
+        }
+        out
+    }
+
+    /// Replaces whatever maps file blocks `[start, end)` with `extents`, which
+    /// must lie inside that range (as re-read from the filesystem after it
+    /// changed there).
+    pub fn replace_range(&mut self, start: u64, end: u64, extents: &[Extent]) {
+        let first = self.first_ending_after(start);
+        let last = self.extents.partition_point(|e| e.logical < end);
+        let mut replacement: Vec<Extent> = Vec::new();
+        // Keep the parts of the boundary extents that lie outside the range.
+        if let Some(e) = self.extents.get(first).filter(|e| e.logical < start) {
+            replacement.push(Extent {
+                len: start - e.logical,
+                ..*e
+            });
+        }
+        replacement.extend(
+            extents
+                .iter()
+                .filter(|e| e.len > 0)
+                .map(|e| clip(e, start, end))
+                .filter(|e| e.len > 0),
+        );
+        if last > 0 {
+            if let Some(e) = self.extents.get(last - 1).filter(|e| e.end() > end) {
+                let skip = max(end, e.logical) - e.logical;
+                replacement.push(Extent {
+                    logical: e.logical + skip,
+                    physical: e.physical + skip,
+                    len: e.len - skip,
+                    unwritten: e.unwritten,
+                });
+            }
+        }
+        let tail = self.extents.split_off(max(first, last));
+        self.extents.truncate(first);
+        // Merge across both seams.
+        for e in replacement.into_iter().chain(tail) {
+            self.push_merged(e);
+        }
+    }
+}
+
+/// The part of `e` inside blocks `[start, end)`.
+fn clip(e: &Extent, start: u64, end: u64) -> Extent {
+    let from = max(e.logical, start);
+    let to = min(e.end(), end);
+    if from >= to {
+        return Extent { len: 0, ..*e };
+    }
+    Extent {
+        logical: from,
+        physical: e.physical + (from - e.logical),
+        len: to - from,
+        unwritten: e.unwritten,
+    }
+}
+
+/// Appends `p`, merging it into the previous piece when they are contiguous.
+fn push_piece(out: &mut Vec<Piece>, p: Piece) {
+    if let Some(last) = out.last_mut() {
+        let merged = match (last.content, p.content) {
+            (Content::Hole, Content::Hole) => true,
+            (Content::Data { image_offset: a }, Content::Data { image_offset: b })
+            | (Content::Unwritten { image_offset: a }, Content::Unwritten { image_offset: b }) => {
+                a + last.len == b
+            }
+            _ => false,
+        };
+        if merged {
+            last.len += p.len;
+            return;
+        }
+    }
+    out.push(p);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(logical: u64, physical: u64, len: u64) -> Extent {
+        Extent {
+            logical,
+            physical,
+            len,
+            unwritten: false,
+        }
+    }
+
+    fn unwritten(logical: u64, physical: u64, len: u64) -> Extent {
+        Extent {
+            unwritten: true,
+            ..ext(logical, physical, len)
+        }
+    }
+
+    fn data(file_offset: u64, len: u64, image_offset: u64) -> Piece {
+        Piece {
+            file_offset,
+            len,
+            content: Content::Data { image_offset },
+        }
+    }
+
+    fn hole(file_offset: u64, len: u64) -> Piece {
+        Piece {
+            file_offset,
+            len,
+            content: Content::Hole,
+        }
+    }
+
+    #[test]
+    fn contiguous_extents_merge_into_one_entry() {
+        let map = FileMap::new(
+            4096,
+            vec![ext(0, 100, 10), ext(10, 110, 5), ext(15, 200, 1)],
+        )
+        .unwrap();
+        assert_eq!(map.extents(), &[ext(0, 100, 15), ext(15, 200, 1)]);
+    }
+
+    #[test]
+    fn a_huge_contiguous_file_costs_one_entry() {
+        // 1 TiB in 4 KiB blocks, as 32768-block ext4 extents.
+        let blocks = (1u64 << 40) / 4096;
+        let extents = (0..blocks / 32768)
+            .map(|i| ext(i * 32768, 1_000_000 + i * 32768, 32768))
+            .collect();
+        let map = FileMap::new(4096, extents).unwrap();
+        assert_eq!(map.extents().len(), 1);
+        assert!(map.memory() <= 64);
+    }
+
+    #[test]
+    fn overlapping_extents_are_rejected() {
+        assert!(FileMap::new(1024, vec![ext(0, 10, 5), ext(4, 100, 2)]).is_err());
+    }
+
+    #[test]
+    fn unwritten_and_written_do_not_merge() {
+        let map = FileMap::new(1024, vec![ext(0, 10, 2), unwritten(2, 12, 2)]).unwrap();
+        assert_eq!(map.extents().len(), 2);
+    }
+
+    #[test]
+    fn one_byte_reads() {
+        let map = FileMap::new(1024, vec![ext(1, 50, 1)]).unwrap();
+        assert_eq!(map.pieces(0, 1), vec![hole(0, 1)]);
+        assert_eq!(map.pieces(1023, 1), vec![hole(1023, 1)]);
+        assert_eq!(map.pieces(1024, 1), vec![data(1024, 1, 50 * 1024)]);
+        assert_eq!(map.pieces(2047, 1), vec![data(2047, 1, 50 * 1024 + 1023)]);
+        assert_eq!(map.pieces(2048, 1), vec![hole(2048, 1)]);
+    }
+
+    #[test]
+    fn request_split_at_holes_and_discontiguities() {
+        let map = FileMap::new(4096, vec![ext(0, 10, 2), ext(2, 20, 1), ext(5, 30, 1)]).unwrap();
+        let pieces = map.pieces(100, 6 * 4096 - 100);
+        assert_eq!(
+            pieces,
+            vec![
+                data(100, 2 * 4096 - 100, 10 * 4096 + 100),
+                data(2 * 4096, 4096, 20 * 4096),
+                hole(3 * 4096, 2 * 4096),
+                data(5 * 4096, 4096, 30 * 4096),
+            ]
+        );
+    }
+
+    #[test]
+    fn unwritten_pieces_keep_their_location() {
+        let map = FileMap::new(1024, vec![unwritten(0, 7, 3)]).unwrap();
+        assert_eq!(
+            map.pieces(10, 3000),
+            vec![Piece {
+                file_offset: 10,
+                len: 3000,
+                content: Content::Unwritten {
+                    image_offset: 7 * 1024 + 10
+                }
+            }]
+        );
+    }
+
+    #[test]
+    fn past_the_last_extent_is_a_hole() {
+        let map = FileMap::new(1024, vec![ext(0, 7, 1)]).unwrap();
+        assert_eq!(
+            map.pieces(512, 2048),
+            vec![data(512, 512, 7 * 1024 + 512), hole(1024, 1536)]
+        );
+        let empty = FileMap::new(1024, vec![]).unwrap();
+        assert_eq!(empty.pieces(0, 32 << 20), vec![hole(0, 32 << 20)]);
+    }
+
+    #[test]
+    fn a_32_mib_request_over_a_contiguous_file_is_one_piece() {
+        let map = FileMap::new(1024, vec![ext(0, 1000, 65536)]).unwrap();
+        assert_eq!(
+            map.pieces(3, 32 << 20),
+            vec![data(3, 32 << 20, 1000 * 1024 + 3)]
+        );
+    }
+
+    #[test]
+    fn pieces_cover_the_request_exactly() {
+        let map = FileMap::new(
+            1024,
+            vec![ext(3, 100, 4), unwritten(9, 300, 2), ext(20, 5, 1)],
+        )
+        .unwrap();
+        for offset in [0u64, 1, 1023, 1024, 3000, 9 * 1024 + 5] {
+            for len in [1u64, 2, 1024, 5000, 30_000] {
+                let pieces = map.pieces(offset, len);
+                let mut pos = offset;
+                for p in &pieces {
+                    assert_eq!(p.file_offset, pos);
+                    assert!(p.len > 0);
+                    pos += p.len;
+                }
+                assert_eq!(pos, offset + len);
+            }
+        }
+    }
+
+    #[test]
+    fn replace_fills_a_hole_and_merges_neighbours() {
+        let mut map = FileMap::new(1024, vec![ext(0, 100, 2), ext(4, 104, 2)]).unwrap();
+        map.replace_range(2, 4, &[ext(2, 102, 2)]);
+        assert_eq!(map.extents(), &[ext(0, 100, 6)]);
+    }
+
+    #[test]
+    fn replace_marks_part_of_an_unwritten_extent_written() {
+        let mut map = FileMap::new(1024, vec![unwritten(0, 50, 10)]).unwrap();
+        map.replace_range(3, 5, &[ext(3, 53, 2)]);
+        assert_eq!(
+            map.extents(),
+            &[unwritten(0, 50, 3), ext(3, 53, 2), unwritten(5, 55, 5)]
+        );
+    }
+
+    #[test]
+    fn replace_with_nothing_punches_a_hole() {
+        let mut map = FileMap::new(1024, vec![ext(0, 50, 10)]).unwrap();
+        map.replace_range(2, 8, &[]);
+        assert_eq!(map.extents(), &[ext(0, 50, 2), ext(8, 58, 2)]);
+    }
+
+    #[test]
+    fn replace_clips_what_it_is_given() {
+        let mut map = FileMap::new(1024, vec![ext(0, 50, 2), ext(10, 60, 2)]).unwrap();
+        map.replace_range(2, 10, &[ext(0, 500, 20)]);
+        assert_eq!(
+            map.extents(),
+            &[ext(0, 50, 2), ext(2, 502, 8), ext(10, 60, 2)]
+        );
+    }
+
+    #[test]
+    fn replace_spanning_several_extents() {
+        let mut map =
+            FileMap::new(1024, vec![ext(0, 10, 3), ext(5, 30, 3), ext(9, 50, 3)]).unwrap();
+        map.replace_range(1, 10, &[ext(1, 11, 2)]);
+        assert_eq!(map.extents(), &[ext(0, 10, 3), ext(10, 51, 2)]);
+    }
+}

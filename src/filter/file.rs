@@ -1,0 +1,339 @@
+//! One served file: its size, its block map, and its data path.
+//!
+//! Reads and writes to blocks the file already owns go straight between the
+//! client's buffer and the plugin, one request per contiguous run, holding
+//! the map shared and no library lock.  Writes that need new blocks (holes)
+//! or that turn unwritten blocks into data hold the map exclusively, so no
+//! request can use a mapping while it changes.
+
+use std::ops::Range;
+
+use parking_lot::RwLock;
+
+use crate::error::{Errno, Error, Result};
+use crate::ext2::{mapping, Ino, Layout};
+use crate::extent_map::{Content, Extent, FileMap, Piece};
+use crate::filter::shared::Shared;
+use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
+
+pub struct ServedFile {
+    pub ino: Ino,
+    pub path: String,
+    pub size: u64,
+    layout: Layout,
+    map: RwLock<FileMap>,
+}
+
+/// How a range of the file reads, for block status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Data,
+    /// Allocated but unwritten: reads as zeroes.
+    Zero,
+    /// Not allocated: reads as zeroes.
+    Hole,
+}
+
+impl ServedFile {
+    pub fn new(ino: Ino, path: String, size: u64, layout: Layout, map: FileMap) -> ServedFile {
+        ServedFile {
+            ino,
+            path,
+            size,
+            layout,
+            map: RwLock::new(map),
+        }
+    }
+
+    pub fn writable(&self) -> bool {
+        Shared::layout_supports_write(self.layout)
+    }
+
+    /// Where in `buf` a piece of a request starting at `offset` goes.
+    fn span(piece: &Piece, offset: u64) -> Range<usize> {
+        let start = (piece.file_offset - offset) as usize;
+        start..start + piece.len as usize
+    }
+
+    pub fn read(&self, shared: &Shared, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.layout == Layout::Inline {
+            return shared.lock_fs().read_via_library(self.ino, buf, offset);
+        }
+        let map = self.map.read();
+        for piece in map.pieces(offset, buf.len() as u64) {
+            let span = Self::span(&piece, offset);
+            match piece.content {
+                Content::Data { image_offset } => {
+                    shared.plugin.pread(&mut buf[span], image_offset)?
+                }
+                Content::Unwritten { .. } | Content::Hole => buf[span].fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, shared: &Shared, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        if !shared.writable() {
+            return Err(Error::other(Errno::EROFS, "the filesystem is read-only"));
+        }
+        if !self.writable() {
+            return Err(Error::other(
+                Errno::EROFS,
+                format!("{}: writing inline-data files is not supported", self.path),
+            ));
+        }
+        {
+            let map = self.map.read();
+            let pieces = map.pieces(offset, data.len() as u64);
+            if pieces
+                .iter()
+                .all(|p| matches!(p.content, Content::Data { .. }))
+            {
+                return write_direct(shared, &pieces, data, offset, fua);
+            }
+        }
+        // Some blocks must be allocated or converted: take the map for
+        // ourselves, then look again, as another writer may have got there.
+        let mut map = self.map.write();
+        let pieces = map.pieces(offset, data.len() as u64);
+        let mut metadata_changed = false;
+        for piece in &pieces {
+            let bytes = &data[Self::span(piece, offset)];
+            match piece.content {
+                Content::Data { image_offset } => shared.plugin.pwrite(bytes, image_offset, fua)?,
+                Content::Hole => {
+                    self.fill_hole(shared, &mut map, piece, bytes)?;
+                    metadata_changed = true;
+                }
+                Content::Unwritten { image_offset } => {
+                    self.fill_unwritten(shared, &mut map, piece, image_offset, bytes)?;
+                    metadata_changed = true;
+                }
+            }
+        }
+        drop(map);
+        if fua && metadata_changed {
+            shared.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The whole blocks a piece touches, and a buffer for them holding the
+    /// piece's bytes with zeroes around them (the rest of a newly used block
+    /// must read back as zeroes, never as what the image held there before).
+    fn padded_blocks(&self, map: &FileMap, piece: &Piece, bytes: &[u8]) -> (Range<u64>, Vec<u8>) {
+        let bs = map.block_size();
+        let first = piece.file_offset / bs;
+        let end = (piece.file_offset + piece.len).div_ceil(bs);
+        let mut buf = vec![0u8; ((end - first) * bs) as usize];
+        let at = (piece.file_offset - first * bs) as usize;
+        buf[at..at + bytes.len()].copy_from_slice(bytes);
+        (first..end, buf)
+    }
+
+    /// Allocates blocks for a hole, fills them, then links them to the file.
+    fn fill_hole(
+        &self,
+        shared: &Shared,
+        map: &mut FileMap,
+        piece: &Piece,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let bs = map.block_size();
+        let (blocks, buf) = self.padded_blocks(map, piece, bytes);
+        let count = blocks.end - blocks.start;
+        // Keep flush from recording these blocks as used before they are linked.
+        let _pass = shared.allocation_pass();
+        let runs = {
+            let mut fs = shared.lock_fs();
+            let goal = match blocks
+                .start
+                .checked_sub(1)
+                .map(|b| map.pieces(b * bs, 1)[0].content)
+            {
+                Some(Content::Data { image_offset })
+                | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
+                _ => mapping::goal_for(&mut fs, self.ino, blocks.start)?,
+            };
+            mapping::allocate(&mut fs, goal, count)?
+        };
+        let mut at = 0usize;
+        for &(physical, len) in &runs {
+            let n = (len * bs) as usize;
+            if let Err(e) = shared.plugin.pwrite(&buf[at..at + n], physical * bs, false) {
+                mapping::free_blocks(&mut shared.lock_fs(), &runs);
+                return Err(e.into());
+            }
+            at += n;
+        }
+        let mut fs = shared.lock_fs();
+        if let Err(e) = mapping::link_blocks(&mut fs, self.ino, self.layout, blocks.start, &runs) {
+            // Find out what did get linked, so the map stays the truth and
+            // blocks nobody owns go back to the free pool.
+            self.resync(&mut fs, map, Some(&runs));
+            return Err(e);
+        }
+        drop(fs);
+        let mut logical = blocks.start;
+        let new: Vec<Extent> = runs
+            .iter()
+            .map(|&(physical, len)| {
+                let e = Extent {
+                    logical,
+                    physical,
+                    len,
+                    unwritten: false,
+                };
+                logical += len;
+                e
+            })
+            .collect();
+        map.replace_range(blocks.start, blocks.end, &new);
+        nbd_debug!(
+            ext2_debug_map,
+            "{}: allocated blocks {:?} at {:?}",
+            self.path,
+            blocks,
+            runs
+        );
+        Ok(())
+    }
+
+    /// Fills unwritten blocks, then marks them written.
+    fn fill_unwritten(
+        &self,
+        shared: &Shared,
+        map: &mut FileMap,
+        piece: &Piece,
+        image_offset: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let bs = map.block_size();
+        let (blocks, buf) = self.padded_blocks(map, piece, bytes);
+        let physical = (image_offset - (piece.file_offset - blocks.start * bs)) / bs;
+        shared.plugin.pwrite(&buf, physical * bs, false)?;
+        let mut fs = shared.lock_fs();
+        if let Err(e) = mapping::mark_written(&mut fs, self.ino, blocks.start, blocks.end) {
+            self.resync(&mut fs, map, None);
+            return Err(e);
+        }
+        drop(fs);
+        map.replace_range(
+            blocks.start,
+            blocks.end,
+            &[Extent {
+                logical: blocks.start,
+                physical,
+                len: blocks.end - blocks.start,
+                unwritten: false,
+            }],
+        );
+        nbd_debug!(
+            ext2_debug_map,
+            "{}: blocks {:?} now written",
+            self.path,
+            blocks
+        );
+        Ok(())
+    }
+
+    /// After a failed change, re-reads the map from the filesystem and frees
+    /// any of `allocated` that the file does not reference.
+    fn resync(
+        &self,
+        fs: &mut crate::ext2::Filesystem,
+        map: &mut FileMap,
+        allocated: Option<&[(u64, u64)]>,
+    ) {
+        match mapping::read_map(fs, self.ino, self.layout).and_then(|extents| {
+            FileMap::new(fs.block_size(), extents).map_err(|m| Error::other(Errno::EIO, m))
+        }) {
+            Ok(fresh) => {
+                if let Some(runs) = allocated {
+                    let unused: Vec<(u64, u64)> = runs
+                        .iter()
+                        .flat_map(|&(start, len)| (start..start + len).map(|b| (b, 1)))
+                        .filter(|&(b, _)| {
+                            !fresh
+                                .extents()
+                                .iter()
+                                .any(|e| (e.physical..e.physical + e.len).contains(&b))
+                        })
+                        .collect();
+                    mapping::free_blocks(fs, &unused);
+                }
+                *map = fresh;
+            }
+            Err(e) => crate::nbdkit::report::error(&format!(
+                "{}: re-reading the block map: {e}",
+                self.path
+            )),
+        }
+    }
+
+    /// Block status of `[offset, offset + len)`, as runs of like status.
+    pub fn status(&self, offset: u64, len: u64) -> Vec<(u64, Status)> {
+        if self.layout == Layout::Inline {
+            return vec![(len, Status::Data)];
+        }
+        let map = self.map.read();
+        let mut out: Vec<(u64, Status)> = Vec::new();
+        for piece in map.pieces(offset, len) {
+            let status = match piece.content {
+                Content::Data { .. } => Status::Data,
+                Content::Unwritten { .. } => Status::Zero,
+                Content::Hole => Status::Hole,
+            };
+            match out.last_mut() {
+                Some((n, s)) if *s == status => *n += piece.len,
+                _ => out.push((piece.len, status)),
+            }
+        }
+        out
+    }
+
+    /// Zeroes a range: holes and unwritten blocks already read as zeroes, so
+    /// only blocks holding data are touched, in place.  With `fast`, fails
+    /// with ENOTSUP instead of writing data the plugin cannot zero quickly.
+    pub fn zero(&self, shared: &Shared, offset: u64, len: u64, fast: bool) -> Result<()> {
+        if !shared.writable() || !self.writable() {
+            return Err(Error::other(
+                Errno::EROFS,
+                format!("{}: read-only", self.path),
+            ));
+        }
+        let map = self.map.read();
+        let pieces: Vec<Piece> = map
+            .pieces(offset, len)
+            .into_iter()
+            .filter(|p| matches!(p.content, Content::Data { .. }))
+            .collect();
+        if fast && !pieces.is_empty() && !shared.plugin.capabilities().can_fast_zero {
+            return Err(Error::Plugin(Errno::ENOTSUP));
+        }
+        for piece in pieces {
+            if let Content::Data { image_offset } = piece.content {
+                shared.plugin.zero(piece.len, image_offset, false)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a request whose every byte lands in blocks the file owns.
+fn write_direct(
+    shared: &Shared,
+    pieces: &[Piece],
+    data: &[u8],
+    offset: u64,
+    fua: bool,
+) -> Result<()> {
+    for piece in pieces {
+        if let Content::Data { image_offset } = piece.content {
+            shared
+                .plugin
+                .pwrite(&data[ServedFile::span(piece, offset)], image_offset, fua)?;
+        }
+    }
+    Ok(())
+}

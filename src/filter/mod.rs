@@ -1,0 +1,168 @@
+//! The filter's logic, in safe Rust: what each nbdkit callback does.
+//!
+//! `callbacks.rs` turns nbdkit's C calls into calls of the functions here;
+//! nothing here touches a raw pointer.
+
+pub mod config;
+pub mod file;
+pub mod shared;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+
+use crate::error::{Errno, Error, Result};
+use crate::nbdkit::{Backend, Plugin};
+use config::{Config, ConfigBuilder, Target};
+use file::{ServedFile, Status};
+use shared::Shared;
+
+static BUILDER: Mutex<Option<ConfigBuilder>> = Mutex::new(None);
+static CONFIG: OnceLock<Config> = OnceLock::new();
+/// Whether the plugin takes only one request at a time per handle.
+static SERIALIZE_PLUGIN: AtomicBool = AtomicBool::new(false);
+/// The shared filesystem, opened by the first connection.
+static SHARED: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+
+/// `.config`: `Ok(true)` if the key was ours.
+pub fn config(key: &str, value: &str) -> std::result::Result<bool, String> {
+    BUILDER
+        .lock()
+        .get_or_insert_with(ConfigBuilder::default)
+        .set(key, value)
+}
+
+/// `.config_complete`
+pub fn config_complete() -> std::result::Result<(), String> {
+    let builder = BUILDER.lock().take().unwrap_or_default();
+    let config = builder.finish()?;
+    CONFIG
+        .set(config)
+        .map_err(|_| "configured twice".to_string())
+}
+
+fn config_target() -> &'static Target {
+    &CONFIG
+        .get()
+        .expect("config_complete ran before any connection")
+        .target
+}
+
+pub fn exportname_mode() -> bool {
+    *config_target() == Target::ExportName
+}
+
+/// `.get_ready`: learns the thread model nbdkit settled on.
+pub fn get_ready(serialize_requests: bool) {
+    SERIALIZE_PLUGIN.store(serialize_requests, Ordering::Relaxed);
+}
+
+/// The shared filesystem, opening it if no connection has yet.
+///
+/// It is opened here rather than in `.after_fork` because nbdkit 1.32 tells
+/// a filter about `-r` only in per-connection callbacks, and a read-only
+/// server must open the plugin and the filesystem read-only.  A failure is
+/// not remembered: the next connection tries again (the plugin may recover).
+fn shared(backend: Backend, readonly: bool) -> Result<Arc<Shared>> {
+    let mut slot = SHARED.lock();
+    if let Some(shared) = slot.as_ref() {
+        return Ok(shared.clone());
+    }
+    let plugin = Plugin::open(backend, readonly, SERIALIZE_PLUGIN.load(Ordering::Relaxed))?;
+    let shared = Arc::new(Shared::open(plugin, !readonly)?);
+    *slot = Some(shared.clone());
+    Ok(shared)
+}
+
+/// `.cleanup`: closes the filesystem (writing its metadata) and the plugin.
+pub fn cleanup() {
+    SHARED.lock().take();
+}
+
+/// Per-connection state: which file, on which shared filesystem.
+pub struct Connection {
+    export_name: String,
+    readonly: bool,
+    shared: Arc<Shared>,
+    file: Option<Arc<ServedFile>>,
+}
+
+impl Connection {
+    /// `.open`: makes sure the shared filesystem is open.
+    pub fn open(backend: Backend, readonly: bool, export_name: &str) -> Result<Connection> {
+        Ok(Connection {
+            export_name: export_name.to_string(),
+            readonly,
+            shared: shared(backend, readonly)?,
+            file: None,
+        })
+    }
+
+    /// The path inside the image this connection serves.
+    pub fn path(&self) -> String {
+        config::path_for(config_target(), &self.export_name)
+    }
+
+    /// `.prepare`: resolves the file and builds (or shares) its map.
+    pub fn prepare(&mut self) -> Result<()> {
+        let path = self.path();
+        self.file = Some(self.shared.open_file(&path)?);
+        Ok(())
+    }
+
+    pub fn plugin(&self) -> &Plugin {
+        &self.shared.plugin
+    }
+
+    fn file(&self) -> Result<&ServedFile> {
+        self.file
+            .as_deref()
+            .ok_or_else(|| Error::other(Errno::EIO, "the connection has no file"))
+    }
+
+    pub fn size(&self) -> Result<u64> {
+        Ok(self.file()?.size)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.shared.block_size
+    }
+
+    pub fn can_write(&self) -> Result<bool> {
+        Ok(!self.readonly && self.shared.writable() && self.file()?.writable())
+    }
+
+    /// `.export_description`, in the C filter's words.
+    pub fn description(&self) -> Option<String> {
+        let base = self.plugin().export_description()?;
+        Some(format!(
+            "embedded '{}' from within ext2 image: {base}",
+            self.path()
+        ))
+    }
+
+    pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file()?.read(&self.shared, buf, offset)
+    }
+
+    pub fn pwrite(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.file()?.write(&self.shared, data, offset, fua)
+    }
+
+    pub fn zero(&self, offset: u64, len: u64, fast: bool, fua: bool) -> Result<()> {
+        self.file()?.zero(&self.shared, offset, len, fast)?;
+        if fua {
+            self.shared.plugin.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.shared.flush()
+    }
+
+    pub fn status(&self, offset: u64, len: u64) -> Result<Vec<(u64, Status)>> {
+        Ok(self.file()?.status(offset, len))
+    }
+}

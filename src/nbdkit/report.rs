@@ -1,0 +1,80 @@
+//! Messages to nbdkit's log, and the `-D ext2.NAME=1` debug flags.
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use crate::sys;
+
+/// Turns a message into a C string, replacing any NUL so nothing is lost.
+fn c_message(msg: &str) -> CString {
+    CString::new(msg.replace('\0', "\\0")).unwrap_or_default()
+}
+
+/// Reports an error through `nbdkit_error`.  nbdkit sends the last error of a
+/// failed callback to the client, so the message is what the user sees.
+pub fn error(msg: &str) {
+    let msg = c_message(msg);
+    // SAFETY: a fixed "%s" format with one NUL-terminated string argument.
+    unsafe { sys::nbdkit_error(c"%s".as_ptr(), msg.as_ptr()) }
+}
+
+/// Writes a line to nbdkit's debug output (shown with `nbdkit -v`).
+pub fn debug(msg: &str) {
+    let msg = c_message(msg);
+    // SAFETY: a fixed "%s" format with one NUL-terminated string argument.
+    unsafe { sys::nbdkit_debug(c"%s".as_ptr(), msg.as_ptr()) }
+}
+
+/// A debug flag that nbdkit sets before `.load` from `-D ext2.NAME=1`.
+///
+/// nbdkit finds the exported symbol `ext2_debug_NAME` with `dlsym` and stores
+/// an `int` into it; `AtomicI32` has the layout of an `int`.
+#[repr(transparent)]
+pub struct DebugFlag(AtomicI32);
+
+impl Default for DebugFlag {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DebugFlag {
+    pub const fn new() -> Self {
+        DebugFlag(AtomicI32::new(0))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// `-D ext2.map=1`: log how served files are mapped and remapped.
+#[cfg(not(test))]
+#[no_mangle]
+pub static ext2_debug_map: DebugFlag = DebugFlag::new();
+
+/// `-D ext2.lock=1`: log waits on the filesystem lock.
+#[cfg(not(test))]
+#[no_mangle]
+pub static ext2_debug_lock: DebugFlag = DebugFlag::new();
+
+#[cfg(test)]
+pub static ext2_debug_map: DebugFlag = DebugFlag::new();
+#[cfg(test)]
+pub static ext2_debug_lock: DebugFlag = DebugFlag::new();
+
+/// `nbdkit_error` with `format!` arguments.
+macro_rules! nbd_error {
+    ($($arg:tt)*) => { $crate::nbdkit::report::error(&format!($($arg)*)) };
+}
+
+/// `nbdkit_debug` with `format!` arguments, only when `flag` is on.
+macro_rules! nbd_debug {
+    ($flag:expr, $($arg:tt)*) => {
+        if $flag.enabled() {
+            $crate::nbdkit::report::debug(&format!($($arg)*))
+        }
+    };
+}
+
+pub(crate) use {nbd_debug, nbd_error};
