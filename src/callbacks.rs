@@ -68,6 +68,7 @@ fn build_table() -> Table {
         pread: Some(pread),
         pwrite: Some(pwrite),
         flush: Some(flush),
+        trim: Some(trim),
         zero: Some(zero),
         extents: Some(extents),
         ..Default::default()
@@ -76,7 +77,7 @@ fn build_table() -> Table {
 
 const CONFIG_HELP: &std::ffi::CStr = {
     // Must match filter::config::HELP (checked by a unit test).
-    c"ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice."
+    c"ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\"."
 };
 
 /// Logs an error (unless the plugin already did) and returns its errno.
@@ -181,15 +182,32 @@ extern "C" fn cleanup(_backend: *mut sys::nbdkit_backend) {
 
 unsafe extern "C" fn list_exports(
     _next: sys::nbdkit_next_list_exports,
-    _nxdata: *mut sys::nbdkit_backend,
-    _readonly: c_int,
+    nxdata: *mut sys::nbdkit_backend,
+    readonly: c_int,
     _is_tls: c_int,
     exports: *mut sys::nbdkit_exports,
 ) -> c_int {
     nbdkit::guard("list_exports", -1, || {
         if filter::exportname_mode() {
-            // Listing the image's files comes later; an empty list is honest.
-            0
+            let Some(backend) = nbdkit::Backend::new(nxdata) else {
+                return -1;
+            };
+            match filter::list_exports(backend, readonly != 0) {
+                Ok(files) => {
+                    for file in files {
+                        let description = format!("regular file, {} bytes", file.size);
+                        // SAFETY: the list nbdkit passed to this callback.
+                        if !unsafe { nbdkit::add_export(exports, &file.path, &description) } {
+                            return -1;
+                        }
+                    }
+                    0
+                }
+                Err(e) => {
+                    report(&e);
+                    -1
+                }
+            }
         } else {
             // One file, whatever the name: advertise just the default.
             // SAFETY: the list nbdkit passed to this callback.
@@ -204,9 +222,12 @@ unsafe extern "C" fn default_export(
     _readonly: c_int,
     _is_tls: c_int,
 ) -> *const c_char {
-    // In exportname mode there is no default file: "" is refused.
+    // In exportname mode "" is refused unless ext2default= names a file.
+    static DEFAULT: OnceLock<Option<std::ffi::CString>> = OnceLock::new();
     if filter::exportname_mode() {
-        std::ptr::null()
+        let default = DEFAULT
+            .get_or_init(|| filter::default_export().and_then(|d| std::ffi::CString::new(d).ok()));
+        default.as_ref().map_or(std::ptr::null(), |d| d.as_ptr())
     } else {
         c"".as_ptr()
     }
@@ -322,9 +343,10 @@ unsafe extern "C" fn can_flush(_next: *mut sys::nbdkit_next, _handle: *mut c_voi
     1
 }
 
-/// Trim is not offered yet.
-unsafe extern "C" fn can_trim(_next: *mut sys::nbdkit_next, _handle: *mut c_void) -> c_int {
-    0
+/// Trim frees blocks only where libext2fs 1.47.0 can do it safely: files
+/// with extents.
+unsafe extern "C" fn can_trim(_next: *mut sys::nbdkit_next, handle: *mut c_void) -> c_int {
+    int_call("can_trim", || Ok(conn(handle).conn.can_trim()? as c_int))
 }
 
 /// Zero is ours: holes need nothing, data blocks are zeroed in place.
@@ -405,9 +427,25 @@ unsafe extern "C" fn zero(
         conn(handle).conn.zero(
             offset,
             u64::from(count),
+            flags & sys::NBDKIT_FLAG_MAY_TRIM != 0,
             flags & sys::NBDKIT_FLAG_FAST_ZERO != 0,
             flags & sys::NBDKIT_FLAG_FUA != 0,
         )
+    })
+}
+
+unsafe extern "C" fn trim(
+    _next: *mut sys::nbdkit_next,
+    handle: *mut c_void,
+    count: u32,
+    offset: u64,
+    flags: u32,
+    err: *mut c_int,
+) -> c_int {
+    data_call("trim", err, || {
+        conn(handle)
+            .conn
+            .trim(offset, u64::from(count), flags & sys::NBDKIT_FLAG_FUA != 0)
     })
 }
 

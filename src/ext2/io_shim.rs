@@ -270,7 +270,7 @@ unsafe extern "C" fn channel_zeroout(
         let (ch, bs) = unsafe { channel_state(channel) };
         let offset = block.checked_mul(bs).ok_or(Errno::EIO)?;
         let len = count.checked_mul(bs).ok_or(Errno::EIO)?;
-        ch.plugin.zero(len, offset, false)
+        ch.plugin.zero(len, offset, false, false)
     })
 }
 

@@ -12,27 +12,55 @@ pub enum Target {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub target: Target,
+    /// In exportname mode: how many files `list_exports` may name at most.
+    pub max_exports: usize,
+    /// In exportname mode: the file served to a client asking for "".
+    pub default_export: Option<String>,
 }
 
-pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.";
+/// Files listed by default: enough for any real image's disks, few enough
+/// that walking a huge tree cannot stall the handshake.
+pub const DEFAULT_MAX_EXPORTS: usize = 1000;
+
+pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".";
 
 /// Collects parameters as nbdkit hands them over.
 #[derive(Debug, Default)]
 pub struct ConfigBuilder {
     ext2file: Option<String>,
+    max_exports: Option<usize>,
+    default_export: Option<String>,
 }
 
 impl ConfigBuilder {
     /// Takes `key=value` if it is ours: `Ok(true)`; `Ok(false)` passes it on
     /// to the plugin.
     pub fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
-        if key != "ext2file" {
-            return Ok(false);
+        let twice = || format!("{key} parameter specified more than once");
+        match key {
+            "ext2file" => {
+                if self.ext2file.replace(value.to_string()).is_some() {
+                    return Err(twice());
+                }
+            }
+            "ext2exports" => {
+                let n = value.parse::<usize>().map_err(|_| {
+                    format!("could not parse ext2exports: {value}: expecting a number of files")
+                })?;
+                if self.max_exports.replace(n).is_some() {
+                    return Err(twice());
+                }
+            }
+            "ext2default" => {
+                if !value.starts_with('/') {
+                    return Err("ext2default must refer to an absolute path".into());
+                }
+                if self.default_export.replace(value.to_string()).is_some() {
+                    return Err(twice());
+                }
+            }
+            _ => return Ok(false),
         }
-        if self.ext2file.is_some() {
-            return Err("ext2file parameter specified more than once".into());
-        }
-        self.ext2file = Some(value.to_string());
         Ok(true)
     }
 
@@ -47,7 +75,16 @@ impl ConfigBuilder {
         } else {
             return Err("the file parameter must refer to an absolute path".into());
         };
-        Ok(Config { target })
+        if target != Target::ExportName
+            && (self.max_exports.is_some() || self.default_export.is_some())
+        {
+            return Err("ext2exports and ext2default need ext2file=exportname".into());
+        }
+        Ok(Config {
+            target,
+            max_exports: self.max_exports.unwrap_or(DEFAULT_MAX_EXPORTS),
+            default_export: self.default_export,
+        })
     }
 }
 
@@ -110,6 +147,49 @@ mod tests {
         assert_eq!(
             build(&[("ext2file", "disk.img")]).unwrap_err(),
             "the file parameter must refer to an absolute path"
+        );
+    }
+
+    #[test]
+    fn export_listing_parameters() {
+        let c = build(&[
+            ("ext2file", "exportname"),
+            ("ext2exports", "5"),
+            ("ext2default", "/d/a.img"),
+        ])
+        .unwrap();
+        assert_eq!(c.max_exports, 5);
+        assert_eq!(c.default_export.as_deref(), Some("/d/a.img"));
+        let c = build(&[("ext2file", "exportname")]).unwrap();
+        assert_eq!(
+            (c.max_exports, c.default_export),
+            (DEFAULT_MAX_EXPORTS, None)
+        );
+    }
+
+    #[test]
+    fn export_listing_parameters_are_checked() {
+        assert!(
+            build(&[("ext2file", "exportname"), ("ext2exports", "many")])
+                .unwrap_err()
+                .contains("could not parse ext2exports")
+        );
+        assert_eq!(
+            build(&[("ext2file", "exportname"), ("ext2default", "a.img")]).unwrap_err(),
+            "ext2default must refer to an absolute path"
+        );
+        assert_eq!(
+            build(&[("ext2file", "/a"), ("ext2exports", "3")]).unwrap_err(),
+            "ext2exports and ext2default need ext2file=exportname"
+        );
+        assert_eq!(
+            build(&[
+                ("ext2file", "exportname"),
+                ("ext2exports", "3"),
+                ("ext2exports", "4")
+            ])
+            .unwrap_err(),
+            "ext2exports parameter specified more than once"
         );
     }
 

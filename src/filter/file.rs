@@ -292,32 +292,134 @@ impl ServedFile {
         out
     }
 
-    /// Zeroes a range: holes and unwritten blocks already read as zeroes, so
-    /// only blocks holding data are touched, in place.  With `fast`, fails
-    /// with ENOTSUP instead of writing data the plugin cannot zero quickly.
-    pub fn zero(&self, shared: &Shared, offset: u64, len: u64, fast: bool) -> Result<()> {
-        if !shared.writable() || !self.writable() {
-            return Err(Error::other(
+    /// Whether trim can free blocks of this file (see `mapping::punch`).
+    pub fn can_trim(&self) -> bool {
+        self.layout == Layout::Extents
+    }
+
+    fn check_writable(&self, shared: &Shared) -> Result<()> {
+        if shared.writable() && self.writable() {
+            Ok(())
+        } else {
+            Err(Error::other(
                 Errno::EROFS,
                 format!("{}: read-only", self.path),
-            ));
+            ))
         }
-        let map = self.map.read();
-        let pieces: Vec<Piece> = map
+    }
+
+    /// The whole file blocks inside `[offset, offset + len)`.  The block
+    /// holding the end of the file counts as whole when the range reaches
+    /// the end: its bytes past the end are never read.
+    fn whole_blocks(&self, bs: u64, offset: u64, len: u64) -> Range<u64> {
+        let first = offset.div_ceil(bs);
+        let end = if offset + len >= self.size {
+            self.size.div_ceil(bs)
+        } else {
+            (offset + len) / bs
+        };
+        first..end.max(first)
+    }
+
+    /// Frees the whole blocks of a range (extent files; elsewhere a no-op,
+    /// as trim is only advice).
+    pub fn trim(&self, shared: &Shared, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(shared)?;
+        if !self.can_trim() {
+            return Ok(());
+        }
+        let mut map = self.map.write();
+        let blocks = self.whole_blocks(map.block_size(), offset, len);
+        self.punch(shared, &mut map, blocks)
+    }
+
+    fn punch(&self, shared: &Shared, map: &mut FileMap, blocks: Range<u64>) -> Result<()> {
+        let bs = map.block_size();
+        let owns_blocks = map
+            .pieces(blocks.start * bs, (blocks.end - blocks.start) * bs)
+            .iter()
+            .any(|p| p.content != Content::Hole);
+        if blocks.is_empty() || !owns_blocks {
+            return Ok(());
+        }
+        let mut fs = shared.lock_fs();
+        if let Err(e) = mapping::punch(&mut fs, self.ino, self.layout, blocks.start, blocks.end) {
+            self.resync(&mut fs, map, None);
+            return Err(e);
+        }
+        drop(fs);
+        map.replace_range(blocks.start, blocks.end, &[]);
+        nbd_debug!(ext2_debug_map, "{}: freed blocks {:?}", self.path, blocks);
+        Ok(())
+    }
+
+    /// Zeroes a range.  Holes and unwritten blocks already read as zeroes;
+    /// with `may_trim`, whole blocks of an extent file are freed; the rest
+    /// of the data is zeroed in place.  With `fast`, fails with ENOTSUP
+    /// before changing anything if that would mean writing zeroes slowly.
+    pub fn zero(
+        &self,
+        shared: &Shared,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fast: bool,
+    ) -> Result<()> {
+        self.check_writable(shared)?;
+        let punching = may_trim && self.can_trim();
+        let mut map = self.map.write();
+        let bs = map.block_size();
+        let freed = if punching {
+            self.whole_blocks(bs, offset, len)
+        } else {
+            0..0
+        };
+        let in_place: Vec<Piece> = map
             .pieces(offset, len)
             .into_iter()
             .filter(|p| matches!(p.content, Content::Data { .. }))
+            .flat_map(|p| outside(&p, freed.start * bs, freed.end * bs))
             .collect();
-        if fast && !pieces.is_empty() && !shared.plugin.capabilities().can_fast_zero {
+        if fast && !in_place.is_empty() && !shared.plugin.capabilities().can_fast_zero {
             return Err(Error::Plugin(Errno::ENOTSUP));
         }
-        for piece in pieces {
+        self.punch(shared, &mut map, freed)?;
+        for piece in in_place {
             if let Content::Data { image_offset } = piece.content {
-                shared.plugin.zero(piece.len, image_offset, false)?;
+                shared
+                    .plugin
+                    .zero(piece.len, image_offset, may_trim, fast)?;
             }
         }
         Ok(())
     }
+}
+
+/// The parts of a data piece outside the byte range `[from, to)`.
+fn outside(piece: &Piece, from: u64, to: u64) -> Vec<Piece> {
+    let Content::Data { image_offset } = piece.content else {
+        return vec![*piece];
+    };
+    let end = piece.file_offset + piece.len;
+    let mut out = Vec::new();
+    let mut keep = |start: u64, stop: u64| {
+        if start < stop {
+            out.push(Piece {
+                file_offset: start,
+                len: stop - start,
+                content: Content::Data {
+                    image_offset: image_offset + (start - piece.file_offset),
+                },
+            });
+        }
+    };
+    if from >= to {
+        keep(piece.file_offset, end);
+    } else {
+        keep(piece.file_offset, end.min(from));
+        keep(piece.file_offset.max(to), end);
+    }
+    out
 }
 
 /// Writes a request whose every byte lands in blocks the file owns.

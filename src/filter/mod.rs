@@ -4,6 +4,7 @@
 //! nothing here touches a raw pointer.
 
 pub mod config;
+pub mod exports;
 pub mod file;
 pub mod shared;
 
@@ -51,6 +52,22 @@ fn config_target() -> &'static Target {
 
 pub fn exportname_mode() -> bool {
     *config_target() == Target::ExportName
+}
+
+/// The file served for export "" in exportname mode, if one was chosen.
+pub fn default_export() -> Option<&'static str> {
+    CONFIG.get()?.default_export.as_deref()
+}
+
+/// `.list_exports` in exportname mode: the image's regular files.
+pub fn list_exports(backend: Backend, readonly: bool) -> Result<Vec<exports::ListedFile>> {
+    let max = CONFIG.get().map_or(0, |c| c.max_exports);
+    if max == 0 {
+        return Ok(Vec::new());
+    }
+    let shared = shared(backend, readonly)?;
+    let mut fs = shared.lock_fs();
+    exports::list_files(&mut fs, max)
 }
 
 /// `.get_ready`: learns the thread model nbdkit settled on.
@@ -101,7 +118,10 @@ impl Connection {
 
     /// The path inside the image this connection serves.
     pub fn path(&self) -> String {
-        config::path_for(config_target(), &self.export_name)
+        match default_export() {
+            Some(default) if self.export_name.is_empty() => default.to_string(),
+            _ => config::path_for(config_target(), &self.export_name),
+        }
     }
 
     /// `.prepare`: resolves the file and builds (or shares) its map.
@@ -150,10 +170,23 @@ impl Connection {
         self.file()?.write(&self.shared, data, offset, fua)
     }
 
-    pub fn zero(&self, offset: u64, len: u64, fast: bool, fua: bool) -> Result<()> {
-        self.file()?.zero(&self.shared, offset, len, fast)?;
+    pub fn can_trim(&self) -> Result<bool> {
+        Ok(self.can_write()? && self.file()?.can_trim())
+    }
+
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.file()?.trim(&self.shared, offset, len)?;
         if fua {
-            self.shared.plugin.flush()?;
+            self.shared.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool, fua: bool) -> Result<()> {
+        self.file()?
+            .zero(&self.shared, offset, len, may_trim, fast)?;
+        if fua {
+            self.shared.flush()?;
         }
         Ok(())
     }

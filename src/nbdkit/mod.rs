@@ -117,6 +117,18 @@ pub unsafe fn use_default_export(exports: *mut sys::nbdkit_exports) -> c_int {
     unsafe { sys::nbdkit_use_default_export(exports) }
 }
 
+/// Adds one export to the list; `false` if nbdkit refused it (it logs why).
+///
+/// # Safety
+/// `exports` must be the list nbdkit passed to `.list_exports`.
+pub unsafe fn add_export(exports: *mut sys::nbdkit_exports, name: &str, description: &str) -> bool {
+    let (Ok(name), Ok(description)) = (CString::new(name), CString::new(description)) else {
+        return true; // a name with NUL cannot be asked for; skip it
+    };
+    // SAFETY: guaranteed by the caller; nbdkit copies both strings.
+    unsafe { sys::nbdkit_add_export(exports, name.as_ptr(), description.as_ptr()) == 0 }
+}
+
 /// Appends one block-status run to nbdkit's list.
 ///
 /// # Safety

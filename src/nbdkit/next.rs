@@ -237,21 +237,28 @@ impl Plugin {
     }
 
     /// Writes zeroes with the plugin's zero request where it has one.
-    pub fn zero(&self, len: u64, offset: u64, may_trim: bool) -> Result<(), Errno> {
+    /// `fast` asks the plugin to fail rather than write zeroes slowly; the
+    /// caller checks `can_fast_zero` first.
+    pub fn zero(&self, len: u64, offset: u64, may_trim: bool, fast: bool) -> Result<(), Errno> {
         self.check_writable()?;
         self.check_range("zero", offset, len as usize)?;
+        if fast && !self.caps.can_fast_zero {
+            return Err(Errno::ENOTSUP);
+        }
         if self.caps.zero == sys::NBDKIT_ZERO_NONE as i32 {
             return self.write_zeroes(len, offset);
+        }
+        let mut flags = 0;
+        if may_trim {
+            flags |= sys::NBDKIT_FLAG_MAY_TRIM;
+        }
+        if fast {
+            flags |= sys::NBDKIT_FLAG_FAST_ZERO;
         }
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(MAX_REQUEST as u64);
             let mut err: c_int = 0;
-            let flags = if may_trim {
-                sys::NBDKIT_FLAG_MAY_TRIM
-            } else {
-                0
-            };
             let _gate = self.gate.as_ref().map(|g| g.lock());
             let r = call!(self.raw, zero, n as u32, offset + done, flags, &mut err);
             if r == -1 {
