@@ -7,6 +7,8 @@
 //!   messages, debug flags, handles, the panic guard).
 //! - [`ext2`]: safe wrappers over libext2fs and the io_manager that puts the
 //!   filesystem on top of the plugin.
+//! - [`image`]: the image as the filesystem sees it (the plugin, plus any
+//!   journal replayed in memory by [`journal`]).
 //! - [`extent_map`]: the pure block map of a served file.
 //! - [`filter`]: what the filter does, in safe Rust.
 //! - [`callbacks`]: `filter_init` and the `extern "C"` callbacks, the one
@@ -17,5 +19,7 @@ pub mod error;
 pub mod ext2;
 pub mod extent_map;
 pub mod filter;
+pub mod image;
+pub mod journal;
 pub mod nbdkit;
 pub mod sys;

@@ -116,7 +116,7 @@ impl Filesystem {
         self.access
     }
 
-    fn super_block(&self) -> &sys::ext2_super_block {
+    pub fn super_block(&self) -> &sys::ext2_super_block {
         // SAFETY: an open filesystem always has its superblock loaded.
         unsafe { &*(*self.fs).super_ }
     }

@@ -1,12 +1,13 @@
-//! An e2fsprogs `io_manager` whose device is the plugin beneath us.
+//! An e2fsprogs `io_manager` whose device is the image on the plugin
+//! beneath us (see [`Image`]).
 //!
 //! libext2fs reaches its device only through this table.  An io_manager's
-//! `open` receives nothing but a name, so the plugin is found by the name
+//! `open` receives nothing but a name, so the image is found by the name
 //! [`register`] hands out.  Nothing is cached here: every write goes straight
 //! to the plugin, so a late write from the library can never land over file
 //! data that the filter wrote directly.  Every request is checked against
-//! the image size by [`Plugin`], so a damaged filesystem gets an error, not
-//! an nbdkit assertion.
+//! the image size by the plugin wrapper, so a damaged filesystem gets an
+//! error, not an nbdkit assertion.
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_ulong, c_ulonglong, c_void, CStr, CString};
@@ -16,22 +17,22 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::Errno;
-use crate::nbdkit::Plugin;
+use crate::image::Image;
 use crate::sys;
 
-/// Plugins reachable by channel name, e.g. `nbdkit-plugin:1`.
-static REGISTRY: Mutex<Option<HashMap<String, Arc<Plugin>>>> = Mutex::new(None);
+/// Images reachable by channel name, e.g. `nbdkit-plugin:1`.
+static REGISTRY: Mutex<Option<HashMap<String, Arc<Image>>>> = Mutex::new(None);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const NAME_PREFIX: &str = "nbdkit-plugin:";
 
-/// Makes `plugin` openable by libext2fs under the returned device name.
+/// Makes `image` openable by libext2fs under the returned device name.
 /// The entry stays until [`unregister`] (after the filesystem is closed).
-pub fn register(plugin: Arc<Plugin>) -> CString {
+pub fn register(image: Arc<Image>) -> CString {
     let name = format!("{NAME_PREFIX}{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     REGISTRY
         .lock()
         .get_or_insert_with(HashMap::new)
-        .insert(name.clone(), plugin);
+        .insert(name.clone(), image);
     CString::new(name).expect("the name has no NUL")
 }
 
@@ -41,13 +42,13 @@ pub fn unregister(name: &CStr) {
     }
 }
 
-fn lookup(name: &str) -> Option<Arc<Plugin>> {
+fn lookup(name: &str) -> Option<Arc<Image>> {
     REGISTRY.lock().as_ref()?.get(name).cloned()
 }
 
 /// What each open channel keeps in `private_data`.
 struct Channel {
-    plugin: Arc<Plugin>,
+    image: Arc<Image>,
 }
 
 /// The io_manager table; libext2fs wants a mutable pointer to it but never
@@ -137,10 +138,10 @@ unsafe extern "C" fn channel_open(
     }
     // SAFETY: libext2fs passes the NUL-terminated device name it was given.
     let name = unsafe { CStr::from_ptr(name) };
-    let Some(plugin) = name.to_str().ok().and_then(lookup) else {
+    let Some(image) = name.to_str().ok().and_then(lookup) else {
         return sys::EXT2_ET_BAD_DEVICE_NAME as sys::errcode_t;
     };
-    let state = Box::new(Channel { plugin });
+    let state = Box::new(Channel { image });
     let io = Box::new(sys::struct_io_channel {
         magic: sys::EXT2_ET_MAGIC_IO_CHANNEL as sys::errcode_t,
         manager: MANAGER.as_ptr(),
@@ -196,7 +197,7 @@ unsafe extern "C" fn channel_read_blk64(
         let (offset, len) = extent_of(block, count, bs)?;
         // SAFETY: libext2fs passes a buffer of at least `len` bytes.
         let buf = unsafe { std::slice::from_raw_parts_mut(data.cast::<u8>(), len) };
-        ch.plugin.pread(buf, offset)
+        ch.image.pread(buf, offset)
     })
 }
 
@@ -212,7 +213,7 @@ unsafe extern "C" fn channel_write_blk64(
         let (offset, len) = extent_of(block, count, bs)?;
         // SAFETY: libext2fs passes a buffer of at least `len` bytes.
         let buf = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-        ch.plugin.pwrite(buf, offset, false)
+        ch.image.pwrite(buf, offset, false)
     })
 }
 
@@ -248,7 +249,7 @@ unsafe extern "C" fn channel_write_byte(
         let len = usize::try_from(count).map_err(|_| Errno::EINVAL)?;
         // SAFETY: libext2fs passes a buffer of `count` bytes.
         let buf = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-        ch.plugin.pwrite(buf, offset, false)
+        ch.image.pwrite(buf, offset, false)
     })
 }
 
@@ -256,7 +257,7 @@ unsafe extern "C" fn channel_flush(channel: sys::io_channel) -> sys::errcode_t {
     guarded(|| {
         // SAFETY: a live channel of ours.
         let (ch, _) = unsafe { channel_state(channel) };
-        ch.plugin.flush()
+        ch.image.flush()
     })
 }
 
@@ -270,7 +271,7 @@ unsafe extern "C" fn channel_zeroout(
         let (ch, bs) = unsafe { channel_state(channel) };
         let offset = block.checked_mul(bs).ok_or(Errno::EIO)?;
         let len = count.checked_mul(bs).ok_or(Errno::EIO)?;
-        ch.plugin.zero(len, offset, false, false)
+        ch.image.zero(len, offset, false, false)
     })
 }
 

@@ -64,7 +64,7 @@ impl ServedFile {
             let span = Self::span(&piece, offset);
             match piece.content {
                 Content::Data { image_offset } => {
-                    shared.plugin.pread(&mut buf[span], image_offset)?
+                    shared.image.pread(&mut buf[span], image_offset)?
                 }
                 Content::Unwritten { .. } | Content::Hole => buf[span].fill(0),
             }
@@ -100,7 +100,7 @@ impl ServedFile {
         for piece in &pieces {
             let bytes = &data[Self::span(piece, offset)];
             match piece.content {
-                Content::Data { image_offset } => shared.plugin.pwrite(bytes, image_offset, fua)?,
+                Content::Data { image_offset } => shared.image.pwrite(bytes, image_offset, fua)?,
                 Content::Hole => {
                     self.fill_hole(shared, &mut map, piece, bytes)?;
                     metadata_changed = true;
@@ -160,7 +160,7 @@ impl ServedFile {
         let mut at = 0usize;
         for &(physical, len) in &runs {
             let n = (len * bs) as usize;
-            if let Err(e) = shared.plugin.pwrite(&buf[at..at + n], physical * bs, false) {
+            if let Err(e) = shared.image.pwrite(&buf[at..at + n], physical * bs, false) {
                 mapping::free_blocks(&mut shared.lock_fs(), &runs);
                 return Err(e.into());
             }
@@ -211,7 +211,7 @@ impl ServedFile {
         let bs = map.block_size();
         let (blocks, buf) = self.padded_blocks(map, piece, bytes);
         let physical = (image_offset - (piece.file_offset - blocks.start * bs)) / bs;
-        shared.plugin.pwrite(&buf, physical * bs, false)?;
+        shared.image.pwrite(&buf, physical * bs, false)?;
         let mut fs = shared.lock_fs();
         if let Err(e) = mapping::mark_written(&mut fs, self.ino, blocks.start, blocks.end) {
             self.resync(&mut fs, map, None);
@@ -380,15 +380,13 @@ impl ServedFile {
             .filter(|p| matches!(p.content, Content::Data { .. }))
             .flat_map(|p| outside(&p, freed.start * bs, freed.end * bs))
             .collect();
-        if fast && !in_place.is_empty() && !shared.plugin.capabilities().can_fast_zero {
+        if fast && !in_place.is_empty() && !shared.plugin().capabilities().can_fast_zero {
             return Err(Error::Plugin(Errno::ENOTSUP));
         }
         self.punch(shared, &mut map, freed)?;
         for piece in in_place {
             if let Content::Data { image_offset } = piece.content {
-                shared
-                    .plugin
-                    .zero(piece.len, image_offset, may_trim, fast)?;
+                shared.image.zero(piece.len, image_offset, may_trim, fast)?;
             }
         }
         Ok(())
@@ -433,7 +431,7 @@ fn write_direct(
     for piece in pieces {
         if let Content::Data { image_offset } = piece.content {
             shared
-                .plugin
+                .image
                 .pwrite(&data[ServedFile::span(piece, offset)], image_offset, fua)?;
         }
     }

@@ -132,7 +132,7 @@ impl Connection {
     }
 
     pub fn plugin(&self) -> &Plugin {
-        &self.shared.plugin
+        self.shared.plugin()
     }
 
     fn file(&self) -> Result<&ServedFile> {

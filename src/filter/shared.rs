@@ -15,11 +15,13 @@ use crate::error::{Errno, Error, Result};
 use crate::ext2::{io_shim, mapping, Access, Filesystem, Ino, Layout};
 use crate::extent_map::FileMap;
 use crate::filter::file::ServedFile;
+use crate::image::Image;
 use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug};
 use crate::nbdkit::Plugin;
 
 pub struct Shared {
-    pub plugin: Arc<Plugin>,
+    /// Where file data and metadata are read and written.
+    pub image: Arc<Image>,
     /// The process-wide libext2fs lock: every library call holds it.
     fs: Mutex<Filesystem>,
     /// Held shared from allocating blocks until they are linked into a file,
@@ -37,12 +39,13 @@ impl Shared {
     /// message saying why.
     pub fn open(plugin: Plugin, want_write: bool) -> Result<Shared> {
         let plugin = Arc::new(plugin);
+        let image = Arc::new(Image::new(plugin.clone()));
         let mut access = if want_write && plugin.capabilities().can_write {
             Access::ReadWrite
         } else {
             Access::ReadOnly
         };
-        let mut fs = match Filesystem::open(io_shim::register(plugin.clone()), access) {
+        let mut fs = match Filesystem::open(io_shim::register(image.clone()), access) {
             Err(Error::Ext2 { code, .. })
                 if access == Access::ReadWrite
                     && code.0 == crate::sys::EXT2_ET_RO_UNSUPP_FEATURE as crate::sys::errcode_t =>
@@ -51,7 +54,7 @@ impl Shared {
                     "the filesystem has features libext2fs can read but not write: serving read-only",
                 );
                 access = Access::ReadOnly;
-                Filesystem::open(io_shim::register(plugin.clone()), access)?
+                Filesystem::open(io_shim::register(image.clone()), access)?
             }
             other => other?,
         };
@@ -62,16 +65,20 @@ impl Shared {
             );
             drop(fs);
             access = Access::ReadOnly;
-            fs = Filesystem::open(io_shim::register(plugin.clone()), access)?;
+            fs = Filesystem::open(io_shim::register(image.clone()), access)?;
         }
         Ok(Shared {
             block_size: fs.block_size(),
-            plugin,
+            image,
             fs: Mutex::new(fs),
             alloc_gate: RwLock::new(()),
             files: Mutex::new(HashMap::new()),
             access,
         })
+    }
+
+    pub fn plugin(&self) -> &Plugin {
+        self.image.plugin()
     }
 
     pub fn writable(&self) -> bool {
@@ -158,7 +165,7 @@ impl Shared {
             // ext2fs_flush2 ends with a flush of our channel, i.e. the plugin.
             self.lock_fs().flush()
         } else {
-            self.plugin.flush().map_err(Error::from)
+            self.image.flush().map_err(Error::from)
         }
     }
 

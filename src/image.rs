@@ -1,0 +1,113 @@
+//! The image as the filesystem sees it: the plugin's bytes, with the blocks
+//! a journal replay stands in for read from their journal copies.
+//!
+//! Both libext2fs (through the io_manager) and the direct data path read
+//! and write through an [`Image`], so they always agree on what it holds.
+//! An image with a replay is never written: it is served read-only.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::error::Errno;
+use crate::journal::{Replay, JBD2_MAGIC};
+use crate::nbdkit::report::nbd_error;
+use crate::nbdkit::Plugin;
+
+pub struct Image {
+    plugin: Arc<Plugin>,
+    replay: Option<(Replay, u64)>,
+}
+
+impl Image {
+    pub fn new(plugin: Arc<Plugin>) -> Image {
+        Image {
+            plugin,
+            replay: None,
+        }
+    }
+
+    /// An image whose reads see `replay` (with filesystem blocks of
+    /// `block_size` bytes) and which refuses every write.
+    pub fn with_replay(plugin: Arc<Plugin>, replay: Replay, block_size: u64) -> Image {
+        Image {
+            plugin,
+            replay: Some((replay, block_size)),
+        }
+    }
+
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    pub fn replaying(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.plugin.size()
+    }
+
+    pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        let Some((replay, bs)) = &self.replay else {
+            return self.plugin.pread(buf, offset);
+        };
+        // Walk the request a block at a time, sending runs of blocks that the
+        // journal does not replace to the plugin as one request.
+        let bs = *bs;
+        let end = offset + buf.len() as u64;
+        let mut run_start = offset;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let block_end = ((block + 1) * bs).min(end);
+            if let Some(copy) = replay.copy_of(block) {
+                self.read_plain(buf, offset, run_start..pos)?;
+                let mut whole = vec![0u8; bs as usize];
+                self.plugin.pread(&mut whole, copy.image_block * bs)?;
+                if copy.escaped {
+                    whole[..4].copy_from_slice(&JBD2_MAGIC.to_be_bytes());
+                }
+                let from = (pos - block * bs) as usize;
+                let len = (block_end - pos) as usize;
+                let at = (pos - offset) as usize;
+                buf[at..at + len].copy_from_slice(&whole[from..from + len]);
+                run_start = block_end;
+            }
+            pos = block_end;
+        }
+        self.read_plain(buf, offset, run_start..end)
+    }
+
+    /// Reads image bytes `range` untouched into the matching part of `buf`,
+    /// which holds the request starting at `offset`.
+    fn read_plain(&self, buf: &mut [u8], offset: u64, range: Range<u64>) -> Result<(), Errno> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        let at = (range.start - offset) as usize;
+        let len = (range.end - range.start) as usize;
+        self.plugin.pread(&mut buf[at..at + len], range.start)
+    }
+
+    fn refuse_write(&self) -> Result<(), Errno> {
+        if self.replay.is_some() {
+            nbd_error!("the image's journal is replayed in memory only: it is served read-only");
+            return Err(Errno::EROFS);
+        }
+        Ok(())
+    }
+
+    pub fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
+        self.refuse_write()?;
+        self.plugin.pwrite(buf, offset, fua)
+    }
+
+    pub fn zero(&self, len: u64, offset: u64, may_trim: bool, fast: bool) -> Result<(), Errno> {
+        self.refuse_write()?;
+        self.plugin.zero(len, offset, may_trim, fast)
+    }
+
+    pub fn flush(&self) -> Result<(), Errno> {
+        self.plugin.flush()
+    }
+}
