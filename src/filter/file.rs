@@ -308,19 +308,6 @@ impl ServedFile {
         }
     }
 
-    /// The whole file blocks inside `[offset, offset + len)`.  The block
-    /// holding the end of the file counts as whole when the range reaches
-    /// the end: its bytes past the end are never read.
-    fn whole_blocks(&self, bs: u64, offset: u64, len: u64) -> Range<u64> {
-        let first = offset.div_ceil(bs);
-        let end = if offset + len >= self.size {
-            self.size.div_ceil(bs)
-        } else {
-            (offset + len) / bs
-        };
-        first..end.max(first)
-    }
-
     /// Frees the whole blocks of a range (extent files; elsewhere a no-op,
     /// as trim is only advice).
     pub fn trim(&self, shared: &Shared, offset: u64, len: u64) -> Result<()> {
@@ -329,7 +316,7 @@ impl ServedFile {
             return Ok(());
         }
         let mut map = self.map.write();
-        let blocks = self.whole_blocks(map.block_size(), offset, len);
+        let blocks = whole_blocks(map.block_size(), self.size, offset, len);
         self.punch(shared, &mut map, blocks)
     }
 
@@ -370,7 +357,7 @@ impl ServedFile {
         let mut map = self.map.write();
         let bs = map.block_size();
         let freed = if punching {
-            self.whole_blocks(bs, offset, len)
+            whole_blocks(bs, self.size, offset, len)
         } else {
             0..0
         };
@@ -391,6 +378,19 @@ impl ServedFile {
         }
         Ok(())
     }
+}
+
+/// The whole file blocks inside `[offset, offset + len)` of a file of
+/// `size` bytes.  The block holding the end of the file counts as whole
+/// when the range reaches the end: its bytes past the end are never read.
+fn whole_blocks(bs: u64, size: u64, offset: u64, len: u64) -> Range<u64> {
+    let first = offset.div_ceil(bs);
+    let end = if offset + len >= size {
+        size.div_ceil(bs)
+    } else {
+        (offset + len) / bs
+    };
+    first..end.max(first)
 }
 
 /// The parts of a data piece outside the byte range `[from, to)`.
@@ -436,4 +436,52 @@ fn write_direct(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(file_offset: u64, len: u64, image_offset: u64) -> Piece {
+        Piece {
+            file_offset,
+            len,
+            content: Content::Data { image_offset },
+        }
+    }
+
+    #[test]
+    fn whole_blocks_round_inwards() {
+        assert_eq!(whole_blocks(1024, 1 << 20, 0, 1024), 0..1);
+        assert_eq!(whole_blocks(1024, 1 << 20, 1, 2047), 1..2);
+        assert_eq!(whole_blocks(1024, 1 << 20, 1, 1000), 1..1);
+        assert_eq!(whole_blocks(4096, 1 << 20, 100, 1 << 20), 1..256);
+    }
+
+    #[test]
+    fn the_last_partial_block_is_whole_when_reached() {
+        // A 10,000-byte file: its third 4 KiB block holds only 1,808 bytes.
+        assert_eq!(whole_blocks(4096, 10_000, 4096, 10_000 - 4096), 1..3);
+        assert_eq!(whole_blocks(4096, 10_000, 4096, 4000), 1..1);
+    }
+
+    #[test]
+    fn outside_keeps_both_edges() {
+        let p = data(100, 5000, 7000);
+        assert_eq!(
+            outside(&p, 1024, 4096),
+            vec![data(100, 924, 7000), data(4096, 1004, 7000 + 3996)]
+        );
+    }
+
+    #[test]
+    fn outside_an_empty_range_keeps_everything() {
+        let p = data(100, 5000, 7000);
+        assert_eq!(outside(&p, 0, 0), vec![p]);
+    }
+
+    #[test]
+    fn outside_a_covering_range_keeps_nothing() {
+        assert!(outside(&data(1024, 2048, 0), 0, 8192).is_empty());
+    }
 }
