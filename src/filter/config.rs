@@ -98,6 +98,17 @@ pub fn path_for(target: &Target, export_name: &str) -> String {
     }
 }
 
+/// The path libext2fs should look up, as a kernel would read it: repeated
+/// slashes count as one, and a trailing slash names a directory, which can
+/// never be served (`Err` with the message).
+pub fn lookup_path(path: &str) -> Result<String, String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if path.ends_with('/') && !parts.is_empty() {
+        return Err(format!("{path}: must be a regular file in the disk image"));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +208,16 @@ mod tests {
     fn other_keys_go_to_the_plugin() {
         let mut b = ConfigBuilder::default();
         assert_eq!(b.set("file", "fs.img"), Ok(false));
+    }
+
+    #[test]
+    fn lookup_paths_are_normalized() {
+        assert_eq!(lookup_path("//disks//disk.img").unwrap(), "/disks/disk.img");
+        assert_eq!(lookup_path("/").unwrap(), "/");
+        assert_eq!(lookup_path("/a/../b").unwrap(), "/a/../b");
+        assert!(lookup_path("/disks/disk.img/")
+            .unwrap_err()
+            .contains("must be a regular file"));
     }
 
     #[test]

@@ -110,10 +110,12 @@ impl Shared {
     /// The shared state of the file at `path`, building its block map the
     /// first time any connection opens it.
     pub fn open_file(&self, path: &str) -> Result<Arc<ServedFile>> {
+        let lookup = crate::filter::config::lookup_path(path)
+            .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
         let mut files = self.files.lock();
         let mut fs = self.lock_fs();
         let ino = fs
-            .lookup(path)
+            .lookup(&lookup)
             .map_err(|e| rename_context(e, format!("{path}: namei")))?;
         if let Some(file) = files.get(&ino).and_then(Weak::upgrade) {
             return Ok(file);
