@@ -41,6 +41,7 @@ fn build_table() -> Table {
         longname: c"nbdkit ext2 filter (Rust)".as_ptr(),
         description: std::ptr::null(),
         load: Some(load),
+        unload: Some(unload),
         config: Some(config),
         config_complete: Some(config_complete),
         config_help: CONFIG_HELP.as_ptr(),
@@ -121,6 +122,10 @@ fn conn<'a>(handle: *mut c_void) -> &'a Handle {
 struct Handle {
     context: Context,
     conn: Connection,
+}
+
+extern "C" fn unload() {
+    nbdkit::guard("unload", (), filter::unload)
 }
 
 extern "C" fn load() {
@@ -222,15 +227,14 @@ unsafe extern "C" fn default_export(
     _readonly: c_int,
     _is_tls: c_int,
 ) -> *const c_char {
-    // In exportname mode "" is refused unless ext2default= names a file.
-    static DEFAULT: OnceLock<Option<std::ffi::CString>> = OnceLock::new();
-    if filter::exportname_mode() {
-        let default = DEFAULT
-            .get_or_init(|| filter::default_export().and_then(|d| std::ffi::CString::new(d).ok()));
-        default.as_ref().map_or(std::ptr::null(), |d| d.as_ptr())
-    } else {
-        c"".as_ptr()
-    }
+    nbdkit::guard("default_export", std::ptr::null(), || {
+        // In exportname mode "" is refused unless ext2default= names a file.
+        if filter::exportname_mode() {
+            filter::default_export().map_or(std::ptr::null(), |d| nbdkit::intern(&d))
+        } else {
+            c"".as_ptr()
+        }
+    })
 }
 
 unsafe extern "C" fn open(

@@ -37,8 +37,14 @@ pub fn register(image: Arc<Image>) -> CString {
 }
 
 pub fn unregister(name: &CStr) {
-    if let Some(map) = REGISTRY.lock().as_mut() {
+    let mut registry = REGISTRY.lock();
+    if let Some(map) = registry.as_mut() {
         map.remove(name.to_str().unwrap_or_default());
+        if map.is_empty() {
+            // Free the table itself: nothing may stay allocated once nbdkit
+            // unloads us.
+            *registry = None;
+        }
     }
 }
 

@@ -9,7 +9,7 @@ pub mod file;
 pub mod shared;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -20,7 +20,9 @@ use file::{ServedFile, Status};
 use shared::Shared;
 
 static BUILDER: Mutex<Option<ConfigBuilder>> = Mutex::new(None);
-static CONFIG: OnceLock<Config> = OnceLock::new();
+/// Set by `.config_complete`, cleared by `.unload` (so that nothing is left
+/// allocated when nbdkit unloads us).
+static CONFIG: Mutex<Option<Arc<Config>>> = Mutex::new(None);
 /// Whether the plugin takes only one request at a time per handle.
 static SERIALIZE_PLUGIN: AtomicBool = AtomicBool::new(false);
 /// The shared filesystem, opened by the first connection.
@@ -37,31 +39,35 @@ pub fn config(key: &str, value: &str) -> std::result::Result<bool, String> {
 /// `.config_complete`
 pub fn config_complete() -> std::result::Result<(), String> {
     let builder = BUILDER.lock().take().unwrap_or_default();
-    let config = builder.finish()?;
-    CONFIG
-        .set(config)
-        .map_err(|_| "configured twice".to_string())
+    *CONFIG.lock() = Some(Arc::new(builder.finish()?));
+    Ok(())
 }
 
-fn config_target() -> &'static Target {
-    &CONFIG
-        .get()
+/// `.unload`: frees the configuration.
+pub fn unload() {
+    BUILDER.lock().take();
+    CONFIG.lock().take();
+}
+
+fn current_config() -> Arc<Config> {
+    CONFIG
+        .lock()
+        .clone()
         .expect("config_complete ran before any connection")
-        .target
 }
 
 pub fn exportname_mode() -> bool {
-    *config_target() == Target::ExportName
+    current_config().target == Target::ExportName
 }
 
 /// The file served for export "" in exportname mode, if one was chosen.
-pub fn default_export() -> Option<&'static str> {
-    CONFIG.get()?.default_export.as_deref()
+pub fn default_export() -> Option<String> {
+    current_config().default_export.clone()
 }
 
 /// `.list_exports` in exportname mode: the image's regular files.
 pub fn list_exports(backend: Backend, readonly: bool) -> Result<Vec<exports::ListedFile>> {
-    let max = CONFIG.get().map_or(0, |c| c.max_exports);
+    let max = current_config().max_exports;
     if max == 0 {
         return Ok(Vec::new());
     }
@@ -118,9 +124,10 @@ impl Connection {
 
     /// The path inside the image this connection serves.
     pub fn path(&self) -> String {
-        match default_export() {
-            Some(default) if self.export_name.is_empty() => default.to_string(),
-            _ => config::path_for(config_target(), &self.export_name),
+        let config = current_config();
+        match &config.default_export {
+            Some(default) if self.export_name.is_empty() => default.clone(),
+            _ => config::path_for(&config.target, &self.export_name),
         }
     }
 

@@ -48,8 +48,7 @@ const S_FIRST: usize = 0x14;
 const S_SEQUENCE: usize = 0x18;
 const S_START: usize = 0x1c;
 const S_ERRNO: usize = 0x20;
-/// Everything from here on exists only in a version 2 superblock.
-const V2_FIELDS: usize = 0x24;
+/// From here on, fields exist only in a version 2 superblock.
 const S_FEATURE_COMPAT: usize = 0x24;
 const S_FEATURE_INCOMPAT: usize = 0x28;
 const S_FEATURE_RO_COMPAT: usize = 0x2c;
@@ -298,7 +297,10 @@ impl Journal {
                 0 => DEFAULT_FAST_COMMIT_BLOCKS,
                 n => n,
             };
-            if maxlen.checked_sub(fc_blocks).map_or(true, |main| main < MIN_JOURNAL_BLOCKS) {
+            if maxlen
+                .checked_sub(fc_blocks)
+                .map_or(true, |main| main < MIN_JOURNAL_BLOCKS)
+            {
                 return Err(corrupt(format!(
                     "{fc_blocks} fast-commit blocks leave too small a log in {maxlen} blocks"
                 )));
@@ -353,7 +355,8 @@ pub(crate) mod tests {
     /// A version 2 superblock for a journal of `maxlen` blocks.
     pub fn superblock(bs: usize, maxlen: u32, incompat: u32, compat: u32) -> Vec<u8> {
         let mut b = vec![0u8; bs];
-        let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put =
+            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
         put(&mut b, H_MAGIC, JBD2_MAGIC);
         put(&mut b, H_BLOCKTYPE, SUPERBLOCK_V2);
         put(&mut b, S_BLOCKSIZE, bs as u32);
@@ -420,7 +423,10 @@ pub(crate) mod tests {
         let b = superblock(1024, 2048, INCOMPAT_CSUM_V3, 0);
         let j = Journal::parse(&b, 1024, 4096).unwrap();
         assert_eq!(j.csum_seed, crc32c(!0, &j.uuid));
-        assert_eq!(j.len, 2048, "maxlen below the inode size limits the journal");
+        assert_eq!(
+            j.len, 2048,
+            "maxlen below the inode size limits the journal"
+        );
         let mut bad = b.clone();
         bad[S_START + 3] ^= 1;
         assert!(err(&bad, 1024, 4096).contains("checksum is wrong"));

@@ -58,10 +58,17 @@ pub static ext2_debug_map: DebugFlag = DebugFlag::new();
 #[no_mangle]
 pub static ext2_debug_lock: DebugFlag = DebugFlag::new();
 
+/// `-D ext2.journal=1`: log the journal transactions replayed in memory.
+#[cfg(not(test))]
+#[no_mangle]
+pub static ext2_debug_journal: DebugFlag = DebugFlag::new();
+
 #[cfg(test)]
 pub static ext2_debug_map: DebugFlag = DebugFlag::new();
 #[cfg(test)]
 pub static ext2_debug_lock: DebugFlag = DebugFlag::new();
+#[cfg(test)]
+pub static ext2_debug_journal: DebugFlag = DebugFlag::new();
 
 /// `nbdkit_error` with `format!` arguments.
 macro_rules! nbd_error {
