@@ -39,7 +39,7 @@ impl Shared {
     /// message saying why.
     pub fn open(plugin: Plugin, want_write: bool) -> Result<Shared> {
         let plugin = Arc::new(plugin);
-        let image = Arc::new(Image::new(plugin.clone()));
+        let mut image = Arc::new(Image::new(plugin.clone()));
         let mut access = if want_write && plugin.capabilities().can_write {
             Access::ReadWrite
         } else {
@@ -58,13 +58,25 @@ impl Shared {
             }
             other => other?,
         };
-        if access == Access::ReadWrite && fs.needs_recovery() {
-            crate::nbdkit::report::error(
-                "the filesystem's journal needs recovery, which this filter cannot do yet: \
-                 serving read-only (run e2fsck on the image to replay the journal, then serve it read-write)",
-            );
+        if fs.needs_recovery() {
+            // The journal is replayed in memory and never written: the image
+            // is served read-only, every read seeing the replayed blocks.
+            if access == Access::ReadWrite {
+                crate::nbdkit::report::error(
+                    "the filesystem's journal needs recovery: replaying it in memory and \
+                     serving read-only (run e2fsck on the image to serve it read-write)",
+                );
+                drop(fs);
+                access = Access::ReadOnly;
+                fs = Filesystem::open(io_shim::register(image.clone()), access)?;
+            }
+            let bs = u64::from(fs.block_size());
+            let read_block = |block: u64, buf: &mut [u8]| -> std::result::Result<(), Errno> {
+                plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
+            };
+            let replay = crate::journal::load(&mut fs, &read_block)?;
             drop(fs);
-            access = Access::ReadOnly;
+            image = Arc::new(Image::with_replay(plugin.clone(), replay, bs));
             fs = Filesystem::open(io_shim::register(image.clone()), access)?;
         }
         Ok(Shared {

@@ -5,10 +5,9 @@
 //! [`crate::image::Image`] consults it on every read, so the filesystem and
 //! the served file look exactly as they would after `e2fsck` replayed the
 //! journal, while the image itself is never written.
-
 //!
 //! [`load`] finds the journal inode, reads the journal through a caller's
-//! block reader, and turns what [`recovery`] computes into a [`Replay`].
+//! block reader, and turns what [`recover`] computes into a [`Replay`].
 //! The parsing and the recovery passes are pure (`superblock`, `block`,
 //! `recovery`, `map`) and unit-tested with journals built in memory.
 
@@ -119,13 +118,20 @@ pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
         );
     }
     if recovery.needed() {
-        nbd_debug!(
-            ext2_debug_journal,
-            "journal: transactions {}..{} replayed in memory: {} blocks",
-            recovery.first_transaction,
-            recovery.end_transaction,
-            replay.len()
-        );
+        let (first, end) = (recovery.first_transaction, recovery.end_transaction);
+        if first == end {
+            nbd_debug!(
+                ext2_debug_journal,
+                "journal: no committed transaction to replay"
+            );
+        } else {
+            nbd_debug!(
+                ext2_debug_journal,
+                "journal: transactions {first} to {} replayed in memory: {} blocks",
+                end.wrapping_sub(1),
+                replay.len()
+            );
+        }
     }
     Ok(replay)
 }
@@ -298,6 +304,15 @@ fn log_recovery(ino: u32, r: &Recovery) {
                 end.reason
             );
         }
+    }
+    let scanned_to = r.scan_end.as_ref().map(|end| end.sequence);
+    if r.failed_commit.is_none() && scanned_to.is_some_and(|seq| seq != r.end_transaction) {
+        nbd_debug!(
+            ext2_debug_journal,
+            "journal: transactions {} and later are dropped: a commit block checksum \
+             failed (async commit lets the scan go past it)",
+            r.end_transaction
+        );
     }
     if let Some(failed) = r.failed_commit {
         nbd_error!(

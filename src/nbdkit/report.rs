@@ -48,26 +48,23 @@ impl DebugFlag {
     }
 }
 
+// The flags are exported under nbdkit's names (`ext2_debug_NAME`), which
+// are not Rust's style for statics.  Unit-test binaries keep them
+// unexported, like `filter_init`.
+
 /// `-D ext2.map=1`: log how served files are mapped and remapped.
-#[cfg(not(test))]
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
+#[allow(non_upper_case_globals)]
 pub static ext2_debug_map: DebugFlag = DebugFlag::new();
 
 /// `-D ext2.lock=1`: log waits on the filesystem lock.
-#[cfg(not(test))]
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
+#[allow(non_upper_case_globals)]
 pub static ext2_debug_lock: DebugFlag = DebugFlag::new();
 
 /// `-D ext2.journal=1`: log the journal transactions replayed in memory.
-#[cfg(not(test))]
-#[no_mangle]
-pub static ext2_debug_journal: DebugFlag = DebugFlag::new();
-
-#[cfg(test)]
-pub static ext2_debug_map: DebugFlag = DebugFlag::new();
-#[cfg(test)]
-pub static ext2_debug_lock: DebugFlag = DebugFlag::new();
-#[cfg(test)]
+#[cfg_attr(not(test), no_mangle)]
+#[allow(non_upper_case_globals)]
 pub static ext2_debug_journal: DebugFlag = DebugFlag::new();
 
 /// `nbdkit_error` with `format!` arguments.
