@@ -1,0 +1,794 @@
+//! Journal replay in memory: images whose journal holds transactions not yet
+//! written to their places (`needs_recovery`), made with `debugfs -w`'s journal
+//! commands (`jo`, `jw -b/-r/-c`, `jc`).  What the filter serves must equal, byte
+//! for byte, what `debugfs dump` gives from a copy recovered by `e2fsck -fy`, and
+//! the image must not change (same sha256 after serving).
+//!
+//! Covered: data blocks and metadata (inode table, block maps, directories,
+//! bitmaps, group descriptors, superblock) changed through the journal; later
+//! copies winning; revoked blocks; an uncommitted last transaction; escaped
+//! copies (blocks starting with the JBD2 magic); a transaction with a corrupt
+//! commit block (checksum v3) or corrupt data (checksum v1); checksum v2 tags;
+//! 32- and 64-bit tags; 1 KiB and 4 KiB blocks; a log that wraps around the end
+//! of the journal; a clean journal with `needs_recovery` set; refused writes; an
+//! external journal; the `-D ext2.journal=1` debug lines.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+
+const JBD2_MAGIC: [u8; 4] = [0xc0, 0x3b, 0x39, 0x98];
+
+/// One transaction written with `debugfs -w` (`jw`).
+struct Txn {
+    /// (filesystem block, new contents).
+    blocks: Vec<(u64, Vec<u8>)>,
+    revokes: Vec<u64>,
+    /// `false`: written without its commit block (`jw -c`).
+    commit: bool,
+}
+
+impl Txn {
+    fn new(blocks: Vec<(u64, Vec<u8>)>) -> Txn {
+        Txn {
+            blocks,
+            revokes: Vec::new(),
+            commit: true,
+        }
+    }
+
+    fn revoking(mut self, revokes: Vec<u64>) -> Txn {
+        self.revokes = revokes;
+        self
+    }
+
+    fn uncommitted(mut self) -> Txn {
+        self.commit = false;
+        self
+    }
+}
+
+fn list(blocks: impl IntoIterator<Item = u64>) -> String {
+    blocks
+        .into_iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Writes `txns` into the image's journal, one `jo`/`jw`/`jc` each (debugfs
+/// only finds the head of the log reliably when reopening it).  `open` are the
+/// options of the first `jo` (e.g. `-c` to turn on journal checksums).
+fn write_journal(dir: &TestDir, image: &Path, open: &str, txns: &[Txn]) {
+    let mut commands = Vec::new();
+    for (i, txn) in txns.iter().enumerate() {
+        commands.push(if i == 0 {
+            format!("jo {open}")
+        } else {
+            "jo".to_string()
+        });
+        let mut jw = "jw".to_string();
+        if !txn.blocks.is_empty() {
+            jw += &format!(" -b {}", list(txn.blocks.iter().map(|(b, _)| *b)));
+        }
+        if !txn.revokes.is_empty() {
+            jw += &format!(" -r {}", list(txn.revokes.iter().copied()));
+        }
+        if !txn.commit {
+            jw += " -c";
+        }
+        if !txn.blocks.is_empty() {
+            let data = dir.unique_file("jw-data");
+            let bytes: Vec<u8> = txn.blocks.iter().flat_map(|(_, d)| d.clone()).collect();
+            fs::write(&data, bytes).unwrap();
+            jw += &format!(" {}", data.display());
+        }
+        commands.push(jw);
+        commands.push("jc".to_string());
+    }
+    debugfs_write(image, &commands);
+}
+
+fn needs_recovery(image: &Path) -> bool {
+    let out = run("dumpe2fs", &["-h", image.to_str().unwrap()]);
+    out.assert_success();
+    out.stdout_text()
+        .lines()
+        .any(|l| l.starts_with("Filesystem features:") && l.contains("needs_recovery"))
+}
+
+fn sha256(path: &Path) -> String {
+    let out = run("sha256sum", &[path.to_str().unwrap()]);
+    out.assert_success();
+    out.stdout_text()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `path` as `debugfs dump` gives it from a copy of `image` recovered by
+/// `e2fsck -fy`, and e2fsck's output.
+fn recovered(dir: &TestDir, image: &Path, path: &str) -> (Vec<u8>, String) {
+    let copy = dir.unique_file("recovered.img");
+    fs::copy(image, &copy).unwrap();
+    let out = run("e2fsck", &["-fy", copy.to_str().unwrap()]);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 1,
+        "e2fsck -fy exited {code}:\n{}\n{}",
+        out.stdout_text(),
+        out.stderr
+    );
+    let text = out.stdout_text();
+    assert!(text.contains("recovering journal"), "{text}");
+    assert!(!needs_recovery(&copy));
+    let bytes = debugfs_dump(&copy, path);
+    let _ = fs::remove_file(&copy);
+    (bytes, text)
+}
+
+/// The file at `path` read through the filter with nbdcopy, and nbdkit's
+/// stderr (with `-D ext2.journal=1`).
+fn served(dir: &TestDir, image: &Path, path: &str) -> (Vec<u8>, String) {
+    let out_file = dir.unique_file("served");
+    let out = nbdkit_run(
+        &["-v", "-D", "ext2.journal=1"],
+        &["file", image.to_str().unwrap(), &format!("ext2file={path}")],
+        &format!(
+            "nbdcopy \"$uri\" {}",
+            shell_quote(out_file.to_str().unwrap())
+        ),
+    );
+    assert!(out.success(), "serving {path} failed:\n{}", out.stderr);
+    let bytes = read_file(&out_file);
+    let _ = fs::remove_file(&out_file);
+    (bytes, out.stderr)
+}
+
+/// Serves each of `paths` and checks it against e2fsck's recovery and, if
+/// given, the contents the test expects; checks the image is untouched.
+/// Returns nbdkit's stderr of the last one.
+#[track_caller]
+fn check_served(dir: &TestDir, image: &Path, files: &[(&str, Option<&[u8]>)]) -> String {
+    assert!(needs_recovery(image), "the test image should need recovery");
+    let before = sha256(image);
+    let mut log = String::new();
+    for (path, expected) in files {
+        let (want, _) = recovered(dir, image, path);
+        let (got, stderr) = served(dir, image, path);
+        assert_bytes_eq(
+            &got,
+            &want,
+            &format!("{path} served vs. recovered by e2fsck"),
+        );
+        if let Some(expected) = expected {
+            assert_bytes_eq(&got, expected, &format!("{path} served vs. expected"));
+        }
+        log = stderr;
+    }
+    assert_eq!(sha256(image), before, "serving changed the image");
+    assert!(needs_recovery(image));
+    log
+}
+
+fn block(bs: u32, seed: u64) -> Vec<u8> {
+    random_bytes(seed, bs as usize)
+}
+
+/// `content` with block `index` replaced.
+fn with_block(content: &mut [u8], bs: u32, index: usize, data: &[u8]) {
+    let at = index * bs as usize;
+    let end = (at + bs as usize).min(content.len());
+    content[at..end].copy_from_slice(&data[..end - at]);
+}
+
+/// Journal debug lines from nbdkit's stderr.
+fn journal_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains("journal:")).collect()
+}
+
+/// Data blocks rewritten through the journal: later copies win, a revoked
+/// copy is not replayed, an escaped copy gets its magic back, an uncommitted
+/// transaction is ignored.
+///
+/// With checksum v1 (`jo -c` without metadata_csum), debugfs counts the
+/// revoke block in the commit's CRC32 where recovery (kernel and e2fsck)
+/// does not: transaction 2 then fails its checksum and it and everything
+/// after it are dropped, which is what `v1` expects.
+fn data_blocks(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str], v1: bool) {
+    let name = format!("data {:?} {bs} {open}", fs_type);
+    let dir = TestDir::new(&name);
+    let seed = seed_from(&name);
+    let mut content = random_bytes(seed, (40 * bs + 123) as usize);
+    let mut builder = ImageBuilder::new(fs_type).block_size(bs);
+    for option in extra_mkfs {
+        builder = builder.mkfs_option(option);
+    }
+    let image = builder
+        .file("/pad", &random_bytes(seed ^ 7, 5000))
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let b = |i: usize| blocks[i];
+    let (x1, x1b, x1c, x2, y) = (
+        block(bs, seed ^ 11),
+        block(bs, seed ^ 12),
+        block(bs, seed ^ 13),
+        block(bs, seed ^ 14),
+        block(bs, seed ^ 15),
+    );
+    let mut escaped = block(bs, seed ^ 16);
+    escaped[..4].copy_from_slice(&JBD2_MAGIC);
+    write_journal(
+        &dir,
+        &image,
+        open,
+        &[
+            Txn::new(vec![
+                (b(0), x1.clone()),
+                (b(1), x1b.clone()),
+                (b(2), x1c.clone()),
+            ]),
+            Txn::new(vec![(b(1), x2.clone())]).revoking(vec![b(2)]),
+            Txn::new(vec![(b(5), escaped.clone())]),
+            Txn::new(vec![(b(3), y)]).uncommitted(),
+        ],
+    );
+    with_block(&mut content, bs, 0, &x1);
+    if v1 {
+        with_block(&mut content, bs, 1, &x1b);
+        with_block(&mut content, bs, 2, &x1c);
+    } else {
+        with_block(&mut content, bs, 1, &x2);
+        with_block(&mut content, bs, 5, &escaped);
+    }
+    let (_, fsck) = recovered(&dir, &image, "/data.bin");
+    assert_eq!(fsck.contains("transaction 2 was corrupt"), v1, "{fsck}");
+    let log = check_served(&dir, &image, &[("/data.bin", Some(&content))]);
+    let lines = journal_lines(&log);
+    let text = lines.join("\n");
+    let has = |words: &[&str]| lines.iter().any(|l| words.iter().all(|w| l.contains(w)));
+    if v1 {
+        assert!(has(&["transaction 1 ", "applied 3 blocks"]), "{text}");
+        assert!(has(&["transaction 2 ", "dropped"]), "{text}");
+        assert!(has(&["transaction 2 is corrupt"]), "{text}");
+    } else {
+        assert!(
+            has(&["transaction 1 ", "applied 2 blocks", "skipped 1 revoked"]),
+            "{text}"
+        );
+        assert!(
+            has(&["transaction 2 ", "applied 1 blocks", "revoked 1 blocks"]),
+            "{text}"
+        );
+        assert!(has(&["transaction 3 ", "applied 1 blocks"]), "{text}");
+        assert!(has(&["transaction 4 ", "dropped"]), "{text}");
+    }
+}
+
+#[test]
+fn data_blocks_ext4_4k() {
+    data_blocks(FsType::Ext4, 4096, "", &[], false);
+}
+
+#[test]
+fn data_blocks_ext3_1k() {
+    data_blocks(FsType::Ext3, 1024, "", &[], false);
+}
+
+#[test]
+fn data_blocks_64bit_checksum_v3_4k() {
+    data_blocks(
+        FsType::Ext4,
+        4096,
+        "-c",
+        &["-O", "metadata_csum,64bit"],
+        false,
+    );
+}
+
+#[test]
+fn data_blocks_checksum_v2_32bit_1k() {
+    data_blocks(
+        FsType::Ext4,
+        1024,
+        "-c -v 2",
+        &["-O", "metadata_csum,^64bit"],
+        false,
+    );
+}
+
+#[test]
+fn data_blocks_checksum_v1_1k() {
+    data_blocks(FsType::Ext3, 1024, "-c", &[], true);
+}
+
+/// The blocks where `changed` differs from `original`, with their new
+/// contents.
+fn changed_blocks(original: &Path, changed: &Path, bs: u32) -> Vec<(u64, Vec<u8>)> {
+    let a = read_file(original);
+    let b = read_file(changed);
+    assert_eq!(a.len(), b.len());
+    a.chunks(bs as usize)
+        .zip(b.chunks(bs as usize))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, (_, y))| (i as u64, y.to_vec()))
+        .collect()
+}
+
+/// Metadata changed through the journal: on a scratch copy, debugfs
+/// replaces `/meta.bin` with a new, longer file (new inode contents, block
+/// map, directory entry, bitmaps, descriptors, superblock) and makes
+/// `/short.bin` longer (sparse at the end) by changing only its inode; every block that differs is
+/// then logged, in two transactions, into the original's journal.
+fn metadata(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str]) {
+    let name = format!("metadata {:?} {bs} {open}", fs_type);
+    let dir = TestDir::new(&name);
+    let seed = seed_from(&name);
+    let old = random_bytes(seed, 70_000);
+    let new = random_bytes(seed ^ 1, 150_001);
+    let short = random_bytes(seed ^ 2, 20_000);
+    let mut builder = ImageBuilder::new(fs_type).block_size(bs);
+    for option in extra_mkfs {
+        builder = builder.mkfs_option(option);
+    }
+    let image = builder
+        .file("/meta.bin", &old)
+        .file("/short.bin", &short)
+        .file("/hello.txt", b"hello\n")
+        .build(&dir, "fs.img");
+    let scratch = dir.join("scratch.img");
+    fs::copy(&image, &scratch).unwrap();
+    let source = dir.join("new.bin");
+    fs::write(&source, &new).unwrap();
+    debugfs_write(
+        &scratch,
+        &[
+            "rm /meta.bin".to_string(),
+            format!("write {} /meta.bin", source.display()),
+            "sif /short.bin size 40000".to_string(),
+        ],
+    );
+    assert_bytes_eq(&debugfs_dump(&scratch, "/meta.bin"), &new, "scratch copy");
+    let changes = changed_blocks(&image, &scratch, bs);
+    assert!(changes.len() > 10, "{} blocks changed", changes.len());
+    let half = changes.len() / 2;
+    // A first transaction logs garbage over one of the blocks the second
+    // one logs again: the later copy must win.
+    let garbage = (changes[half].0, block(bs, seed ^ 3));
+    let mut first: Vec<(u64, Vec<u8>)> = changes[..half].to_vec();
+    first.push(garbage);
+    write_journal(
+        &dir,
+        &image,
+        open,
+        &[Txn::new(first), Txn::new(changes[half..].to_vec())],
+    );
+    let mut longer = short.clone();
+    longer.resize(40_000, 0);
+    check_served(
+        &dir,
+        &image,
+        &[
+            ("/meta.bin", Some(&new)),
+            ("/short.bin", Some(&longer)),
+            ("/hello.txt", Some(b"hello\n")),
+        ],
+    );
+}
+
+#[test]
+fn metadata_ext3_1k() {
+    metadata(FsType::Ext3, 1024, "", &[]);
+}
+
+#[test]
+fn metadata_ext4_4k() {
+    metadata(FsType::Ext4, 4096, "", &[]);
+}
+
+#[test]
+fn metadata_64bit_checksum_v3_4k() {
+    metadata(FsType::Ext4, 4096, "-c", &["-O", "metadata_csum,64bit"]);
+}
+
+#[test]
+fn metadata_checksum_v3_1k() {
+    metadata(FsType::Ext4, 1024, "-c", &["-O", "metadata_csum"]);
+}
+
+/// What `debugfs logdump -a` shows of a journal.
+struct LogDump {
+    /// (transaction, journal block) of each commit block.
+    commits: Vec<(u32, u64)>,
+    /// (filesystem block, journal block) of each logged copy.
+    copies: Vec<(u64, u64)>,
+}
+
+fn logdump(image: &Path) -> LogDump {
+    let text = debugfs(image, "logdump -a");
+    let mut commits = Vec::new();
+    let mut copies = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        // "Found expected sequence 3, type 2 (commit block) at block 12"
+        if line.contains("(commit block)") {
+            let seq = words[3].trim_end_matches(',').parse().unwrap();
+            let at = words.last().unwrap().parse().unwrap();
+            commits.push((seq, at));
+        }
+        // "  FS block 1549 logged at journal block 2 (flags 0x0)"
+        if line.trim_start().starts_with("FS block") {
+            copies.push((words[2].parse().unwrap(), words[7].parse().unwrap()));
+        }
+    }
+    LogDump { commits, copies }
+}
+
+/// Image block of journal block `logical` (the journal is inode 8).
+fn journal_image_block(image: &Path, logical: u64) -> u64 {
+    debugfs(image, &format!("bmap <8> {logical}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A transaction whose commit block fails its checksum is dropped with all
+/// later ones, as e2fsck drops them ("transaction was corrupt, replay was
+/// aborted"); the earlier ones are replayed.
+#[test]
+fn corrupt_commit_block_checksum_v3() {
+    let bs = 4096;
+    let dir = TestDir::new("corrupt commit v3");
+    let seed = seed_from("corrupt commit v3");
+    let mut content = random_bytes(seed, (20 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .block_size(bs)
+        .mkfs_option("-O")
+        .mkfs_option("metadata_csum,64bit")
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let (a, b, c) = (block(bs, 1), block(bs, 2), block(bs, 3));
+    write_journal(
+        &dir,
+        &image,
+        "-c",
+        &[
+            Txn::new(vec![(blocks[0], a.clone())]),
+            Txn::new(vec![(blocks[1], b.clone())]),
+            Txn::new(vec![(blocks[2], c.clone()), (blocks[0], c.clone())]),
+            Txn::new(vec![(blocks[3], c)]),
+        ],
+    );
+    let commits = logdump(&image).commits;
+    let third = commits
+        .iter()
+        .find(|(seq, _)| *seq == 3)
+        .expect("commit of 3")
+        .1;
+    let at = journal_image_block(&image, third) * u64::from(bs);
+    // A byte the checksum covers but nothing else reads.
+    overwrite_host_file(&image, at + 100, &[0x5a]);
+    with_block(&mut content, bs, 0, &a);
+    with_block(&mut content, bs, 1, &b);
+    let (_, fsck) = recovered(&dir, &image, "/data.bin");
+    assert!(fsck.contains("was corrupt"), "{fsck}");
+    let log = check_served(&dir, &image, &[("/data.bin", Some(&content))]);
+    assert!(
+        log.contains("transaction 3 is corrupt"),
+        "{}",
+        journal_lines(&log).join("\n")
+    );
+}
+
+/// With async commit, a bad commit checksum does not stop the scan, but
+/// replay still ends before that transaction; nothing is reported corrupt.
+#[test]
+fn corrupt_commit_block_async_commit() {
+    let bs = 1024;
+    let dir = TestDir::new("corrupt commit async");
+    let mut content = random_bytes(31, (20 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .block_size(bs)
+        .mkfs_option("-O")
+        .mkfs_option("metadata_csum")
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let (a, b, c) = (block(bs, 1), block(bs, 2), block(bs, 3));
+    write_journal(
+        &dir,
+        &image,
+        "-c",
+        &[
+            Txn::new(vec![(blocks[0], a.clone())]),
+            Txn::new(vec![(blocks[1], b)]),
+            Txn::new(vec![(blocks[2], c)]),
+        ],
+    );
+    set_journal_incompat(&image, bs, 0x4);
+    let commits = logdump(&image).commits;
+    let second = commits
+        .iter()
+        .find(|(seq, _)| *seq == 2)
+        .expect("commit of 2")
+        .1;
+    let at = journal_image_block(&image, second) * u64::from(bs);
+    overwrite_host_file(&image, at + 100, &[0x5a]);
+    with_block(&mut content, bs, 0, &a);
+    let (_, fsck) = recovered(&dir, &image, "/data.bin");
+    assert!(!fsck.contains("was corrupt"), "{fsck}");
+    let log = check_served(&dir, &image, &[("/data.bin", Some(&content))]);
+    assert!(!log.contains("is corrupt"), "{log}");
+}
+
+/// A logged copy failing its v3 tag checksum makes recovery fail (e2fsck
+/// skips the copy, reports a journal checksum error and repairs the
+/// filesystem): the filter refuses the image with a clear message.
+#[test]
+fn corrupt_copy_checksum_v3_is_refused() {
+    let bs = 4096;
+    let dir = TestDir::new("corrupt copy v3");
+    let content = random_bytes(32, (20 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .mkfs_option("-O")
+        .mkfs_option("metadata_csum,64bit")
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    write_journal(
+        &dir,
+        &image,
+        "-c",
+        &[Txn::new(vec![
+            (blocks[0], block(bs, 1)),
+            (blocks[1], block(bs, 2)),
+        ])],
+    );
+    let copies = logdump(&image).copies;
+    let logged = copies.iter().find(|(fs, _)| *fs == blocks[1]).unwrap().1;
+    let at = journal_image_block(&image, logged) * u64::from(bs);
+    overwrite_host_file(&image, at + 10, &[0xff, 0x00, 0xff]);
+    let (_, fsck) = recovered(&dir, &image, "/data.bin");
+    assert!(fsck.contains("checksum error"), "{fsck}");
+    let before = sha256(&image);
+    let out = nbdkit_run(
+        &[],
+        &["file", image.to_str().unwrap(), "ext2file=/data.bin"],
+        "nbdcopy \"$uri\" /dev/null",
+    );
+    assert!(!out.success(), "served a journal whose recovery fails");
+    assert!(out.stderr.contains("bad checksum"), "{}", out.stderr);
+    assert!(out.stderr.contains("run e2fsck"), "{}", out.stderr);
+    assert_eq!(sha256(&image), before);
+}
+
+/// Checksum v1 (`JBD2_FEATURE_COMPAT_CHECKSUM`): the commit block holds a
+/// CRC32 of the whole transaction; a damaged copy makes it fail.
+#[test]
+fn corrupt_copy_checksum_v1() {
+    let bs = 1024;
+    let dir = TestDir::new("corrupt copy v1");
+    let seed = seed_from("corrupt copy v1");
+    let mut content = random_bytes(seed, (20 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext3)
+        .block_size(bs)
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let (a, b) = (block(bs, 1), block(bs, 2));
+    write_journal(
+        &dir,
+        &image,
+        "-c",
+        &[
+            Txn::new(vec![(blocks[0], a.clone())]),
+            Txn::new(vec![(blocks[1], b.clone()), (blocks[2], b)]),
+        ],
+    );
+    let copies = logdump(&image).copies;
+    let logged = copies.iter().find(|(fs, _)| *fs == blocks[2]).unwrap().1;
+    let at = journal_image_block(&image, logged) * u64::from(bs);
+    overwrite_host_file(&image, at + 10, &[0xff, 0x00, 0xff]);
+    with_block(&mut content, bs, 0, &a);
+    check_served(&dir, &image, &[("/data.bin", Some(&content))]);
+}
+
+fn crc32c(mut crc: u32, bytes: &[u8]) -> u32 {
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// Rotates the log area of the journal (blocks `s_first..s_maxlen`) so that
+/// the log starting at `s_start` runs into the end of the journal and wraps
+/// back to `s_first` after `before_wrap` blocks.  Log blocks carry no
+/// position, so the journal stays valid.  Returns the new `s_start`.
+fn rotate_log(image: &Path, bs: u32, before_wrap: u64) -> u64 {
+    let bs = bs as usize;
+    let physical = debugfs_blocks(image, "<8>");
+    let mut bytes = read_file(image);
+    let journal_block = |bytes: &[u8], i: u64| -> Vec<u8> {
+        let at = physical[i as usize] as usize * bs;
+        bytes[at..at + bs].to_vec()
+    };
+    let mut sb = journal_block(&bytes, 0);
+    let (maxlen, first, start) = (
+        u64::from(be32(&sb, 0x10)),
+        u64::from(be32(&sb, 0x14)),
+        u64::from(be32(&sb, 0x1c)),
+    );
+    let area = maxlen - first;
+    let shift = (maxlen - before_wrap - start + area) % area;
+    let moved = |i: u64| first + (i - first + shift) % area;
+    let log: Vec<Vec<u8>> = (first..maxlen).map(|i| journal_block(&bytes, i)).collect();
+    for (i, contents) in (first..maxlen).zip(log) {
+        let at = physical[moved(i) as usize] as usize * bs;
+        bytes[at..at + bs].copy_from_slice(&contents);
+    }
+    sb[0x1c..0x20].copy_from_slice(&(moved(start) as u32).to_be_bytes());
+    seal_journal_superblock(&mut sb);
+    let at = physical[0] as usize * bs;
+    bytes[at..at + bs].copy_from_slice(&sb);
+    fs::write(image, bytes).unwrap();
+    moved(start)
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// Recomputes the journal superblock's checksum (checksum v2/v3 only).
+fn seal_journal_superblock(sb: &mut [u8]) {
+    if be32(sb, 0x28) & 0x18 != 0 {
+        sb[0xfc..0x100].fill(0);
+        let sum = crc32c(!0, &sb[..1024]);
+        sb[0xfc..0x100].copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+/// Sets incompatible feature bits in the journal superblock.
+fn set_journal_incompat(image: &Path, bs: u32, bits: u32) {
+    let at = journal_image_block(image, 0) * u64::from(bs);
+    let bytes = read_file(image);
+    let mut sb = bytes[at as usize..at as usize + bs as usize].to_vec();
+    let incompat = be32(&sb, 0x28) | bits;
+    sb[0x28..0x2c].copy_from_slice(&incompat.to_be_bytes());
+    seal_journal_superblock(&mut sb);
+    overwrite_host_file(image, at, &sb);
+}
+
+/// A log that wraps around the end of the journal, transactions spanning
+/// the wrap.
+fn wrapped(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str]) {
+    let name = format!("wrapped {:?} {bs} {open}", fs_type);
+    let dir = TestDir::new(&name);
+    let seed = seed_from(&name);
+    let mut content = random_bytes(seed, (30 * bs) as usize);
+    let mut builder = ImageBuilder::new(fs_type).block_size(bs);
+    for option in extra_mkfs {
+        builder = builder.mkfs_option(option);
+    }
+    let image = builder.file("/data.bin", &content).build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let mut txns = Vec::new();
+    for t in 0..4usize {
+        let copies: Vec<(u64, Vec<u8>)> = (0..5)
+            .map(|i| {
+                let index = t * 3 + i;
+                (blocks[index], block(bs, seed ^ (100 * t + i) as u64))
+            })
+            .collect();
+        for (i, (_, data)) in copies.iter().enumerate() {
+            with_block(&mut content, bs, t * 3 + i, data);
+        }
+        txns.push(Txn::new(copies));
+    }
+    txns.push(Txn::new(vec![(blocks[25], block(bs, seed ^ 999))]).uncommitted());
+    write_journal(&dir, &image, open, &txns);
+    // Each transaction takes 7 blocks: transaction 2 starts 3 blocks before
+    // the end and wraps, transaction 3 starts at block 5.
+    let start = rotate_log(&image, bs, 10);
+    let commits = logdump(&image).commits;
+    assert_eq!(commits.len(), 4, "debugfs logdump follows the wrap");
+    let log = check_served(&dir, &image, &[("/data.bin", Some(&content))]);
+    let lines = journal_lines(&log);
+    let text = lines.join("\n");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("transaction 1 at log block {start}:"))),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("transaction 3 at log block 5:")),
+        "{text}"
+    );
+}
+
+#[test]
+fn wrapped_log_ext4_4k() {
+    wrapped(FsType::Ext4, 4096, "", &[]);
+}
+
+#[test]
+fn wrapped_log_checksum_v3_1k() {
+    wrapped(FsType::Ext4, 1024, "-c", &["-O", "metadata_csum"]);
+}
+
+/// `needs_recovery` with an empty log (`s_start == 0`): nothing to replay.
+#[test]
+fn needs_recovery_with_empty_log() {
+    let dir = TestDir::new("empty log");
+    let content = random_bytes(5, 50_000);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    debugfs_write(&image, &["feature needs_recovery".to_string()]);
+    check_served(&dir, &image, &[("/data.bin", Some(&content))]);
+}
+
+/// A client cannot write to an image whose journal is replayed in memory.
+#[test]
+fn writes_are_refused() {
+    let bs = 4096;
+    let dir = TestDir::new("writes refused");
+    let content = random_bytes(6, (10 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    write_journal(
+        &dir,
+        &image,
+        "",
+        &[Txn::new(vec![(blocks[0], block(bs, 7))])],
+    );
+    let before = sha256(&image);
+    let out = nbdkit_run(
+        &[],
+        &["file", image.to_str().unwrap(), "ext2file=/data.bin"],
+        "nbdsh -u \"$uri\" -c 'h.pwrite(b\"x\" * 4096, 0); h.flush()'",
+    );
+    assert!(!out.success(), "a write was accepted:\n{}", out.stderr);
+    assert_eq!(sha256(&image), before);
+}
+
+/// An external journal cannot be read: a clear error, not a silent serve.
+#[test]
+fn external_journal_is_refused() {
+    let dir = TestDir::new("external journal");
+    let image = ImageBuilder::new(FsType::Ext4)
+        .file("/data.bin", b"data")
+        .build(&dir, "fs.img");
+    debugfs_write(
+        &image,
+        &[
+            "ssv journal_uuid 01234567-89ab-cdef-0123-456789abcdef".to_string(),
+            "feature needs_recovery".to_string(),
+        ],
+    );
+    let out = nbdkit_run(
+        &[],
+        &["file", image.to_str().unwrap(), "ext2file=/data.bin"],
+        "nbdcopy \"$uri\" /dev/null",
+    );
+    assert!(!out.success());
+    assert!(out.stderr.contains("external device"), "{}", out.stderr);
+}
