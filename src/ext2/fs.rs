@@ -126,6 +126,12 @@ impl Filesystem {
         unsafe { (*self.fs).blocksize }
     }
 
+    /// Blocks per allocation cluster: 1, or more with the bigalloc feature.
+    pub fn cluster_ratio(&self) -> u64 {
+        // SAFETY: a plain field of an open filesystem.
+        1 << unsafe { (*self.fs).cluster_ratio_bits }
+    }
+
     pub fn blocks_count(&self) -> u64 {
         // SAFETY: an open filesystem's superblock.
         unsafe { sys::ext2fs_blocks_count((*self.fs).super_) }

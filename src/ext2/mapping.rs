@@ -266,12 +266,75 @@ pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<Vec<(u64, u6
     Ok(runs)
 }
 
-/// Returns blocks from [`allocate`] that were never linked into a file.
+/// Returns blocks (or, with bigalloc, whole clusters) from [`allocate`] or
+/// [`allocate_clustered`] that were never linked into a file.
 pub fn free_blocks(fs: &mut Filesystem, runs: &[(u64, u64)]) {
+    let ratio = fs.cluster_ratio();
     for &(start, len) in runs {
-        // SAFETY: open read-write filesystem; the blocks were allocated by us.
-        unsafe { sys::ext2fs_block_alloc_stats_range(fs.raw(), start, len as u32, -1) };
+        if ratio == 1 {
+            // SAFETY: open read-write filesystem; the blocks were allocated by us.
+            unsafe { sys::ext2fs_block_alloc_stats_range(fs.raw(), start, len as u32, -1) };
+        } else {
+            for cluster_start in (start..start + len).step_by(ratio as usize) {
+                // SAFETY: as above, one cluster at a time.
+                unsafe { sys::ext2fs_block_alloc_stats2(fs.raw(), cluster_start, -1) };
+            }
+        }
     }
+}
+
+/// Places file blocks `blocks` (a hole) on a bigalloc filesystem, where
+/// space is allocated in clusters of `fs.cluster_ratio()` blocks and a
+/// block must sit at the same offset in its physical cluster as in its
+/// logical one.  A logical cluster that already has a physical cluster
+/// (`existing`) reuses it; others get new clusters, marked in use.
+/// Returns the block runs in file order and the new clusters (as block
+/// runs, for [`free_blocks`] and the inode's block count).
+pub fn allocate_clustered(
+    fs: &mut Filesystem,
+    blocks: std::ops::Range<u64>,
+    existing: impl Fn(u64) -> Option<u64>,
+    goal: u64,
+) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+    let ratio = fs.cluster_ratio();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut new: Vec<(u64, u64)> = Vec::new();
+    let mut goal = goal;
+    let mut current: Option<(u64, u64)> = None; // (logical, physical) cluster
+    for block in blocks {
+        let logical_cluster = block / ratio;
+        let physical_cluster = match current {
+            Some((l, p)) if l == logical_cluster => p,
+            _ => match existing(logical_cluster) {
+                Some(p) => p,
+                None => {
+                    let mut found: sys::blk64_t = 0;
+                    // SAFETY: open read-write filesystem with its bitmaps
+                    // loaded; NULL means the filesystem's own bitmap.
+                    let code = unsafe {
+                        sys::ext2fs_new_block2(fs.raw(), goal, ptr::null_mut(), &mut found)
+                    };
+                    if code != 0 {
+                        free_blocks(fs, &new);
+                        return Err(Error::ext2("allocate", code));
+                    }
+                    let p = found / ratio;
+                    // SAFETY: as above; marks the whole cluster in use.
+                    unsafe { sys::ext2fs_block_alloc_stats2(fs.raw(), p * ratio, 1) };
+                    new.push((p * ratio, ratio));
+                    goal = (p + 1) * ratio;
+                    p
+                }
+            },
+        };
+        current = Some((logical_cluster, physical_cluster));
+        let physical = physical_cluster * ratio + block % ratio;
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == physical => *len += 1,
+            _ => runs.push((physical, 1)),
+        }
+    }
+    Ok((runs, new))
 }
 
 /// Where to look for free blocks for file block `logical`.
@@ -283,13 +346,14 @@ pub fn goal_for(fs: &mut Filesystem, ino: Ino, logical: u64) -> Result<u64> {
 
 /// Links already-filled blocks into a file: `runs` are (first image block,
 /// count) laid out in order from file block `logical`, which must be a hole.
-/// Adds the blocks to the inode's block count.
+/// Adds `new_clusters` (blocks, without bigalloc) to the inode's count.
 pub fn link_blocks(
     fs: &mut Filesystem,
     ino: Ino,
     layout: Layout,
     logical: u64,
     runs: &[(u64, u64)],
+    new_clusters: u64,
 ) -> Result<()> {
     match layout {
         Layout::Extents => {
@@ -312,10 +376,9 @@ pub fn link_blocks(
             ))
         }
     }
-    let total: u64 = runs.iter().map(|r| r.1).sum();
     let mut inode = fs.read_inode_raw(ino)?;
     // SAFETY: open filesystem and an inode buffer we own.
-    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, total) };
+    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, new_clusters) };
     check(code, || "iblk_add_blocks".into())?;
     fs.write_inode_raw(ino, &mut inode)
 }

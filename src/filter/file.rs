@@ -144,7 +144,7 @@ impl ServedFile {
         let count = blocks.end - blocks.start;
         // Keep flush from recording these blocks as used before they are linked.
         let _pass = shared.allocation_pass();
-        let runs = {
+        let (runs, new_units) = {
             let mut fs = shared.lock_fs();
             let goal = match blocks
                 .start
@@ -155,22 +155,37 @@ impl ServedFile {
                 | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
                 _ => mapping::goal_for(&mut fs, self.ino, blocks.start)?,
             };
-            mapping::allocate(&mut fs, goal, count)?
+            let ratio = fs.cluster_ratio();
+            if ratio == 1 {
+                let runs = mapping::allocate(&mut fs, goal, count)?;
+                (runs.clone(), runs)
+            } else {
+                let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
+                mapping::allocate_clustered(&mut fs, blocks.clone(), existing, goal)?
+            }
         };
         let mut at = 0usize;
         for &(physical, len) in &runs {
             let n = (len * bs) as usize;
             if let Err(e) = shared.image.pwrite(&buf[at..at + n], physical * bs, false) {
-                mapping::free_blocks(&mut shared.lock_fs(), &runs);
+                mapping::free_blocks(&mut shared.lock_fs(), &new_units);
                 return Err(e.into());
             }
             at += n;
         }
         let mut fs = shared.lock_fs();
-        if let Err(e) = mapping::link_blocks(&mut fs, self.ino, self.layout, blocks.start, &runs) {
+        let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
+        if let Err(e) = mapping::link_blocks(
+            &mut fs,
+            self.ino,
+            self.layout,
+            blocks.start,
+            &runs,
+            new_count,
+        ) {
             // Find out what did get linked, so the map stays the truth and
             // blocks nobody owns go back to the free pool.
-            self.resync(&mut fs, map, Some(&runs));
+            self.resync(&mut fs, map, Some(&new_units));
             return Err(e);
         }
         drop(fs);
@@ -249,7 +264,9 @@ impl ServedFile {
             FileMap::new(fs.block_size(), extents).map_err(|m| Error::other(Errno::EIO, m))
         }) {
             Ok(fresh) => {
-                if let Some(runs) = allocated {
+                // With bigalloc a cluster may be partly used: leave it
+                // allocated rather than free space a file still uses.
+                if let Some(runs) = allocated.filter(|_| fs.cluster_ratio() == 1) {
                     let unused: Vec<(u64, u64)> = runs
                         .iter()
                         .flat_map(|&(start, len)| (start..start + len).map(|b| (b, 1)))
@@ -378,6 +395,20 @@ impl ServedFile {
         }
         Ok(())
     }
+}
+
+/// The physical cluster already holding some block of logical cluster
+/// `cluster` (bigalloc), if any.
+fn physical_cluster(map: &FileMap, cluster: u64, ratio: u64) -> Option<u64> {
+    let bs = map.block_size();
+    map.pieces(cluster * ratio * bs, ratio * bs)
+        .iter()
+        .find_map(|p| match p.content {
+            Content::Data { image_offset } | Content::Unwritten { image_offset } => {
+                Some(image_offset / bs / ratio)
+            }
+            Content::Hole => None,
+        })
 }
 
 /// The whole file blocks inside `[offset, offset + len)` of a file of
