@@ -14,6 +14,9 @@ use crate::ext2::fs::{check, Filesystem, Ino, Layout};
 use crate::extent_map::Extent;
 use crate::sys;
 
+/// Runs of image blocks: (first block, count).
+pub type BlockRuns = Vec<(u64, u64)>;
+
 /// Longest initialized extent ext4 can record (EXT_INIT_MAX_LEN).
 const MAX_INIT_LEN: u64 = 1 << 15;
 
@@ -233,7 +236,7 @@ fn read_block_pointers(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
 /// Allocates up to `len` free blocks near `goal`, marking them in use.
 /// Returns the runs allocated (their total is `len`), not yet linked to any
 /// file; give them back with [`free_blocks`] if linking fails.
-pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut want = len;
     let mut goal = goal;
@@ -295,10 +298,10 @@ pub fn allocate_clustered(
     blocks: std::ops::Range<u64>,
     existing: impl Fn(u64) -> Option<u64>,
     goal: u64,
-) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+) -> Result<(BlockRuns, BlockRuns)> {
     let ratio = fs.cluster_ratio();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut new: Vec<(u64, u64)> = Vec::new();
+    let mut runs = BlockRuns::new();
+    let mut new = BlockRuns::new();
     let mut goal = goal;
     let mut current: Option<(u64, u64)> = None; // (logical, physical) cluster
     for block in blocks {
