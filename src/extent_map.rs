@@ -280,6 +280,29 @@ mod tests {
     }
 
     #[test]
+    fn a_hundred_thousand_extents_cost_a_few_mib() {
+        let extents = (0..100_000u64)
+            .map(|i| ext(i * 2, 1_000_000 + i * 3, 1))
+            .collect();
+        let map = FileMap::new(4096, extents).unwrap();
+        assert_eq!(map.extents().len(), 100_000);
+        assert!(map.memory() <= 3 << 20, "{} bytes", map.memory());
+        // Lookups stay correct deep into the map.
+        assert_eq!(
+            map.pieces(2 * 77_777 * 4096 + 5, 1),
+            vec![data(
+                2 * 77_777 * 4096 + 5,
+                1,
+                (1_000_000 + 77_777 * 3) * 4096 + 5
+            )]
+        );
+        assert_eq!(
+            map.pieces((2 * 77_777 + 1) * 4096, 1),
+            vec![hole((2 * 77_777 + 1) * 4096, 1)]
+        );
+    }
+
+    #[test]
     fn overlapping_extents_are_rejected() {
         assert!(FileMap::new(1024, vec![ext(0, 10, 5), ext(4, 100, 2)]).is_err());
     }
