@@ -12,11 +12,21 @@
 //! 32- and 64-bit tags; 1 KiB and 4 KiB blocks; a log that wraps around the end
 //! of the journal; a clean journal with `needs_recovery` set; refused writes; an
 //! external journal; the `-D ext2.journal=1` debug lines.
+//!
+//! `ext2journal=replay`: the replay written into the image, then writes
+//! through the filter (over replayed blocks and into holes); the files must
+//! equal e2fsck's recovery plus the writes, `e2fsck -fn` must be clean,
+//! `needs_recovery` gone and the journal superblock the one e2fsck leaves.
+//! Also: a partly checkpointed image (group descriptors already in place,
+//! their bitmap checksums not matching the bitmaps until the replay; both
+//! modes), an empty log, a wrapped log, a corrupt transaction and `-r` (served
+//! read-only, nothing written), and writes failing at every step (the
+//! journal and `needs_recovery` untouched until the journal is empty).
 
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -791,4 +801,672 @@ fn external_journal_is_refused() {
     );
     assert!(!out.success());
     assert!(out.stderr.contains("external device"), "{}", out.stderr);
+}
+
+// ---------------------------------------------------------------------------------------
+// ext2journal=replay: the replay written into the image, then served read-write
+// ---------------------------------------------------------------------------------------
+
+/// A copy of `image` recovered (and checked) by `e2fsck -fy`.
+fn fsck_copy(dir: &TestDir, image: &Path) -> PathBuf {
+    let copy = dir.unique_file("fsck.img");
+    fs::copy(image, &copy).unwrap();
+    let out = run("e2fsck", &["-fy", copy.to_str().unwrap()]);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 1,
+        "e2fsck -fy exited {code}:\n{}\n{}",
+        out.stdout_text(),
+        out.stderr
+    );
+    assert!(!needs_recovery(&copy));
+    copy
+}
+
+/// The journal superblock (journal block 0, the journal being inode 8).
+fn journal_superblock(image: &Path, bs: u32) -> Vec<u8> {
+    let at = (journal_image_block(image, 0) * u64::from(bs)) as usize;
+    read_file(image)[at..at + bs as usize].to_vec()
+}
+
+/// Writes to one file through the filter: its path and (offset, bytes).
+type FileWrites<'a> = (&'a str, Vec<(u64, Vec<u8>)>);
+
+/// `content` with each (offset, bytes) written over it.
+fn written(mut content: Vec<u8>, writes: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    for (offset, data) in writes {
+        let at = *offset as usize;
+        assert!(at + data.len() <= content.len(), "test writes stay inside");
+        content[at..at + data.len()].copy_from_slice(data);
+    }
+    content
+}
+
+/// Serves `image` in exportname mode with `ext2journal=replay`, writes
+/// `writes` (path, offset, bytes) through the filter and flushes, checks
+/// that the filter reads back `expected` (path, contents) and that the
+/// replay was logged; returns nbdkit's stderr.
+fn replay_and_write(
+    dir: &TestDir,
+    image: &Path,
+    writes: &[FileWrites],
+    expected: &[(&str, Vec<u8>)],
+) -> String {
+    let mut server = Server::start(
+        dir,
+        &["-v", "-D", "ext2.journal=1"],
+        &[
+            "file",
+            image.to_str().unwrap(),
+            "ext2file=exportname",
+            "ext2journal=replay",
+        ],
+    );
+    for (path, file_writes) in writes {
+        nbd_pwrite_many(&server.export_uri(path), file_writes, WriteFlush::Flush);
+    }
+    for (path, want) in expected {
+        let got = nbdcopy_read(&server.export_uri(path), dir, &[]);
+        assert_bytes_eq(&got, want, &format!("{path} read back through the filter"));
+    }
+    server.stop();
+    server.log()
+}
+
+/// Serves `image` (which needs recovery) with `ext2journal=replay`, writes
+/// through the filter, and checks the outcome against `e2fsck -fy` on a copy
+/// of the original: the files equal e2fsck's plus the writes, `e2fsck -fn`
+/// is clean, `needs_recovery` is gone, and the journal superblock is the
+/// one e2fsck leaves (empty, same next transaction, checksum).  `expected`
+/// optionally pins the recovered contents too.  Returns nbdkit's stderr.
+#[track_caller]
+fn check_replayed(
+    dir: &TestDir,
+    image: &Path,
+    bs: u32,
+    writes: &[FileWrites],
+    files: &[(&str, Option<&[u8]>)],
+) -> String {
+    assert!(needs_recovery(image), "the test image should need recovery");
+    let fscked = fsck_copy(dir, image);
+    let mut want = Vec::new();
+    for (path, expected) in files {
+        let recovered = debugfs_dump(&fscked, path);
+        if let Some(expected) = expected {
+            assert_bytes_eq(&recovered, expected, &format!("{path}: test premise"));
+        }
+        let file_writes: &[(u64, Vec<u8>)] = writes
+            .iter()
+            .find(|(p, _)| p == path)
+            .map_or(&[], |(_, w)| w.as_slice());
+        want.push((*path, written(recovered, file_writes)));
+    }
+    let log = replay_and_write(dir, image, writes, &want);
+    assert!(
+        log.contains("blocks of the journal into the image"),
+        "no message about the replay:\n{log}"
+    );
+    assert!(!needs_recovery(image), "needs_recovery is still set");
+    e2fsck_clean(image);
+    for (path, contents) in &want {
+        assert_bytes_eq(
+            &debugfs_dump(image, path),
+            contents,
+            &format!("{path} in the image vs. e2fsck's recovery plus the writes"),
+        );
+    }
+    assert_eq!(
+        journal_superblock(image, bs),
+        journal_superblock(&fscked, bs),
+        "journal superblock differs from the one e2fsck leaves"
+    );
+    // Served again, without the parameter: a clean image, read-write.
+    for (path, contents) in &want {
+        let (got, _) = served(dir, image, path);
+        assert_bytes_eq(&got, contents, &format!("{path} served after the replay"));
+    }
+    let _ = fs::remove_file(&fscked);
+    log
+}
+
+/// Data blocks changed through the journal (later copies, a revoke, an
+/// escaped copy, an uncommitted transaction), replayed into the image; then
+/// a write over replayed blocks and one into a hole of another file.
+fn replay_data(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str]) {
+    let name = format!("replay data {:?} {bs} {open}", fs_type);
+    let dir = TestDir::new(&name);
+    let seed = seed_from(&name);
+    let mut content = random_bytes(seed, (40 * bs + 123) as usize);
+    let sparse = SparseFile {
+        len: u64::from(20 * bs),
+        pieces: vec![
+            (0, random_bytes(seed ^ 21, bs as usize)),
+            (u64::from(15 * bs), random_bytes(seed ^ 22, bs as usize)),
+        ],
+    };
+    let mut builder = ImageBuilder::new(fs_type).block_size(bs);
+    for option in extra_mkfs {
+        builder = builder.mkfs_option(option);
+    }
+    let image = builder
+        .file("/pad", &random_bytes(seed ^ 7, 5000))
+        .file("/data.bin", &content)
+        .sparse_file("/sparse.bin", &sparse)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let b = |i: usize| blocks[i];
+    let (x1, x2, y) = (
+        block(bs, seed ^ 11),
+        block(bs, seed ^ 14),
+        block(bs, seed ^ 15),
+    );
+    let mut escaped = block(bs, seed ^ 16);
+    escaped[..4].copy_from_slice(&JBD2_MAGIC);
+    write_journal(
+        &dir,
+        &image,
+        open,
+        &[
+            Txn::new(vec![
+                (b(0), x1.clone()),
+                (b(1), block(bs, seed ^ 12)),
+                (b(2), block(bs, seed ^ 13)),
+            ]),
+            Txn::new(vec![(b(1), x2.clone())]).revoking(vec![b(2)]),
+            Txn::new(vec![(b(5), escaped.clone())]),
+            Txn::new(vec![(b(3), y)]).uncommitted(),
+        ],
+    );
+    with_block(&mut content, bs, 0, &x1);
+    with_block(&mut content, bs, 1, &x2);
+    with_block(&mut content, bs, 5, &escaped);
+    let before = journal_superblock(&image, bs);
+    let writes = [
+        (
+            "/data.bin",
+            vec![
+                // Over part of a replayed block, and over the block only the
+                // uncommitted transaction logged.
+                (u64::from(bs) + 10, random_bytes(seed ^ 31, 100)),
+                (u64::from(3 * bs), random_bytes(seed ^ 32, bs as usize)),
+            ],
+        ),
+        (
+            "/sparse.bin",
+            vec![(u64::from(7 * bs) + 100, random_bytes(seed ^ 33, 3000))],
+        ),
+    ];
+    let log = check_replayed(
+        &dir,
+        &image,
+        bs,
+        &writes,
+        &[
+            ("/data.bin", Some(&content)),
+            ("/sparse.bin", Some(&sparse.contents())),
+        ],
+    );
+    assert!(
+        log.contains("replayed 3 blocks of the journal into the image"),
+        "{log}"
+    );
+    let after = journal_superblock(&image, bs);
+    assert_eq!(be32(&after, 0x1c), 0, "s_start");
+    assert_eq!(
+        be32(&after, 0x18),
+        be32(&before, 0x18) + 4,
+        "s_sequence after transactions 1-3 and the uncommitted 4"
+    );
+}
+
+#[test]
+fn replay_data_ext4_4k() {
+    replay_data(FsType::Ext4, 4096, "", &[]);
+}
+
+#[test]
+fn replay_data_ext3_1k() {
+    replay_data(FsType::Ext3, 1024, "", &[]);
+}
+
+#[test]
+fn replay_data_64bit_checksum_v3_4k() {
+    replay_data(FsType::Ext4, 4096, "-c", &["-O", "metadata_csum,64bit"]);
+}
+
+#[test]
+fn replay_data_checksum_v3_1k() {
+    replay_data(FsType::Ext4, 1024, "-c", &["-O", "metadata_csum"]);
+}
+
+#[test]
+fn replay_data_checksum_v2_32bit_1k() {
+    replay_data(
+        FsType::Ext4,
+        1024,
+        "-c -v 2",
+        &["-O", "metadata_csum,^64bit"],
+    );
+}
+
+/// Metadata changed through the journal (a file replaced by a longer one,
+/// another made longer with a hole at its end), replayed into the image;
+/// then writes into the new file and into that hole, which allocate.
+///
+/// `checkpointed`: the group descriptors were also written to their place
+/// before the crash (a partial checkpoint), so their bitmap checksums do not
+/// match the bitmaps until the journal is replayed.
+fn replay_metadata(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str], checkpointed: bool) {
+    let name = format!("replay metadata {:?} {bs} {open} {checkpointed}", fs_type);
+    let dir = TestDir::new(&name);
+    let seed = seed_from(&name);
+    let old = random_bytes(seed, 70_000);
+    let new = random_bytes(seed ^ 1, 150_001);
+    let short = random_bytes(seed ^ 2, 20_000);
+    let mut builder = ImageBuilder::new(fs_type).block_size(bs);
+    for option in extra_mkfs {
+        builder = builder.mkfs_option(option);
+    }
+    let image = builder
+        .file("/meta.bin", &old)
+        .file("/short.bin", &short)
+        .file("/hello.txt", b"hello\n")
+        .build(&dir, "fs.img");
+    let scratch = dir.join("scratch.img");
+    fs::copy(&image, &scratch).unwrap();
+    let source = dir.join("new.bin");
+    fs::write(&source, &new).unwrap();
+    debugfs_write(
+        &scratch,
+        &[
+            "rm /meta.bin".to_string(),
+            format!("write {} /meta.bin", source.display()),
+            "sif /short.bin size 40000".to_string(),
+        ],
+    );
+    let changes = changed_blocks(&image, &scratch, bs);
+    assert!(changes.len() > 10, "{} blocks changed", changes.len());
+    let half = changes.len() / 2;
+    let garbage = (changes[half].0, block(bs, seed ^ 3));
+    let mut first: Vec<(u64, Vec<u8>)> = changes[..half].to_vec();
+    first.push(garbage);
+    write_journal(
+        &dir,
+        &image,
+        open,
+        &[Txn::new(first), Txn::new(changes[half..].to_vec())],
+    );
+    let mut longer = short.clone();
+    longer.resize(40_000, 0);
+    if checkpointed {
+        let descriptors = if bs == 1024 { 2 } else { 1 };
+        let (_, new_descriptors) = changes
+            .iter()
+            .find(|(b, _)| *b == descriptors)
+            .expect("test premise: the group descriptors changed");
+        overwrite_host_file(&image, descriptors * u64::from(bs), new_descriptors);
+        // Served read-only with the journal replayed in memory: the image is
+        // opened without reading the bitmaps.
+        check_served(
+            &dir,
+            &image,
+            &[("/meta.bin", Some(&new)), ("/short.bin", Some(&longer))],
+        );
+    }
+    let writes = [
+        ("/meta.bin", vec![(1000, random_bytes(seed ^ 4, 5000))]),
+        // 24 KiB on is a hole after the journal made the file longer.
+        ("/short.bin", vec![(30_000, random_bytes(seed ^ 5, 5000))]),
+    ];
+    let log = check_replayed(
+        &dir,
+        &image,
+        bs,
+        &writes,
+        &[
+            ("/meta.bin", Some(&new)),
+            ("/short.bin", Some(&longer)),
+            ("/hello.txt", Some(b"hello\n")),
+        ],
+    );
+    let count = changes.len();
+    // The superblock logged from the scratch copy lacks needs_recovery: it
+    // is written with the flag kept until the journal is empty.
+    assert!(changes
+        .iter()
+        .any(|(b, _)| *b * u64::from(bs) <= 1024 && 1024 < (*b + 1) * u64::from(bs)));
+    assert!(
+        log.contains("the replayed superblock lacks needs_recovery"),
+        "{}",
+        journal_lines(&log).join("\n")
+    );
+    assert!(
+        log.contains(&format!(
+            "replayed {count} blocks of the journal into the image"
+        )),
+        "{}",
+        journal_lines(&log).join("\n")
+    );
+}
+
+#[test]
+fn replay_metadata_ext3_1k() {
+    replay_metadata(FsType::Ext3, 1024, "", &[], false);
+}
+
+#[test]
+fn replay_metadata_ext4_4k() {
+    replay_metadata(FsType::Ext4, 4096, "", &[], false);
+}
+
+#[test]
+fn replay_metadata_64bit_checksum_v3_4k() {
+    replay_metadata(
+        FsType::Ext4,
+        4096,
+        "-c",
+        &["-O", "metadata_csum,64bit"],
+        false,
+    );
+}
+
+#[test]
+fn replay_metadata_partly_checkpointed_checksum_v3_1k() {
+    replay_metadata(FsType::Ext4, 1024, "-c", &["-O", "metadata_csum"], true);
+}
+
+#[test]
+fn replay_metadata_partly_checkpointed_64bit_4k() {
+    replay_metadata(FsType::Ext4, 4096, "", &["-O", "metadata_csum,64bit"], true);
+}
+
+#[test]
+fn replay_metadata_checksum_v3_1k() {
+    replay_metadata(FsType::Ext4, 1024, "-c", &["-O", "metadata_csum"], false);
+}
+
+/// A log that wraps around the end of the journal, replayed into the image.
+#[test]
+fn replay_wrapped_log_checksum_v3_1k() {
+    let bs = 1024;
+    let dir = TestDir::new("replay wrapped");
+    let seed = seed_from("replay wrapped");
+    let mut content = random_bytes(seed, (30 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .block_size(bs)
+        .mkfs_option("-O")
+        .mkfs_option("metadata_csum")
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let mut txns = Vec::new();
+    for t in 0..4usize {
+        let copies: Vec<(u64, Vec<u8>)> = (0..5)
+            .map(|i| (blocks[t * 3 + i], block(bs, seed ^ (100 * t + i) as u64)))
+            .collect();
+        for (i, (_, data)) in copies.iter().enumerate() {
+            with_block(&mut content, bs, t * 3 + i, data);
+        }
+        txns.push(Txn::new(copies));
+    }
+    write_journal(&dir, &image, "-c", &txns);
+    rotate_log(&image, bs, 10);
+    let writes = [("/data.bin", vec![(5000, random_bytes(seed ^ 1, 20_000))])];
+    check_replayed(&dir, &image, bs, &writes, &[("/data.bin", Some(&content))]);
+}
+
+/// `needs_recovery` with an empty log: nothing to write but the journal
+/// superblock (next transaction) and the flag, as e2fsck does.
+#[test]
+fn replay_empty_log() {
+    let dir = TestDir::new("replay empty log");
+    let content = random_bytes(8, 50_000);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .mkfs_option("-O")
+        .mkfs_option("metadata_csum")
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    debugfs_write(&image, &["feature needs_recovery".to_string()]);
+    let writes = [("/data.bin", vec![(49_000, vec![0x5a; 1000])])];
+    let log = check_replayed(
+        &dir,
+        &image,
+        4096,
+        &writes,
+        &[("/data.bin", Some(&content))],
+    );
+    assert!(
+        log.contains("replayed 0 blocks of the journal into the image"),
+        "{log}"
+    );
+}
+
+/// A transaction with a corrupt commit block: e2fsck would drop it and mark
+/// the filesystem as having errors, which the filter cannot repair.  With
+/// `ext2journal=replay` it says so, replays in memory and serves read-only;
+/// not a byte is written.
+#[test]
+fn replay_refused_for_a_corrupt_transaction() {
+    let bs = 4096;
+    let dir = TestDir::new("replay corrupt commit");
+    let mut content = random_bytes(41, (20 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .mkfs_option("-O")
+        .mkfs_option("metadata_csum,64bit")
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let (a, b) = (block(bs, 1), block(bs, 2));
+    write_journal(
+        &dir,
+        &image,
+        "-c",
+        &[
+            Txn::new(vec![(blocks[0], a.clone())]),
+            Txn::new(vec![(blocks[1], b)]),
+        ],
+    );
+    let commits = logdump(&image).commits;
+    let second = commits.iter().find(|(seq, _)| *seq == 2).unwrap().1;
+    overwrite_host_file(
+        &image,
+        journal_image_block(&image, second) * u64::from(bs) + 100,
+        &[0x5a],
+    );
+    with_block(&mut content, bs, 0, &a);
+    let before = sha256(&image);
+    let out = nbdkit_run(
+        &[],
+        &[
+            "file",
+            image.to_str().unwrap(),
+            "ext2file=/data.bin",
+            "ext2journal=replay",
+        ],
+        "nbdsh -u \"$uri\" -c 'import sys; print(h.is_read_only()); sys.stdout.flush(); \
+         sys.stdout.buffer.write(h.pread(h.get_size(), 0))'",
+    );
+    out.assert_success();
+    assert!(out.stdout.starts_with(b"True\n"), "not read-only");
+    assert_bytes_eq(&out.stdout[5..], &content, "served in memory");
+    assert!(
+        out.stderr.contains("ext2journal=replay does not write")
+            && out.stderr.contains("transaction 2 is corrupt"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(sha256(&image), before, "the image changed");
+    assert!(needs_recovery(&image));
+}
+
+/// With `-r`, `ext2journal=replay` writes nothing: the journal is replayed
+/// in memory and the image served read-only, as without it.
+#[test]
+fn replay_with_readonly_server_writes_nothing() {
+    let bs = 4096;
+    let dir = TestDir::new("replay -r");
+    let mut content = random_bytes(42, (10 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let x = block(bs, 9);
+    write_journal(&dir, &image, "", &[Txn::new(vec![(blocks[2], x.clone())])]);
+    with_block(&mut content, bs, 2, &x);
+    let before = sha256(&image);
+    let out = nbdkit_run(
+        &["-r"],
+        &[
+            "file",
+            image.to_str().unwrap(),
+            "ext2file=/data.bin",
+            "ext2journal=replay",
+        ],
+        "nbdsh -u \"$uri\" -c 'import sys; sys.stdout.buffer.write(h.pread(h.get_size(), 0))'",
+    );
+    out.assert_success();
+    assert_bytes_eq(&out.stdout, &content, "served in memory");
+    assert!(out.stderr.contains("ext2journal=replay"), "{}", out.stderr);
+    assert_eq!(sha256(&image), before, "the image changed");
+}
+
+/// The file plugin's arguments, through `eval`, with writes that fail from
+/// the `fail_from`-th one on (counting from 0) with EIO.
+fn failing_plugin_args(dir: &TestDir, image: &Path, fail_from: u32) -> Vec<String> {
+    let counter = dir.unique_file("writes");
+    fs::write(&counter, "0").unwrap();
+    let log = dir.unique_file("calls.log");
+    let counter = shell_quote(counter.to_str().unwrap());
+    let img = shell_quote(image.to_str().unwrap());
+    eval_plugin_args(image, &log)
+        .into_iter()
+        .map(|arg| {
+            if arg.starts_with("pwrite=") {
+                format!(
+                    "pwrite=n=$(cat {counter}); echo $((n + 1)) > {counter}; \
+                     if [ $n -ge {fail_from} ]; then echo 'EIO injected write failure' >&2; exit 1; fi; \
+                     dd of={img} seek=$4 oflag=seek_bytes conv=notrunc status=none"
+                )
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
+
+/// Writing the replay fails partway: the connection fails with a message,
+/// the journal and `needs_recovery` are untouched, and a later try (here
+/// with a plugin that works) finishes the job as if nothing had happened.
+///
+/// The transaction also logs the primary superblock as it was before the
+/// journal was written, without `needs_recovery`: written as logged it
+/// would clear the flag while the journal still holds the transaction.
+/// Failing each write in turn, up to the journal superblock's (after every
+/// replayed block is in place), shows the flag stays set until the journal
+/// is empty.
+#[test]
+fn replay_write_failure_leaves_recovery_needed() {
+    let bs = 1024;
+    let name = "replay write failure";
+    let dir = TestDir::new(name);
+    let seed = seed_from(name);
+    let mut content = random_bytes(seed, (30 * bs) as usize);
+    let pristine = ImageBuilder::new(FsType::Ext4)
+        .block_size(bs)
+        .mkfs_option("-O")
+        .mkfs_option("metadata_csum")
+        .file("/data.bin", &content)
+        .build(&dir, "pristine.img");
+    let blocks = debugfs_blocks(&pristine, "/data.bin");
+    let superblock = read_file(&pristine)[1024..2048].to_vec();
+    let mut copies: Vec<(u64, Vec<u8>)> = vec![(1, superblock)];
+    for i in [0usize, 1, 10] {
+        let data = block(bs, seed ^ i as u64);
+        with_block(&mut content, bs, i, &data);
+        copies.push((blocks[i], data));
+    }
+    write_journal(&dir, &pristine, "-c", &[Txn::new(copies.clone())]);
+    // Plugin writes of the replay: one per run of consecutive blocks.
+    let mut homes: Vec<u64> = copies.iter().map(|(b, _)| *b).collect();
+    homes.sort_unstable();
+    let runs = 1 + homes.windows(2).filter(|w| w[1] != w[0] + 1).count() as u32;
+    assert!(runs >= 3, "test premise: separate runs {homes:?}");
+    for fail_from in 0..=runs {
+        let what = format!("{name}, failing from write {fail_from} of {runs} runs");
+        let image = dir.unique_file("fs.img");
+        fs::copy(&pristine, &image).unwrap();
+        let before = sha256(&image);
+        let journal_before = journal_superblock(&image, bs);
+        let mut args = failing_plugin_args(&dir, &image, fail_from);
+        args.push("ext2file=/data.bin".to_string());
+        args.push("ext2journal=replay".to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = nbdkit_run(&[], &args, "nbdcopy \"$uri\" /dev/null");
+        assert!(!out.success(), "{what}: served although writing failed");
+        let message = if fail_from < runs {
+            "the journal still needs recovery"
+        } else {
+            "marking the journal empty failed"
+        };
+        assert!(out.stderr.contains(message), "{what}: {}", out.stderr);
+        assert!(needs_recovery(&image), "{what}: needs_recovery was cleared");
+        assert_eq!(
+            journal_superblock(&image, bs),
+            journal_before,
+            "{what}: journal superblock"
+        );
+        if fail_from == 0 {
+            assert_eq!(sha256(&image), before, "{what}: the image changed");
+        }
+        let writes = [("/data.bin", vec![(100, vec![1u8; 3000])])];
+        check_replayed(&dir, &image, bs, &writes, &[("/data.bin", Some(&content))]);
+        let _ = fs::remove_file(&image);
+    }
+}
+
+/// The parameter is documented and checked.
+#[test]
+fn ext2journal_parameter() {
+    let out = nbdkit_query(&["--help"], &["file"]);
+    let text = out.stdout_text() + &out.stderr;
+    assert!(
+        text.contains("ext2journal=<MODE>"),
+        "--help output:\n{text}"
+    );
+    let dir = TestDir::new("ext2journal parameter");
+    let image = ImageBuilder::new(FsType::Ext4)
+        .file("/data.bin", b"data")
+        .build(&dir, "fs.img");
+    let out = nbdkit_run(
+        &[],
+        &[
+            "file",
+            image.to_str().unwrap(),
+            "ext2file=/data.bin",
+            "ext2journal=always",
+        ],
+        "true",
+    );
+    assert!(!out.success());
+    assert!(
+        out.stderr
+            .contains("could not parse ext2journal: always: expecting 'memory' or 'replay'"),
+        "{}",
+        out.stderr
+    );
+    // On a clean image the parameter changes nothing.
+    let out = nbdkit_run(
+        &[],
+        &[
+            "file",
+            image.to_str().unwrap(),
+            "ext2file=/data.bin",
+            "ext2journal=replay",
+        ],
+        "nbdsh -u \"$uri\" -c 'h.pwrite(b\"DATA\", 0); h.flush()'",
+    );
+    out.assert_success();
+    assert_eq!(debugfs_dump(&image, "/data.bin"), b"DATA");
+    assert!(!out.stderr.contains("journal"), "{}", out.stderr);
+    e2fsck_clean(&image);
 }

@@ -143,6 +143,29 @@ impl Filesystem {
         self.super_block().s_feature_incompat & sys::EXT3_FEATURE_INCOMPAT_RECOVER != 0
     }
 
+    /// Clears `needs_recovery` in the superblock, as e2fsck does once the
+    /// journal has been replayed into the image and marked empty
+    /// (`e2fsck_clear_recover`), and writes the superblock out with
+    /// `ext2fs_flush2`, which then flushes the channel (and so the plugin).
+    pub fn clear_needs_recovery(&mut self) -> Result<()> {
+        if self.access == Access::ReadOnly {
+            return Err(Error::other(
+                crate::error::Errno::EROFS,
+                "clearing needs_recovery: the filesystem is open read-only",
+            ));
+        }
+        // SAFETY: an open filesystem always has its superblock loaded; we
+        // hold `&mut self`, so nothing else uses the handle meanwhile.
+        unsafe {
+            (*(*self.fs).super_).s_feature_incompat &= !sys::EXT3_FEATURE_INCOMPAT_RECOVER;
+        }
+        // SAFETY: open filesystem.
+        unsafe { sys::ext2fs_mark_super_dirty(self.fs) };
+        // SAFETY: open filesystem, opened read-write.
+        let code = unsafe { sys::ext2fs_flush2(self.fs, 0) };
+        check(code, || "clearing needs_recovery: flush".into())
+    }
+
     /// Looks `path` up from the root, following symlinks (absolute ones from
     /// the image's root) in every component and at the end.
     pub fn lookup(&mut self, path: &str) -> Result<Ino> {

@@ -9,6 +9,32 @@ pub enum Target {
     ExportName,
 }
 
+/// What to do with an image whose journal needs recovery (`ext2journal=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JournalMode {
+    /// `memory` (the default): replay the journal in memory only and serve
+    /// the image read-only; nothing is written.
+    #[default]
+    Memory,
+    /// `replay`: when the server and the plugin can write, write the replay
+    /// into the image, mark the journal empty and clear `needs_recovery` as
+    /// e2fsck does, then serve read-write.
+    Replay,
+}
+
+impl JournalMode {
+    /// The parameter's value, or `Err` with nbdkit-style wording.
+    pub fn parse(value: &str) -> Result<JournalMode, String> {
+        match value {
+            "memory" => Ok(JournalMode::Memory),
+            "replay" => Ok(JournalMode::Replay),
+            _ => Err(format!(
+                "could not parse ext2journal: {value}: expecting 'memory' or 'replay'"
+            )),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub target: Target,
@@ -16,13 +42,15 @@ pub struct Config {
     pub max_exports: usize,
     /// In exportname mode: the file served to a client asking for "".
     pub default_export: Option<String>,
+    /// What to do with a journal that needs recovery.
+    pub journal: JournalMode,
 }
 
 /// Files listed by default: enough for any real image's disks, few enough
 /// that walking a huge tree cannot stall the handshake.
 pub const DEFAULT_MAX_EXPORTS: usize = 1000;
 
-pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".";
+pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.";
 
 /// Collects parameters as nbdkit hands them over.
 #[derive(Debug, Default)]
@@ -30,6 +58,7 @@ pub struct ConfigBuilder {
     ext2file: Option<String>,
     max_exports: Option<usize>,
     default_export: Option<String>,
+    journal: Option<JournalMode>,
 }
 
 impl ConfigBuilder {
@@ -59,6 +88,11 @@ impl ConfigBuilder {
                     return Err(twice());
                 }
             }
+            "ext2journal" => {
+                if self.journal.replace(JournalMode::parse(value)?).is_some() {
+                    return Err(twice());
+                }
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -84,6 +118,7 @@ impl ConfigBuilder {
             target,
             max_exports: self.max_exports.unwrap_or(DEFAULT_MAX_EXPORTS),
             default_export: self.default_export,
+            journal: self.journal.unwrap_or_default(),
         })
     }
 }
@@ -202,6 +237,54 @@ mod tests {
             .unwrap_err(),
             "ext2exports parameter specified more than once"
         );
+    }
+
+    #[test]
+    fn journal_mode() {
+        assert_eq!(
+            build(&[("ext2file", "/a")]).unwrap().journal,
+            JournalMode::Memory,
+            "memory is the default"
+        );
+        assert_eq!(
+            build(&[("ext2file", "/a"), ("ext2journal", "memory")])
+                .unwrap()
+                .journal,
+            JournalMode::Memory
+        );
+        assert_eq!(
+            build(&[("ext2journal", "replay"), ("ext2file", "exportname")])
+                .unwrap()
+                .journal,
+            JournalMode::Replay
+        );
+    }
+
+    #[test]
+    fn journal_mode_is_checked() {
+        for bad in ["", "Replay", "yes", "replay "] {
+            assert_eq!(
+                build(&[("ext2file", "/a"), ("ext2journal", bad)]).unwrap_err(),
+                format!("could not parse ext2journal: {bad}: expecting 'memory' or 'replay'")
+            );
+        }
+        assert_eq!(
+            build(&[
+                ("ext2file", "/a"),
+                ("ext2journal", "replay"),
+                ("ext2journal", "memory")
+            ])
+            .unwrap_err(),
+            "ext2journal parameter specified more than once"
+        );
+    }
+
+    #[test]
+    fn help_names_every_parameter() {
+        for key in ["ext2file=", "ext2exports=", "ext2default=", "ext2journal="] {
+            assert!(HELP.contains(key), "{key} missing from HELP");
+        }
+        assert!(HELP.contains("'memory'") && HELP.contains("'replay'"));
     }
 
     #[test]

@@ -93,7 +93,7 @@ fn shared(backend: Backend, readonly: bool) -> Result<Arc<Shared>> {
         return Ok(shared.clone());
     }
     let plugin = Plugin::open(backend, readonly, SERIALIZE_PLUGIN.load(Ordering::Relaxed))?;
-    let shared = Arc::new(Shared::open(plugin, !readonly)?);
+    let shared = Arc::new(Shared::open(plugin, !readonly, current_config().journal)?);
     *slot = Some(shared.clone());
     Ok(shared)
 }

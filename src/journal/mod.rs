@@ -10,6 +10,12 @@
 //! block reader, and turns what [`recover`] computes into a [`Replay`].
 //! The parsing and the recovery passes are pure (`superblock`, `block`,
 //! `recovery`, `map`) and unit-tested with journals built in memory.
+//!
+//! With `ext2journal=replay` the replay is also written into the image
+//! (`filter::shared`): its [`Checkpoint`] gives the journal superblock as
+//! e2fsck leaves it after recovery (empty, next transaction, checksum), and
+//! [`keep_needs_recovery`] keeps a replayed superblock from clearing
+//! `needs_recovery` before the journal is empty.
 
 mod block;
 mod crc;
@@ -44,6 +50,33 @@ pub struct JournalCopy {
 #[derive(Clone, Debug, Default)]
 pub struct Replay {
     copies: HashMap<u64, JournalCopy>,
+    checkpoint: Option<Checkpoint>,
+}
+
+/// What it takes to finish recovery in the image once the replayed blocks
+/// are written to their places: the journal superblock to rewrite as empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The image block (in filesystem blocks) of the journal superblock.
+    pub superblock_block: u64,
+    /// The journal superblock as it was read and validated for the replay.
+    pub superblock: Vec<u8>,
+    /// Its `s_sequence` once empty ([`Recovery::next_sequence`]).
+    pub next_sequence: u32,
+    /// Why e2fsck would leave the filesystem marked as having errors after
+    /// this recovery ([`Recovery::leaves_errors`]): then it must not be
+    /// written out, only replayed in memory.
+    pub errors: Option<String>,
+}
+
+impl Checkpoint {
+    /// The journal superblock rewritten as e2fsck leaves it after recovery:
+    /// the log empty, the next transaction [`Checkpoint::next_sequence`].
+    pub fn empty_superblock(&self) -> Result<Vec<u8>> {
+        let mut block = self.superblock.clone();
+        superblock::mark_empty(&mut block, self.next_sequence)?;
+        Ok(block)
+    }
 }
 
 /// The JBD2 magic number, big-endian on disk.
@@ -51,7 +84,16 @@ pub const JBD2_MAGIC: u32 = 0xc03b_3998;
 
 impl Replay {
     pub fn from_copies(copies: HashMap<u64, JournalCopy>) -> Replay {
-        Replay { copies }
+        Replay {
+            copies,
+            checkpoint: None,
+        }
+    }
+
+    /// How to mark the journal empty after writing this replay into the
+    /// image; `None` only for replays built without a journal (tests).
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoint.as_ref()
     }
 
     /// The journal copy standing in for filesystem block `block`, if any.
@@ -75,6 +117,57 @@ impl Replay {
     }
 }
 
+/// Where the primary ext2/3/4 superblock lies in the image, and its size.
+const FS_SUPERBLOCK_OFFSET: u64 = 1024;
+const FS_SUPERBLOCK_BYTES: usize = 1024;
+// Field offsets in the ext2/3/4 superblock (little-endian).
+const FS_S_MAGIC: usize = 0x38;
+const FS_S_FEATURE_INCOMPAT: usize = 0x60;
+const FS_S_FEATURE_RO_COMPAT: usize = 0x64;
+const FS_S_CHECKSUM: usize = 0x3fc;
+
+/// Keeps `needs_recovery` set in a replayed copy of the primary superblock
+/// about to be written into the image.  `buf` holds image bytes from
+/// `offset` on; if it covers the primary superblock and that is a valid
+/// one without the flag, the flag is set and, with `metadata_csum`, its
+/// checksum recomputed (`ext2fs_superblock_csum`: CRC32C from `!0` over
+/// the bytes before `s_checksum`).  Returns whether it changed anything.
+///
+/// The copy logged in a journal normally has the flag set already (the
+/// kernel sets it while the filesystem is mounted), but nothing promises
+/// it.  Written as logged, a copy without it would clear the flag while
+/// the journal still holds transactions, and a crash before the journal
+/// is marked empty would leave a kernel to discard them.  The flag is
+/// cleared last, once the journal is empty.
+pub fn keep_needs_recovery(buf: &mut [u8], offset: u64) -> bool {
+    let Some(at) = FS_SUPERBLOCK_OFFSET
+        .checked_sub(offset)
+        .and_then(|at| usize::try_from(at).ok())
+    else {
+        return false;
+    };
+    let Some(sb) = buf.get_mut(at..at.saturating_add(FS_SUPERBLOCK_BYTES)) else {
+        return false;
+    };
+    let le32 =
+        |sb: &[u8], at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
+    if u32::from(u16::from_le_bytes([sb[FS_S_MAGIC], sb[FS_S_MAGIC + 1]])) != sys::EXT2_SUPER_MAGIC
+    {
+        return false;
+    }
+    let incompat = le32(sb, FS_S_FEATURE_INCOMPAT);
+    if incompat & sys::EXT3_FEATURE_INCOMPAT_RECOVER != 0 {
+        return false;
+    }
+    let incompat = incompat | sys::EXT3_FEATURE_INCOMPAT_RECOVER;
+    sb[FS_S_FEATURE_INCOMPAT..FS_S_FEATURE_INCOMPAT + 4].copy_from_slice(&incompat.to_le_bytes());
+    if le32(sb, FS_S_FEATURE_RO_COMPAT) & sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM != 0 {
+        let sum = crc::crc32c(!0, &sb[..FS_S_CHECKSUM]);
+        sb[FS_S_CHECKSUM..FS_S_CHECKSUM + 4].copy_from_slice(&sum.to_le_bytes());
+    }
+    true
+}
+
 /// Reads one filesystem block of the raw image: `read_block(image_block, buf)`.
 pub type ReadBlock<'a> = dyn Fn(u64, &mut [u8]) -> Result<(), Errno> + 'a;
 
@@ -92,6 +185,7 @@ pub type ReadBlock<'a> = dyn Fn(u64, &mut [u8]) -> Result<(), Errno> + 'a;
 pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
     let (ino, map) = locate(fs)?;
     let block_size = fs.block_size();
+    let mut superblock: Option<Vec<u8>> = None;
     let mut read = |logical: u32| -> Result<Vec<u8>> {
         let image_block = map.image_block(logical).ok_or_else(|| {
             Error::other(
@@ -106,11 +200,24 @@ pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
                 format!("journal: reading log block {logical} (image block {image_block}) failed"),
             )
         })?;
+        if logical == 0 && superblock.is_none() {
+            superblock = Some(buf.clone());
+        }
         Ok(buf)
     };
     let recovery = recover(block_size, map.len(), &mut read)?;
     log_recovery(ino, &recovery);
-    let (replay, beyond) = to_replay(&recovery, &map, fs.blocks_count())?;
+    let (mut replay, beyond) = to_replay(&recovery, &map, fs.blocks_count())?;
+    replay.checkpoint = Some(Checkpoint {
+        superblock_block: map.image_block(0).ok_or_else(|| {
+            Error::other(Errno::EIO, "journal: the journal superblock is not mapped")
+        })?,
+        superblock: superblock.ok_or_else(|| {
+            Error::other(Errno::EIO, "journal: the journal superblock was not read")
+        })?,
+        next_sequence: recovery.next_sequence(),
+        errors: recovery.leaves_errors(),
+    });
     if beyond > 0 {
         nbd_debug!(
             ext2_debug_journal,
@@ -408,6 +515,73 @@ mod tests {
         let r = log.recover().unwrap();
         let err = to_replay(&r, &map(1024), 100_000).unwrap_err().to_string();
         assert!(err.contains("belongs to the journal"), "{err}");
+    }
+
+    /// A primary superblock (in a buffer starting at image byte 0) with
+    /// the given features and a valid checksum when it has metadata_csum.
+    fn fs_superblock(incompat: u32, ro_compat: u32) -> Vec<u8> {
+        let mut b = filled(4096, 0x33);
+        let sb = &mut b[1024..2048];
+        sb[FS_S_MAGIC..FS_S_MAGIC + 2].copy_from_slice(&0xef53u16.to_le_bytes());
+        sb[FS_S_FEATURE_INCOMPAT..FS_S_FEATURE_INCOMPAT + 4]
+            .copy_from_slice(&incompat.to_le_bytes());
+        sb[FS_S_FEATURE_RO_COMPAT..FS_S_FEATURE_RO_COMPAT + 4]
+            .copy_from_slice(&ro_compat.to_le_bytes());
+        let sum = crc::crc32c(!0, &sb[..FS_S_CHECKSUM]);
+        sb[FS_S_CHECKSUM..FS_S_CHECKSUM + 4].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    fn incompat_of(b: &[u8], sb_at: usize) -> u32 {
+        let at = sb_at + FS_S_FEATURE_INCOMPAT;
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn replayed_superblock_keeps_needs_recovery() {
+        let recover = sys::EXT3_FEATURE_INCOMPAT_RECOVER;
+        let csum = sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM;
+        // 4 KiB blocks: the superblock is at 1024 in block 0.
+        let mut b = fs_superblock(0x2c2, csum);
+        let before = b.clone();
+        assert!(keep_needs_recovery(&mut b, 0));
+        assert_eq!(incompat_of(&b, 1024), 0x2c2 | recover);
+        let sb = &b[1024..2048];
+        let stored = u32::from_le_bytes(sb[FS_S_CHECKSUM..].try_into().unwrap());
+        assert_eq!(stored, crc::crc32c(!0, &sb[..FS_S_CHECKSUM]));
+        assert_ne!(stored.to_le_bytes(), before[1024 + FS_S_CHECKSUM..2048]);
+        let changed: Vec<usize> = (0..b.len()).filter(|&i| b[i] != before[i]).collect();
+        let incompat_field = 1024 + FS_S_FEATURE_INCOMPAT..1024 + FS_S_FEATURE_INCOMPAT + 4;
+        let checksum_field = 1024 + FS_S_CHECKSUM..2048;
+        assert!(
+            changed
+                .iter()
+                .all(|i| incompat_field.contains(i) || checksum_field.contains(i)),
+            "changed bytes {changed:?}"
+        );
+        // Already set: untouched.
+        let again = b.clone();
+        assert!(!keep_needs_recovery(&mut b, 0));
+        assert_eq!(b, again);
+
+        // 1 KiB blocks: block 1 alone, at image offset 1024.
+        let whole = fs_superblock(0x2, 0);
+        let mut block1 = whole[1024..2048].to_vec();
+        assert!(keep_needs_recovery(&mut block1, 1024));
+        assert_eq!(incompat_of(&block1, 0), 0x2 | recover);
+        assert_eq!(
+            block1[FS_S_CHECKSUM..],
+            whole[1024 + FS_S_CHECKSUM..2048],
+            "no metadata_csum: the checksum field is left alone"
+        );
+
+        // Runs that do not hold the superblock, or hold no valid one.
+        let mut later = fs_superblock(0x2, 0);
+        assert!(!keep_needs_recovery(&mut later, 4096));
+        assert!(!keep_needs_recovery(&mut later[..1024], 0));
+        let mut no_magic = filled(4096, 0);
+        assert!(!keep_needs_recovery(&mut no_magic, 0));
+        assert!(no_magic.iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -145,6 +145,39 @@ impl Recovery {
     pub fn needed(&self) -> bool {
         self.journal.start != 0
     }
+
+    /// The journal's `s_sequence` once recovery has marked it empty: the
+    /// log restarts after the last transaction recovery looked at, so no
+    /// commit block left in it can pass for a new one.  That is
+    /// `++info.end_transaction` in `jbd2_journal_recover` (or `s_sequence +
+    /// 1` for an empty log), which `e2fsck_journal_release` writes out.
+    pub fn next_sequence(&self) -> u32 {
+        if self.needed() {
+            self.end_transaction.wrapping_add(1)
+        } else {
+            self.journal.sequence.wrapping_add(1)
+        }
+    }
+
+    /// Why e2fsck, having replayed this journal, would mark the filesystem
+    /// as having errors and check it in full: a transaction was dropped for
+    /// a bad commit checksum (`recover_ext3_journal` records `-EINVAL` in
+    /// `s_errno`), or the journal already records an error (`s_errno`), which
+    /// `e2fsck_check_ext3_journal` turns into `EXT2_ERROR_FS`.
+    pub fn leaves_errors(&self) -> Option<String> {
+        if let Some(failed) = self.failed_commit {
+            Some(format!(
+                "journal transaction {failed} is corrupt (bad commit checksum)"
+            ))
+        } else if self.journal.errno != 0 {
+            Some(format!(
+                "the journal records error {} (it was aborted)",
+                self.journal.errno
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -575,6 +608,58 @@ mod tests {
         assert_eq!(end.reason, EndReason::NoMagic);
         assert!(!end.incomplete);
         assert_eq!(r.failed_commit, None);
+    }
+
+    #[test]
+    fn next_sequence_follows_the_last_transaction_looked_at() {
+        // Committed 1 and 2, uncommitted 3: the log restarts at 4, past
+        // the uncommitted transaction's blocks.
+        let mut log = LogBuilder::new(1024, 1024, 0, 0);
+        log.transaction(1, &[(100, filled(1024, 1))]);
+        log.transaction(2, &[(101, filled(1024, 2))]);
+        log.descriptor(3, &[(102, filled(1024, 3))]);
+        log.start(1, 1);
+        let r = ok(&log);
+        assert_eq!(r.end_transaction, 3);
+        assert_eq!(r.next_sequence(), 4);
+        assert_eq!(r.leaves_errors(), None);
+
+        // An empty log (s_start == 0) still moves on by one.
+        let mut empty = LogBuilder::new(1024, 1024, 0, 0);
+        empty.start(0, 41);
+        let r = ok(&empty);
+        assert!(!r.needed());
+        assert_eq!(r.next_sequence(), 42);
+
+        // Transaction ids wrap.
+        let mut wrap = LogBuilder::new(1024, 1024, 0, 0);
+        wrap.transaction(u32::MAX, &[(100, filled(1024, 1))]);
+        wrap.start(1, u32::MAX);
+        let r = ok(&wrap);
+        assert_eq!((r.end_transaction, r.next_sequence()), (0, 1));
+    }
+
+    #[test]
+    fn a_corrupt_transaction_or_journal_error_leaves_errors() {
+        let mut log = LogBuilder::new(1024, 1024, INCOMPAT_CSUM_V3, 0);
+        log.transaction(1, &[(100, filled(1024, 1))]);
+        let bad = log.transaction(2, &[(101, filled(1024, 2))])[0] + 1;
+        log.blocks[bad as usize][60] ^= 1;
+        log.start(1, 1);
+        let r = ok(&log);
+        assert_eq!(r.failed_commit, Some(2));
+        assert_eq!(r.next_sequence(), 3);
+        assert!(r
+            .leaves_errors()
+            .unwrap()
+            .contains("transaction 2 is corrupt"));
+
+        let mut aborted = LogBuilder::new(1024, 1024, 0, 0);
+        aborted.transaction(1, &[(100, filled(1024, 1))]);
+        aborted.blocks[0][0x20..0x24].copy_from_slice(&(-5i32).to_be_bytes());
+        aborted.start(1, 1);
+        let r = ok(&aborted);
+        assert!(r.leaves_errors().unwrap().contains("error -5"));
     }
 
     #[test]

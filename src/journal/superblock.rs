@@ -192,6 +192,58 @@ pub fn superblock_checksum(block: &[u8]) -> u32 {
     crc32c(!0, &copy)
 }
 
+/// Rewrites the journal superblock `block` (as read from the image) the way
+/// e2fsck leaves it once recovery has written the log's blocks to their
+/// places (`e2fsck_journal_release` with `reset`, e2fsprogs 1.47.0): the
+/// log is empty (`s_start = 0`) and the next transaction is `sequence`.
+///
+/// Like `e2fsck -y`, version 2 fields that recovery ignores (in a version 1
+/// superblock that has any of them set, or an internal journal claiming
+/// several users) are zeroed (`clear_v2_journal_fields`).  With checksum v2/v3 the superblock checksum
+/// is recomputed.  Only the first `SUPERBLOCK_SIZE` bytes are structure;
+/// the rest of the block is left alone unless the v2 fields are cleared,
+/// which zeroes to the end of the block as e2fsck does.
+pub fn mark_empty(block: &mut [u8], sequence: u32) -> Result<()> {
+    if block.len() < SUPERBLOCK_SIZE || be32(block, H_MAGIC) != JBD2_MAGIC {
+        return Err(corrupt(
+            "the journal superblock has no JBD2 magic number: not marking it empty",
+        ));
+    }
+    let version2 = match be32(block, H_BLOCKTYPE) {
+        SUPERBLOCK_V1 => false,
+        SUPERBLOCK_V2 => true,
+        other => {
+            return Err(corrupt(format!(
+                "unexpected journal superblock type {other}: not marking it empty"
+            )))
+        }
+    };
+    let v2_fields_used = [
+        S_FEATURE_COMPAT,
+        S_FEATURE_INCOMPAT,
+        S_FEATURE_RO_COMPAT,
+        S_NR_USERS,
+    ]
+    .iter()
+    .any(|&at| be32(block, at) != 0);
+    let ignored = if version2 {
+        be32(block, S_NR_USERS) > 1
+    } else {
+        v2_fields_used
+    };
+    if ignored {
+        block[S_FEATURE_COMPAT..].fill(0);
+    }
+    block[S_SEQUENCE..S_SEQUENCE + 4].copy_from_slice(&sequence.to_be_bytes());
+    block[S_START..S_START + 4].copy_from_slice(&0u32.to_be_bytes());
+    let incompat = be32(block, S_FEATURE_INCOMPAT);
+    if version2 && incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3) != 0 {
+        let sum = superblock_checksum(block);
+        block[S_CHECKSUM..S_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
+    }
+    Ok(())
+}
+
 impl Journal {
     /// Validates the journal superblock `block` of a journal whose inode
     /// holds `inode_blocks` blocks, on a filesystem with `fs_block_size`.
@@ -464,6 +516,90 @@ pub(crate) mod tests {
         let mut log_type = good;
         log_type[H_BLOCKTYPE + 3] = 2;
         assert!(err(&log_type, 1024, 1024).contains("type of a log block"));
+    }
+
+    #[test]
+    fn marked_empty_as_e2fsck_leaves_it() {
+        for incompat in [
+            0,
+            INCOMPAT_REVOKE | INCOMPAT_64BIT,
+            INCOMPAT_CSUM_V2,
+            INCOMPAT_CSUM_V3,
+        ] {
+            let mut b = superblock(1024, 1024, incompat, 0);
+            set_start(&mut b, 17, 40);
+            let before = b.clone();
+            mark_empty(&mut b, 45).unwrap();
+            let j = Journal::parse(&b, 1024, 1024).expect("still a valid superblock");
+            assert_eq!((j.start, j.sequence), (0, 45));
+            assert_eq!(j.features.incompat, incompat);
+            // Only s_sequence, s_start and the checksum change.
+            let changed: Vec<usize> = (0..b.len()).filter(|&i| b[i] != before[i]).collect();
+            assert!(
+                changed
+                    .iter()
+                    .all(|&i| (S_SEQUENCE..S_START + 4).contains(&i)
+                        || (S_CHECKSUM..S_CHECKSUM + 4).contains(&i)),
+                "{incompat:#x}: changed bytes {changed:?}"
+            );
+            let checksummed = incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3) != 0;
+            assert_eq!(
+                b[S_CHECKSUM..S_CHECKSUM + 4] != before[S_CHECKSUM..S_CHECKSUM + 4],
+                checksummed,
+                "{incompat:#x}: checksum"
+            );
+            if checksummed {
+                assert_eq!(be32(&b, S_CHECKSUM), superblock_checksum(&b));
+            }
+        }
+    }
+
+    #[test]
+    fn marked_empty_checksum_v3_known_value() {
+        // The checksum is CRC32C (seed !0, no final inversion) of the first
+        // 1024 bytes with the checksum field zeroed, as e2fsprogs computes it.
+        let mut b = superblock(4096, 2048, INCOMPAT_CSUM_V3 | INCOMPAT_64BIT, 0);
+        set_start(&mut b, 9, 0xffff_fffe);
+        b[2000] = 0x77; // beyond the structure: not covered, not touched
+        mark_empty(&mut b, 0xffff_ffff).unwrap();
+        let mut zeroed = b[..1024].to_vec();
+        zeroed[S_CHECKSUM..S_CHECKSUM + 4].fill(0);
+        assert_eq!(be32(&b, S_CHECKSUM), crc32c(!0, &zeroed));
+        assert_eq!(be32(&b, S_START), 0);
+        assert_eq!(be32(&b, S_SEQUENCE), 0xffff_ffff);
+        assert_eq!(b[2000], 0x77);
+    }
+
+    #[test]
+    fn marked_empty_clears_ignored_v2_fields() {
+        // A version 1 superblock with junk where v2 fields would be, and a
+        // shared internal journal: e2fsck -y zeroes the v2 fields.
+        let mut v1 = superblock(1024, 1024, INCOMPAT_CSUM_V3, 0);
+        v1[H_BLOCKTYPE..H_BLOCKTYPE + 4].copy_from_slice(&SUPERBLOCK_V1.to_be_bytes());
+        set_start(&mut v1, 5, 7);
+        mark_empty(&mut v1, 9).unwrap();
+        assert!(v1[S_FEATURE_COMPAT..].iter().all(|&b| b == 0));
+        assert_eq!((be32(&v1, S_START), be32(&v1, S_SEQUENCE)), (0, 9));
+        assert_eq!(be32(&v1, S_MAXLEN), 1024, "v1 fields are kept");
+
+        let mut shared = superblock(1024, 1024, INCOMPAT_CSUM_V3, 0);
+        shared[S_NR_USERS..S_NR_USERS + 4].copy_from_slice(&2u32.to_be_bytes());
+        mark_empty(&mut shared, 3).unwrap();
+        assert!(shared[S_FEATURE_COMPAT..].iter().all(|&b| b == 0));
+        let j = Journal::parse(&shared, 1024, 1024).unwrap();
+        assert_eq!((j.version, j.start, j.sequence), (2, 0, 3));
+    }
+
+    #[test]
+    fn marking_a_non_superblock_empty_is_refused() {
+        let mut zero = vec![0u8; 1024];
+        assert!(mark_empty(&mut zero, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+        let mut log_block = superblock(1024, 1024, 0, 0);
+        log_block[H_BLOCKTYPE + 3] = 2;
+        assert!(mark_empty(&mut log_block, 1).is_err());
     }
 
     #[test]
