@@ -148,6 +148,20 @@ impl Error {
         }
     }
 
+    /// Names what the error was about, as the C filter does
+    /// (`/nonexistent: namei: File not found by ext2_lookup`).
+    pub fn in_context(self, context: impl Into<String>) -> Error {
+        let context = context.into();
+        match self {
+            Error::Ext2 { code, .. } => Error::Ext2 { context, code },
+            Error::Other { message, errno } => Error::Other {
+                message: format!("{context}: {message}"),
+                errno,
+            },
+            other => other,
+        }
+    }
+
     pub fn errno(&self) -> Errno {
         match self {
             Error::Ext2 { code, .. } => code.errno(),

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod exports;
 pub mod file;
+mod opening;
 pub mod shared;
 
 use std::sync::atomic::{AtomicBool, Ordering};
