@@ -124,13 +124,16 @@ struct Handle {
     conn: Connection,
 }
 
-extern "C" fn unload() {
-    nbdkit::guard("unload", (), filter::unload)
+extern "C" fn load() {
+    // SAFETY: registers libext2fs's static message table with com_err, so
+    // error_message() can name its codes; removed again at unload.
+    unsafe { sys::add_error_table(&sys::et_ext2_error_table) };
 }
 
-extern "C" fn load() {
-    // SAFETY: registers libext2fs's message table with com_err; idempotent.
-    unsafe { sys::initialize_ext2_error_table() };
+extern "C" fn unload() {
+    nbdkit::guard("unload", (), filter::unload);
+    // SAFETY: the table registered by `load`; com_err frees its list node.
+    unsafe { sys::remove_error_table(&sys::et_ext2_error_table) };
 }
 
 unsafe extern "C" fn config(
@@ -253,10 +256,14 @@ unsafe extern "C" fn open(
             return std::ptr::null_mut();
         };
         // SAFETY: nbdkit passes a NUL-terminated export name.
-        let name = unsafe { nbdkit::str_arg(exportname) }
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match Connection::open(backend, readonly != 0, &name) {
+        let raw_name = unsafe { nbdkit::str_arg(exportname) };
+        // NBD export names are UTF-8; "repairing" other bytes could name
+        // another file, so such names are refused.
+        let Ok(name) = raw_name.map_or(Ok(""), |n| n.to_str()) else {
+            report::error("the export name is not valid UTF-8");
+            return std::ptr::null_mut();
+        };
+        match Connection::open(backend, readonly != 0, name) {
             Ok(conn) => nbdkit::into_handle(Handle { context, conn }),
             Err(e) => {
                 report(&e);

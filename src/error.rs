@@ -23,6 +23,7 @@ impl Errno {
     pub const ENOTDIR: Errno = Errno::new_const(libc::ENOTDIR);
     pub const ENAMETOOLONG: Errno = Errno::new_const(libc::ENAMETOOLONG);
     pub const EISDIR: Errno = Errno::new_const(libc::EISDIR);
+    pub const ESHUTDOWN: Errno = Errno::new_const(libc::ESHUTDOWN);
 
     const fn new_const(value: i32) -> Errno {
         match NonZeroI32::new(value) {

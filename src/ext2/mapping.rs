@@ -166,8 +166,10 @@ fn read_extent_tree(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
 /// State for the block iterator callback.
 struct PointerWalk {
     extents: Vec<Extent>,
+    /// Valid block numbers: `first..limit`.
+    first: u64,
     limit: u64,
-    damaged: bool,
+    damaged: Option<String>,
 }
 
 unsafe extern "C" fn collect_block(
@@ -182,10 +184,19 @@ unsafe extern "C" fn collect_block(
     // alive for the whole iteration; blocknr points at a valid block number.
     let (walk, physical) = unsafe { (&mut *private.cast::<PointerWalk>(), *blocknr) };
     let Ok(logical) = u64::try_from(blockcnt) else {
-        return 0; // metadata blocks are not asked for, but skip them anyway
+        // An indirect block.  libext2fs 1.47.0 notices one outside the
+        // filesystem but then numbers every later block wrongly (it skips
+        // the lost range without counting it), so we stop here ourselves.
+        if !(walk.first..walk.limit).contains(&physical) {
+            walk.damaged = Some(format!(
+                "an indirect block pointer ({physical}) lies outside the filesystem"
+            ));
+            return sys::BLOCK_ABORT as c_int;
+        }
+        return 0;
     };
     if walk.extents.len() as u64 > walk.limit {
-        walk.damaged = true;
+        walk.damaged = Some("the block map loops".into());
         return sys::BLOCK_ABORT as c_int;
     }
     match walk.extents.last_mut() {
@@ -207,10 +218,12 @@ unsafe extern "C" fn collect_block(
 fn read_block_pointers(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
     let mut walk = PointerWalk {
         extents: Vec::new(),
+        first: u64::from(fs.super_block().s_first_data_block),
         limit: fs.blocks_count(),
-        damaged: false,
+        damaged: None,
     };
-    let flags = (sys::BLOCK_FLAG_DATA_ONLY | sys::BLOCK_FLAG_READ_ONLY) as c_int;
+    // Indirect blocks are visited too (no BLOCK_FLAG_DATA_ONLY), to check them.
+    let flags = sys::BLOCK_FLAG_READ_ONLY as c_int;
     // SAFETY: open filesystem; the callback only touches `walk`, which
     // outlives the call.
     let code = unsafe {
@@ -223,13 +236,13 @@ fn read_block_pointers(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
             (&mut walk as *mut PointerWalk).cast(),
         )
     };
-    check(code, || "block_iterate".into())?;
-    if walk.damaged {
+    if let Some(why) = walk.damaged {
         return Err(Error::other(
             Errno::EIO,
-            "the block map loops: the image is damaged",
+            format!("{why}: the image is damaged"),
         ));
     }
+    check(code, || "block_iterate".into())?;
     Ok(walk.extents)
 }
 

@@ -57,7 +57,7 @@ impl ServedFile {
 
     pub fn read(&self, shared: &Shared, buf: &mut [u8], offset: u64) -> Result<()> {
         if self.layout == Layout::Inline {
-            return shared.lock_fs().read_via_library(self.ino, buf, offset);
+            return shared.lock_fs()?.read_via_library(self.ino, buf, offset);
         }
         let map = self.map.read();
         for piece in map.pieces(offset, buf.len() as u64) {
@@ -145,7 +145,7 @@ impl ServedFile {
         // Keep flush from recording these blocks as used before they are linked.
         let _pass = shared.allocation_pass();
         let (runs, new_units) = {
-            let mut fs = shared.lock_fs();
+            let mut fs = shared.lock_fs()?;
             let goal = match blocks
                 .start
                 .checked_sub(1)
@@ -168,12 +168,14 @@ impl ServedFile {
         for &(physical, len) in &runs {
             let n = (len * bs) as usize;
             if let Err(e) = shared.image.pwrite(&buf[at..at + n], physical * bs, false) {
-                mapping::free_blocks(&mut shared.lock_fs(), &new_units);
+                if let Ok(mut fs) = shared.lock_fs() {
+                    mapping::free_blocks(&mut fs, &new_units);
+                }
                 return Err(e.into());
             }
             at += n;
         }
-        let mut fs = shared.lock_fs();
+        let mut fs = shared.lock_fs()?;
         let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
         if let Err(e) = mapping::link_blocks(
             &mut fs,
@@ -227,7 +229,7 @@ impl ServedFile {
         let (blocks, buf) = self.padded_blocks(map, piece, bytes);
         let physical = (image_offset - (piece.file_offset - blocks.start * bs)) / bs;
         shared.image.pwrite(&buf, physical * bs, false)?;
-        let mut fs = shared.lock_fs();
+        let mut fs = shared.lock_fs()?;
         if let Err(e) = mapping::mark_written(&mut fs, self.ino, blocks.start, blocks.end) {
             self.resync(&mut fs, map, None);
             return Err(e);
@@ -346,7 +348,7 @@ impl ServedFile {
         if blocks.is_empty() || !owns_blocks {
             return Ok(());
         }
-        let mut fs = shared.lock_fs();
+        let mut fs = shared.lock_fs()?;
         if let Err(e) = mapping::punch(&mut fs, self.ino, self.layout, blocks.start, blocks.end) {
             self.resync(&mut fs, map, None);
             return Err(e);

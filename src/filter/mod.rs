@@ -73,7 +73,7 @@ pub fn list_exports(backend: Backend, readonly: bool) -> Result<Vec<exports::Lis
         return Ok(Vec::new());
     }
     let shared = shared(backend, readonly)?;
-    let mut fs = shared.lock_fs();
+    let mut fs = shared.lock_fs()?;
     exports::list_files(&mut fs, max)
 }
 
@@ -101,7 +101,9 @@ fn shared(backend: Backend, readonly: bool) -> Result<Arc<Shared>> {
 
 /// `.cleanup`: closes the filesystem (writing its metadata) and the plugin.
 pub fn cleanup() {
-    SHARED.lock().take();
+    if let Some(shared) = SHARED.lock().take() {
+        shared.shutdown();
+    }
 }
 
 /// Per-connection state: which file, on which shared filesystem.

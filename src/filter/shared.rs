@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use crate::error::{Errno, Error, Result};
 use crate::ext2::{mapping, Access, Filesystem, Ino, Layout};
@@ -18,14 +18,15 @@ use crate::filter::config::JournalMode;
 use crate::filter::file::ServedFile;
 use crate::filter::opening;
 use crate::image::Image;
-use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug};
+use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
 use crate::nbdkit::Plugin;
 
 pub struct Shared {
     /// Where file data and metadata are read and written.
     pub image: Arc<Image>,
     /// The process-wide libext2fs lock: every library call holds it.
-    fs: Mutex<Filesystem>,
+    /// Emptied by [`Shared::shutdown`].
+    fs: Mutex<Option<Filesystem>>,
     /// Held shared from allocating blocks until they are linked into a file,
     /// and exclusively by flush, so a flush never records blocks as in use
     /// that no file owns yet.
@@ -43,7 +44,7 @@ impl Shared {
         Ok(Shared {
             block_size: fs.block_size(),
             image,
-            fs: Mutex::new(fs),
+            fs: Mutex::new(Some(fs)),
             alloc_gate: RwLock::new(()),
             files: Mutex::new(HashMap::new()),
             access,
@@ -59,21 +60,35 @@ impl Shared {
     }
 
     /// Takes the libext2fs lock.
-    pub fn lock_fs(&self) -> MutexGuard<'_, Filesystem> {
-        if !ext2_debug_lock.enabled() {
-            return self.fs.lock();
-        }
-        let start = Instant::now();
+    pub fn lock_fs(&self) -> Result<MappedMutexGuard<'_, Filesystem>> {
+        let start = ext2_debug_lock.enabled().then(Instant::now);
         let guard = self.fs.lock();
-        let waited = start.elapsed();
-        if waited.as_micros() >= 1000 {
-            nbd_debug!(
-                ext2_debug_lock,
-                "waited {:?} for the filesystem lock",
-                waited
-            );
+        if let Some(waited) = start.map(|s| s.elapsed()) {
+            if waited.as_micros() >= 1000 {
+                nbd_debug!(
+                    ext2_debug_lock,
+                    "waited {:?} for the filesystem lock",
+                    waited
+                );
+            }
         }
-        guard
+        MutexGuard::try_map(guard, Option::as_mut)
+            .map_err(|_| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))
+    }
+
+    /// `.cleanup`: closes the filesystem, writing its metadata, then the
+    /// plugin context.  nbdkit may clean up while connections still hold
+    /// this state: their later requests fail with ESHUTDOWN.
+    pub fn shutdown(&self) {
+        {
+            let _no_allocations = self.alloc_gate.write();
+            // Dropping the filesystem closes it (ext2fs_close2 flushes).
+            drop(self.fs.lock().take());
+        }
+        if let Err(e) = self.image.flush() {
+            nbd_error!("flushing the plugin at shutdown failed (errno {})", e.get());
+        }
+        self.image.plugin().close();
     }
 
     pub fn allocation_pass(&self) -> RwLockReadGuard<'_, ()> {
@@ -86,7 +101,7 @@ impl Shared {
         let lookup = crate::filter::config::lookup_path(path)
             .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
         let mut files = self.files.lock();
-        let mut fs = self.lock_fs();
+        let mut fs = self.lock_fs()?;
         let ino = fs
             .lookup(&lookup)
             .map_err(|e| e.in_context(format!("{path}: namei")))?;
@@ -138,7 +153,7 @@ impl Shared {
         if self.writable() {
             let _no_allocations = self.alloc_gate.write();
             // ext2fs_flush2 ends with a flush of our channel, i.e. the plugin.
-            self.lock_fs().flush()
+            self.lock_fs()?.flush()
         } else {
             self.image.flush().map_err(Error::from)
         }

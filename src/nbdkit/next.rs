@@ -8,7 +8,7 @@
 use std::ffi::{c_int, CStr};
 use std::ptr::NonNull;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use crate::error::Errno;
 use crate::nbdkit::report::nbd_error;
@@ -76,6 +76,16 @@ pub struct Plugin {
     /// on one handle (thread model `serialize_requests`): all our connections
     /// share this one handle, so nbdkit's own per-connection lock is not enough.
     gate: Option<Mutex<()>>,
+    /// False once the context is closed (at `.cleanup`, which may come while
+    /// connections still exist); requests hold it shared, so the context is
+    /// never closed under one.
+    live: RwLock<bool>,
+}
+
+/// Permission to make one request: the context stays open meanwhile.
+struct Entry<'a> {
+    _live: RwLockReadGuard<'a, bool>,
+    _gate: Option<MutexGuard<'a, ()>>,
 }
 
 impl Plugin {
@@ -92,6 +102,7 @@ impl Plugin {
             raw,
             caps: Capabilities::default(),
             gate: serialize.then(|| Mutex::new(())),
+            live: RwLock::new(true),
         };
         if call!(raw, prepare) == -1 {
             return Err(Errno::EIO);
@@ -128,6 +139,32 @@ impl Plugin {
         })
     }
 
+    fn enter(&self) -> Result<Entry<'_>, Errno> {
+        let live = self.live.read();
+        if !*live {
+            nbd_error!("the server is shutting down");
+            return Err(Errno::ESHUTDOWN);
+        }
+        Ok(Entry {
+            _live: live,
+            _gate: self.gate.as_ref().map(|g| g.lock()),
+        })
+    }
+
+    /// Finalizes and closes the context, waiting for requests in flight;
+    /// later requests fail with ESHUTDOWN.
+    pub fn close(&self) {
+        let mut live = self.live.write();
+        if *live {
+            *live = false;
+            let raw = self.raw;
+            call!(raw, finalize);
+            // SAFETY: the context was opened by `Plugin::open` and, guarded by
+            // `live`, is closed exactly once with no request in flight.
+            unsafe { sys::nbdkit_next_context_close(raw.as_ptr()) }
+        }
+    }
+
     pub fn raw(&self) -> RawNext {
         self.raw
     }
@@ -142,7 +179,7 @@ impl Plugin {
 
     /// The plugin's export description, if it has one.
     pub fn export_description(&self) -> Option<String> {
-        let _gate = self.gate.as_ref().map(|g| g.lock());
+        let _entry = self.enter().ok()?;
         let ptr = call!(self.raw, export_description);
         if ptr.is_null() {
             return None;
@@ -187,7 +224,7 @@ impl Plugin {
             let n = (buf.len() - done).min(MAX_REQUEST);
             let chunk = &mut buf[done..done + n];
             let mut err: c_int = 0;
-            let _gate = self.gate.as_ref().map(|g| g.lock());
+            let _entry = self.enter()?;
             let r = call!(
                 self.raw,
                 pread,
@@ -215,7 +252,7 @@ impl Plugin {
             let n = (buf.len() - done).min(MAX_REQUEST);
             let chunk = &buf[done..done + n];
             let mut err: c_int = 0;
-            let _gate = self.gate.as_ref().map(|g| g.lock());
+            let _entry = self.enter()?;
             let r = call!(
                 self.raw,
                 pwrite,
@@ -259,7 +296,7 @@ impl Plugin {
         while done < len {
             let n = (len - done).min(MAX_REQUEST as u64);
             let mut err: c_int = 0;
-            let _gate = self.gate.as_ref().map(|g| g.lock());
+            let _entry = self.enter()?;
             let r = call!(self.raw, zero, n as u32, offset + done, flags, &mut err);
             if r == -1 {
                 return Err(Errno::from_plugin(err));
@@ -286,7 +323,7 @@ impl Plugin {
             return Ok(());
         }
         let mut err: c_int = 0;
-        let _gate = self.gate.as_ref().map(|g| g.lock());
+        let _entry = self.enter()?;
         if call!(self.raw, flush, 0, &mut err) == -1 {
             return Err(Errno::from_plugin(err));
         }
@@ -308,9 +345,6 @@ impl Plugin {
 
 impl Drop for Plugin {
     fn drop(&mut self) {
-        let raw = self.raw;
-        call!(raw, finalize);
-        // SAFETY: the context was opened by `Plugin::open` and is closed once.
-        unsafe { sys::nbdkit_next_context_close(raw.as_ptr()) }
+        self.close();
     }
 }
