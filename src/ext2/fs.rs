@@ -55,6 +55,7 @@ pub struct Filesystem {
     fs: sys::ext2_filsys,
     device: CString,
     access: Access,
+    reserved: crate::ext2::reserved::Reserved,
 }
 
 // SAFETY: the handle is only used behind the process-wide filesystem lock;
@@ -96,7 +97,13 @@ impl Filesystem {
             io_shim::unregister(&device);
             return Err(Error::ext2("open", code));
         }
-        let this = Filesystem { fs, device, access };
+        let mut this = Filesystem {
+            fs,
+            device,
+            access,
+            reserved: Default::default(),
+        };
+        this.reserved = crate::ext2::reserved::collect(&mut this);
         // SAFETY: `fs` is open; flags is a plain field.
         unsafe {
             // Rewrite only the primary superblock and descriptors on flush:
@@ -110,6 +117,12 @@ impl Filesystem {
             check(code, || "read_bitmaps".into())?;
         }
         Ok(this)
+    }
+
+    /// The first block of `[start, start + len)` that the filesystem keeps
+    /// for its own structures, if any.
+    pub fn first_reserved_in(&self, start: u64, len: u64) -> Option<u64> {
+        self.reserved.first_in(start, len)
     }
 
     pub fn access(&self) -> Access {

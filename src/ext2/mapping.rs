@@ -120,7 +120,29 @@ pub fn read_map(fs: &mut Filesystem, ino: Ino, layout: Layout) -> Result<Vec<Ext
             ),
         ));
     }
+    if let Some((bad, block)) = extents
+        .iter()
+        .find_map(|e| fs.first_reserved_in(e.physical, e.len).map(|b| (e, b)))
+    {
+        return Err(Error::other(
+            Errno::EIO,
+            format!(
+                "file block {} maps to image block {block}, which holds the filesystem's own metadata: the image is damaged",
+                bad.logical + (block - bad.physical)
+            ),
+        ));
+    }
     Ok(extents)
+}
+
+/// The error for a block bitmap that offers the filesystem's own blocks.
+fn bitmap_offers_metadata(block: u64) -> Error {
+    Error::other(
+        Errno::EIO,
+        format!(
+            "the block bitmap offers block {block}, which holds the filesystem's own metadata: the image is damaged (run e2fsck)"
+        ),
+    )
 }
 
 fn read_extent_tree(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
@@ -273,6 +295,10 @@ pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
             return Err(Error::ext2("allocate", code));
         }
         let got = got.min(want);
+        if let Some(block) = fs.first_reserved_in(start, got) {
+            free_blocks(fs, &runs);
+            return Err(bitmap_offers_metadata(block));
+        }
         // SAFETY: as above; marks the range in use in bitmaps and counters.
         unsafe { sys::ext2fs_block_alloc_stats_range(fs.raw(), start, got as u32, 1) };
         runs.push((start, got));
@@ -335,6 +361,10 @@ pub fn allocate_clustered(
                         return Err(Error::ext2("allocate", code));
                     }
                     let p = found / ratio;
+                    if let Some(block) = fs.first_reserved_in(p * ratio, ratio) {
+                        free_blocks(fs, &new);
+                        return Err(bitmap_offers_metadata(block));
+                    }
                     // SAFETY: as above; marks the whole cluster in use.
                     unsafe { sys::ext2fs_block_alloc_stats2(fs.raw(), p * ratio, 1) };
                     new.push((p * ratio, ratio));

@@ -5,5 +5,6 @@ pub mod dir;
 pub mod fs;
 pub mod io_shim;
 pub mod mapping;
+pub mod reserved;
 
 pub use fs::{Access, Filesystem, Ino, InodeInfo, Layout};

@@ -1,0 +1,114 @@
+//! The blocks a filesystem keeps for itself: boot block, superblocks, group
+//! descriptors (and their reserved growth), bitmaps and inode tables.
+//!
+//! A damaged image can map a file onto them, or a damaged block bitmap can
+//! offer them for allocation; either would let a client overwrite the
+//! filesystem's own structures.  The filter checks maps and allocations
+//! against this list.
+
+use std::ops::Range;
+
+/// Sorted, merged ranges of reserved blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reserved {
+    ranges: Vec<Range<u64>>,
+}
+
+impl Reserved {
+    pub fn new(mut ranges: Vec<Range<u64>>) -> Reserved {
+        ranges.retain(|r| !r.is_empty());
+        ranges.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        merged.shrink_to_fit();
+        Reserved { ranges: merged }
+    }
+
+    /// The first reserved block in `[start, start + len)`, if any.
+    pub fn first_in(&self, start: u64, len: u64) -> Option<u64> {
+        let end = start.saturating_add(len);
+        let i = self.ranges.partition_point(|r| r.end <= start);
+        self.ranges
+            .get(i)
+            .filter(|r| r.start < end)
+            .map(|r| r.start.max(start))
+    }
+}
+
+/// Reads the reserved blocks of an open filesystem.
+pub fn collect(fs: &mut crate::ext2::Filesystem) -> Reserved {
+    use crate::sys;
+    let raw = fs.raw();
+    // SAFETY: plain fields of an open filesystem.
+    let (groups, desc_blocks, itable_len) = unsafe {
+        (
+            (*raw).group_desc_count,
+            (*raw).desc_blocks as u64,
+            u64::from((*raw).inode_blocks_per_group),
+        )
+    };
+    let sb = fs.super_block();
+    let first_data = u64::from(sb.s_first_data_block);
+    let reserved_gdt = u64::from(sb.s_reserved_gdt_blocks);
+    // Block 0 (boot block, or the superblock's block with 4 KiB blocks)
+    // through the primary superblock.
+    let mut ranges = vec![0..first_data + 1];
+    for group in 0..groups {
+        let (mut superblock, mut old_desc, mut new_desc) = (0u64, 0u64, 0u64);
+        let mut used: sys::blk_t = 0;
+        // SAFETY: open filesystem, group in range, valid out-pointers.
+        unsafe {
+            sys::ext2fs_super_and_bgd_loc2(
+                raw,
+                group,
+                &mut superblock,
+                &mut old_desc,
+                &mut new_desc,
+                &mut used,
+            );
+        }
+        if superblock != 0 {
+            ranges.push(superblock..superblock + 1);
+        }
+        if old_desc != 0 {
+            ranges.push(old_desc..old_desc + desc_blocks + reserved_gdt);
+        }
+        if new_desc != 0 {
+            ranges.push(new_desc..new_desc + 1);
+        }
+        // SAFETY: open filesystem with its group descriptors loaded.
+        let (block_bitmap, inode_bitmap, inode_table) = unsafe {
+            (
+                sys::ext2fs_block_bitmap_loc(raw, group),
+                sys::ext2fs_inode_bitmap_loc(raw, group),
+                sys::ext2fs_inode_table_loc(raw, group),
+            )
+        };
+        ranges.push(block_bitmap..block_bitmap + 1);
+        ranges.push(inode_bitmap..inode_bitmap + 1);
+        ranges.push(inode_table..inode_table + itable_len);
+    }
+    Reserved::new(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_merged_and_searched() {
+        let r = Reserved::new(vec![10..12, 0..2, 11..20, 30..31, 5..5]);
+        assert_eq!(r.ranges, vec![0..2, 10..20, 30..31]);
+        assert_eq!(r.first_in(2, 8), None);
+        assert_eq!(r.first_in(2, 9), Some(10));
+        assert_eq!(r.first_in(15, 100), Some(15));
+        assert_eq!(r.first_in(20, 10), None);
+        assert_eq!(r.first_in(25, 6), Some(30));
+        assert_eq!(r.first_in(31, u64::MAX), None);
+    }
+}
