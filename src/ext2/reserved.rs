@@ -48,7 +48,7 @@ pub fn collect(fs: &mut crate::ext2::Filesystem) -> Reserved {
     let (groups, desc_blocks, itable_len) = unsafe {
         (
             (*raw).group_desc_count,
-            (*raw).desc_blocks as u64,
+            u64::from((*raw).desc_blocks),
             u64::from((*raw).inode_blocks_per_group),
         )
     };
@@ -57,7 +57,8 @@ pub fn collect(fs: &mut crate::ext2::Filesystem) -> Reserved {
     let reserved_gdt = u64::from(sb.s_reserved_gdt_blocks);
     // Block 0 (boot block, or the superblock's block with 4 KiB blocks)
     // through the primary superblock.
-    let mut ranges = vec![0..first_data + 1];
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    ranges.push(0..first_data + 1);
     for group in 0..groups {
         let (mut superblock, mut old_desc, mut new_desc) = (0u64, 0u64, 0u64);
         let mut used: sys::blk_t = 0;
