@@ -45,6 +45,8 @@ pub fn collect(fs: &mut crate::ext2::Filesystem) -> Reserved {
     use crate::sys;
     let raw = fs.raw();
     // SAFETY: plain fields of an open filesystem.
+    // (`desc_blocks` is a C unsigned long: u64 here, not on every target.)
+    #[allow(clippy::useless_conversion)]
     let (groups, desc_blocks, itable_len) = unsafe {
         (
             (*raw).group_desc_count,
