@@ -115,6 +115,7 @@ impl Filesystem {
             // SAFETY: `fs` is open.
             let code = unsafe { sys::ext2fs_read_bitmaps(this.fs) };
             check(code, || "read_bitmaps".into())?;
+            crate::ext2::undo::install(&mut this);
         }
         Ok(this)
     }

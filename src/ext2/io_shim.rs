@@ -203,7 +203,7 @@ unsafe extern "C" fn channel_read_blk64(
         let (offset, len) = extent_of(block, count, bs)?;
         // SAFETY: libext2fs passes a buffer of at least `len` bytes.
         let buf = unsafe { std::slice::from_raw_parts_mut(data.cast::<u8>(), len) };
-        ch.image.pread(buf, offset)
+        ch.image.metadata_pread(buf, offset)
     })
 }
 
@@ -219,7 +219,7 @@ unsafe extern "C" fn channel_write_blk64(
         let (offset, len) = extent_of(block, count, bs)?;
         // SAFETY: libext2fs passes a buffer of at least `len` bytes.
         let buf = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-        ch.image.pwrite(buf, offset, false)
+        ch.image.metadata_pwrite(buf, offset)
     })
 }
 
@@ -255,7 +255,7 @@ unsafe extern "C" fn channel_write_byte(
         let len = usize::try_from(count).map_err(|_| Errno::EINVAL)?;
         // SAFETY: libext2fs passes a buffer of `count` bytes.
         let buf = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-        ch.image.pwrite(buf, offset, false)
+        ch.image.metadata_pwrite(buf, offset)
     })
 }
 
@@ -277,7 +277,7 @@ unsafe extern "C" fn channel_zeroout(
         let (ch, bs) = unsafe { channel_state(channel) };
         let offset = block.checked_mul(bs).ok_or(Errno::EIO)?;
         let len = count.checked_mul(bs).ok_or(Errno::EIO)?;
-        ch.image.zero(len, offset, false, false)
+        ch.image.metadata_zero(len, offset)
     })
 }
 

@@ -11,6 +11,7 @@ use std::ptr;
 
 use crate::error::{Errno, Error, Result};
 use crate::ext2::fs::{check, Filesystem, Ino, Layout};
+use crate::ext2::undo;
 use crate::extent_map::Extent;
 use crate::sys;
 
@@ -299,8 +300,7 @@ pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
             free_blocks(fs, &runs);
             return Err(bitmap_offers_metadata(block));
         }
-        // SAFETY: as above; marks the range in use in bitmaps and counters.
-        unsafe { sys::ext2fs_block_alloc_stats_range(fs.raw(), start, got as u32, 1) };
+        undo::block_stats_range(fs, start, got, 1);
         runs.push((start, got));
         want -= got;
         goal = start + got;
@@ -314,8 +314,7 @@ pub fn free_blocks(fs: &mut Filesystem, runs: &[(u64, u64)]) {
     let ratio = fs.cluster_ratio();
     for &(start, len) in runs {
         if ratio == 1 {
-            // SAFETY: open read-write filesystem; the blocks were allocated by us.
-            unsafe { sys::ext2fs_block_alloc_stats_range(fs.raw(), start, len as u32, -1) };
+            undo::block_stats_range(fs, start, len, -1);
         } else {
             for cluster_start in (start..start + len).step_by(ratio as usize) {
                 // SAFETY: as above, one cluster at a time.
@@ -546,36 +545,107 @@ pub fn mark_written(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Resu
     Ok(())
 }
 
-/// Most blocks freed by one `ext2fs_punch` call: 1.47.0 counts the freed
-/// blocks in a 32-bit int, which overflows past 2^31.
-const PUNCH_CHUNK: u64 = 1 << 30;
-
-/// Frees the blocks of file blocks `[start, end)` (extent files only: on
-/// block-pointer files punch in 1.47.0 frees far more than asked).
+/// Frees the blocks of file blocks `[start, end)` of an extent file.
+///
+/// Not `ext2fs_punch`: in 1.47.0 it frees far more than asked on
+/// block-pointer files, overflows its count past 2^31 blocks, and ignores a
+/// failed `ext2fs_extent_goto`, so a plugin read error in the middle makes
+/// it edit the wrong node.  Here every step is checked, one extent at a
+/// time.  Not on bigalloc filesystems, where a cluster may stay partly in
+/// use (the caller does not offer it).
 pub fn punch(fs: &mut Filesystem, ino: Ino, layout: Layout, start: u64, end: u64) -> Result<()> {
-    if layout != Layout::Extents {
+    if layout != Layout::Extents || fs.cluster_ratio() != 1 {
         return Err(Error::other(
             Errno::ENOTSUP,
-            "freeing blocks is only supported on files with extents",
+            "freeing blocks is only supported on files with extents, without bigalloc",
         ));
     }
-    let mut from = start;
-    while from < end {
-        let to = end.min(from + PUNCH_CHUNK);
-        // SAFETY: open read-write filesystem; NULL inode makes the library
-        // read and write the inode itself; the range is inclusive.
-        let code = unsafe {
-            sys::ext2fs_punch(
-                fs.raw(),
-                ino,
-                ptr::null_mut(),
-                ptr::null_mut(),
-                from,
-                to - 1,
-            )
+    let mut freed = 0u64;
+    let result = punch_extents(fs, ino, start, end, &mut freed);
+    if freed > 0 {
+        // Whatever happened, the inode must count what was freed.
+        let mut inode = fs.read_inode_raw(ino)?;
+        // SAFETY: open filesystem and an inode buffer we own.
+        let code = unsafe { sys::ext2fs_iblk_sub_blocks(fs.raw(), &mut inode, freed) };
+        check(code, || "iblk_sub_blocks".into())?;
+        fs.write_inode_raw(ino, &mut inode)?;
+    }
+    result
+}
+
+fn punch_extents(
+    fs: &mut Filesystem,
+    ino: Ino,
+    start: u64,
+    end: u64,
+    freed: &mut u64,
+) -> Result<()> {
+    let mut block = start;
+    while block < end {
+        let mut handle = ExtentHandle::open(fs, ino)?;
+        let found = handle.goto(block)?;
+        let cur = match handle.get(sys::EXT2_EXTENT_CURRENT) {
+            Ok(cur) => cur,
+            // An empty tree: nothing left to free.
+            Err(code) if code == sys::EXT2_ET_NO_CURRENT_NODE as sys::errcode_t => return Ok(()),
+            Err(code) => return Err(Error::ext2("extent_get", code)),
         };
-        check(code, || "punch".into())?;
-        from = to;
+        let (c_start, c_len) = (cur.e_lblk, u64::from(cur.e_len));
+        let c_end = c_start + c_len;
+        if !found {
+            // In a hole: go on from the next extent, if it starts before `end`.
+            let next = if c_start > block {
+                Some(c_start)
+            } else {
+                match handle.get(sys::EXT2_EXTENT_NEXT_LEAF) {
+                    Ok(next) => Some(next.e_lblk),
+                    Err(code) if code == sys::EXT2_ET_EXTENT_NO_NEXT as sys::errcode_t => None,
+                    Err(code) => return Err(Error::ext2("extent_get", code)),
+                }
+            };
+            match next {
+                Some(next) if next > block && next < end => {
+                    block = next;
+                    continue;
+                }
+                _ => return Ok(()),
+            }
+        }
+        let cut_end = end.min(c_end);
+        let unwritten = cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT != 0;
+        let at = |lblk: u64| cur.e_pblk + (lblk - c_start);
+        // What stays of the extent: up to two pieces around the cut.
+        let left =
+            (c_start < block).then(|| raw_extent(c_start, cur.e_pblk, block - c_start, unwritten));
+        let right =
+            (cut_end < c_end).then(|| raw_extent(cut_end, at(cut_end), c_end - cut_end, unwritten));
+        match (left, right) {
+            (None, None) => {
+                // SAFETY: open handle positioned on the leaf extent to drop.
+                let code = unsafe { sys::ext2fs_extent_delete(handle.0, 0) };
+                check(code, || "extent_delete".into())?;
+                match handle.fix_parents() {
+                    Err(Error::Ext2 { code, .. })
+                        if code.0 == sys::EXT2_ET_NO_CURRENT_NODE as sys::errcode_t => {}
+                    other => other?,
+                }
+            }
+            (Some(piece), None) | (None, Some(piece)) => {
+                handle.replace(&piece)?;
+                handle.fix_parents()?;
+            }
+            (Some(left), Some(right)) => {
+                handle.replace(&left)?;
+                handle.insert(true, &right)?;
+                handle.fix_parents()?;
+            }
+        }
+        drop(handle);
+        let count = cut_end - block;
+        // The blocks were the file's and are no longer referenced.
+        undo::block_stats_range(fs, at(block), count, -1);
+        *freed += count;
+        block = cut_end;
     }
     Ok(())
 }

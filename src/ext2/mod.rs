@@ -6,5 +6,6 @@ pub mod fs;
 pub mod io_shim;
 pub mod mapping;
 pub mod reserved;
+pub mod undo;
 
 pub use fs::{Access, Filesystem, Ino, InodeInfo, Layout};

@@ -21,6 +21,8 @@ pub struct ServedFile {
     pub path: String,
     pub size: u64,
     layout: Layout,
+    /// Blocks can be freed (`mapping::punch`): extents, no bigalloc.
+    punchable: bool,
     map: RwLock<FileMap>,
 }
 
@@ -35,12 +37,20 @@ pub enum Status {
 }
 
 impl ServedFile {
-    pub fn new(ino: Ino, path: String, size: u64, layout: Layout, map: FileMap) -> ServedFile {
+    pub fn new(
+        ino: Ino,
+        path: String,
+        size: u64,
+        layout: Layout,
+        cluster_ratio: u64,
+        map: FileMap,
+    ) -> ServedFile {
         ServedFile {
             ino,
             path,
             size,
             layout,
+            punchable: layout == Layout::Extents && cluster_ratio == 1,
             map: RwLock::new(map),
         }
     }
@@ -146,23 +156,25 @@ impl ServedFile {
         let _pass = shared.allocation_pass();
         let (runs, new_units) = {
             let mut fs = shared.lock_fs()?;
-            let goal = match blocks
-                .start
-                .checked_sub(1)
-                .map(|b| map.pieces(b * bs, 1)[0].content)
-            {
-                Some(Content::Data { image_offset })
-                | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
-                _ => mapping::goal_for(&mut fs, self.ino, blocks.start)?,
-            };
-            let ratio = fs.cluster_ratio();
-            if ratio == 1 {
-                let runs = mapping::allocate(&mut fs, goal, count)?;
-                (runs.clone(), runs)
-            } else {
-                let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
-                mapping::allocate_clustered(&mut fs, blocks.clone(), existing, goal)?
-            }
+            shared.change_metadata(&mut fs, |fs| {
+                let goal = match blocks
+                    .start
+                    .checked_sub(1)
+                    .map(|b| map.pieces(b * bs, 1)[0].content)
+                {
+                    Some(Content::Data { image_offset })
+                    | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
+                    _ => mapping::goal_for(fs, self.ino, blocks.start)?,
+                };
+                let ratio = fs.cluster_ratio();
+                if ratio == 1 {
+                    let runs = mapping::allocate(fs, goal, count)?;
+                    Ok((runs.clone(), runs))
+                } else {
+                    let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
+                    mapping::allocate_clustered(fs, blocks.clone(), existing, goal)
+                }
+            })?
         };
         let mut at = 0usize;
         for &(physical, len) in &runs {
@@ -177,17 +189,12 @@ impl ServedFile {
         }
         let mut fs = shared.lock_fs()?;
         let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
-        if let Err(e) = mapping::link_blocks(
-            &mut fs,
-            self.ino,
-            self.layout,
-            blocks.start,
-            &runs,
-            new_count,
-        ) {
-            // Find out what did get linked, so the map stays the truth and
-            // blocks nobody owns go back to the free pool.
-            self.resync(&mut fs, map, Some(&new_units));
+        let linked = shared.change_metadata(&mut fs, |fs| {
+            mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)
+        });
+        if let Err(e) = linked {
+            // Rolled back: nothing was linked, so the blocks go back.
+            mapping::free_blocks(&mut fs, &new_units);
             return Err(e);
         }
         drop(fs);
@@ -230,10 +237,9 @@ impl ServedFile {
         let physical = (image_offset - (piece.file_offset - blocks.start * bs)) / bs;
         shared.image.pwrite(&buf, physical * bs, false)?;
         let mut fs = shared.lock_fs()?;
-        if let Err(e) = mapping::mark_written(&mut fs, self.ino, blocks.start, blocks.end) {
-            self.resync(&mut fs, map, None);
-            return Err(e);
-        }
+        shared.change_metadata(&mut fs, |fs| {
+            mapping::mark_written(fs, self.ino, blocks.start, blocks.end)
+        })?;
         drop(fs);
         map.replace_range(
             blocks.start,
@@ -252,42 +258,6 @@ impl ServedFile {
             blocks
         );
         Ok(())
-    }
-
-    /// After a failed change, re-reads the map from the filesystem and frees
-    /// any of `allocated` that the file does not reference.
-    fn resync(
-        &self,
-        fs: &mut crate::ext2::Filesystem,
-        map: &mut FileMap,
-        allocated: Option<&[(u64, u64)]>,
-    ) {
-        match mapping::read_map(fs, self.ino, self.layout).and_then(|extents| {
-            FileMap::new(fs.block_size(), extents).map_err(|m| Error::other(Errno::EIO, m))
-        }) {
-            Ok(fresh) => {
-                // With bigalloc a cluster may be partly used: leave it
-                // allocated rather than free space a file still uses.
-                if let Some(runs) = allocated.filter(|_| fs.cluster_ratio() == 1) {
-                    let unused: Vec<(u64, u64)> = runs
-                        .iter()
-                        .flat_map(|&(start, len)| (start..start + len).map(|b| (b, 1)))
-                        .filter(|&(b, _)| {
-                            !fresh
-                                .extents()
-                                .iter()
-                                .any(|e| (e.physical..e.physical + e.len).contains(&b))
-                        })
-                        .collect();
-                    mapping::free_blocks(fs, &unused);
-                }
-                *map = fresh;
-            }
-            Err(e) => crate::nbdkit::report::error(&format!(
-                "{}: re-reading the block map: {e}",
-                self.path
-            )),
-        }
     }
 
     /// Block status of `[offset, offset + len)`, as runs of like status.
@@ -313,7 +283,7 @@ impl ServedFile {
 
     /// Whether trim can free blocks of this file (see `mapping::punch`).
     pub fn can_trim(&self) -> bool {
-        self.layout == Layout::Extents
+        self.punchable
     }
 
     fn check_writable(&self, shared: &Shared) -> Result<()> {
@@ -349,10 +319,9 @@ impl ServedFile {
             return Ok(());
         }
         let mut fs = shared.lock_fs()?;
-        if let Err(e) = mapping::punch(&mut fs, self.ino, self.layout, blocks.start, blocks.end) {
-            self.resync(&mut fs, map, None);
-            return Err(e);
-        }
+        shared.change_metadata(&mut fs, |fs| {
+            mapping::punch(fs, self.ino, self.layout, blocks.start, blocks.end)
+        })?;
         drop(fs);
         map.replace_range(blocks.start, blocks.end, &[]);
         nbd_debug!(ext2_debug_map, "{}: freed blocks {:?}", self.path, blocks);

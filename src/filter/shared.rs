@@ -135,12 +135,14 @@ impl Shared {
             map.extents().len(),
             map.memory()
         );
+        let cluster_ratio = fs.cluster_ratio();
         drop(fs);
         let file = Arc::new(ServedFile::new(
             ino,
             path.to_string(),
             info.size,
             info.layout,
+            cluster_ratio,
             map,
         ));
         files.retain(|_, weak| weak.strong_count() > 0);
@@ -148,12 +150,53 @@ impl Shared {
         Ok(file)
     }
 
+    /// Runs a change of the filesystem's metadata as one unit: its writes
+    /// reach the plugin only if it succeeds in libext2fs's memory, and if it
+    /// fails, the library's memory is rolled back too (`ext2::undo`), so a
+    /// failing plugin never leaves half a change behind.  Writes that then
+    /// fail to reach the plugin stay pending in the image, are read back
+    /// from there, and are retried before the next change and by flush,
+    /// which reports the failure: until a flush succeeds nothing was
+    /// promised durable.
+    pub fn change_metadata<T>(
+        &self,
+        fs: &mut Filesystem,
+        op: impl FnOnce(&mut Filesystem) -> Result<T>,
+    ) -> Result<T> {
+        self.image.write_pending().map_err(|errno| {
+            Error::other(
+                errno,
+                "earlier metadata writes still fail to reach the plugin",
+            )
+        })?;
+        let before = self.image.pending_count();
+        self.image.begin_changes();
+        let result = crate::ext2::undo::with_undo(fs, op);
+        self.image.end_changes(result.is_ok(), before);
+        let value = result?;
+        if let Err(errno) = self.image.write_pending() {
+            nbd_debug!(
+                ext2_debug_map,
+                "metadata writes failed (errno {}): kept for the next flush",
+                errno.get()
+            );
+        }
+        Ok(value)
+    }
+
     /// Makes the filesystem's metadata and then the plugin durable.
     pub fn flush(&self) -> Result<()> {
         if self.writable() {
             let _no_allocations = self.alloc_gate.write();
+            let mut fs = self.lock_fs()?;
+            self.image.write_pending().map_err(|errno| {
+                Error::other(
+                    errno,
+                    "flush: metadata writes still fail to reach the plugin",
+                )
+            })?;
             // ext2fs_flush2 ends with a flush of our channel, i.e. the plugin.
-            self.lock_fs()?.flush()
+            fs.flush()
         } else {
             self.image.flush().map_err(Error::from)
         }
