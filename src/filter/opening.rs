@@ -24,85 +24,100 @@ pub fn open_filesystem(
     journal: JournalMode,
 ) -> Result<(Arc<Image>, Filesystem, Access)> {
     let plugin = Arc::new(plugin);
-    let mut image = Arc::new(Image::new(plugin.clone()));
+    let image = Arc::new(Image::new(plugin.clone()));
     let can_write = want_write && plugin.capabilities().can_write;
     // Look read-only first: opening read-write reads and checks the
     // bitmaps, which in an image whose journal needs recovery may not
     // match their checksums (in the group descriptors) until the
     // journal is replayed.
-    let mut fs = Filesystem::open(io_shim::register(image.clone()), Access::ReadOnly)?;
+    let fs = Filesystem::open(io_shim::register(image.clone()), Access::ReadOnly)?;
+    if fs.needs_recovery() {
+        return open_unclean(plugin, image, fs, can_write, journal);
+    }
+    if !can_write {
+        return Ok((image, fs, Access::ReadOnly));
+    }
+    drop(fs);
+    let (fs, access) = open_writable(&image)?;
+    Ok((image, fs, access))
+}
+
+/// Opens a filesystem whose journal needs recovery (`fs` is it, open
+/// read-only): the journal is replayed in memory and served read-only, or,
+/// with `ext2journal=replay` on a writable server, written into the image
+/// first and then served read-write.
+fn open_unclean(
+    plugin: Arc<Plugin>,
+    mut image: Arc<Image>,
+    mut fs: Filesystem,
+    can_write: bool,
+    journal: JournalMode,
+) -> Result<(Arc<Image>, Filesystem, Access)> {
     let mut access = Access::ReadOnly;
-    if !fs.needs_recovery() {
-        if can_write {
-            drop(fs);
-            (fs, access) = open_writable(&image)?;
+    let unwritable =
+        fs.super_block().s_feature_ro_compat & !crate::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
+    let mut write_out = can_write && journal == JournalMode::Replay;
+    if can_write && unwritable != 0 {
+        crate::nbdkit::report::error(
+            "the filesystem has features libext2fs can read but not write: serving read-only",
+        );
+        write_out = false;
+    } else if can_write && !write_out {
+        crate::nbdkit::report::error(
+            "the filesystem's journal needs recovery: replaying it in memory and \
+             serving read-only (run e2fsck on the image, or add ext2journal=replay, \
+             to serve it read-write)",
+        );
+    } else if !can_write && journal == JournalMode::Replay {
+        crate::nbdkit::report::error(
+            "ext2journal=replay: the image cannot be written (-r, or a plugin that \
+             cannot write): the journal is replayed in memory only and the image \
+             served read-only",
+        );
+    }
+    // The journal is read with the filesystem open read-only:
+    // nothing is written before the replay is known to be good.
+    let bs = u64::from(fs.block_size());
+    let read_block = |block: u64, buf: &mut [u8]| -> std::result::Result<(), Errno> {
+        plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
+    };
+    let replay = crate::journal::load(&mut fs, &read_block)?;
+    drop(fs);
+    let refusal = match replay.checkpoint() {
+        Some(checkpoint) => checkpoint.errors.clone(),
+        None => Some("the journal superblock is unknown".to_string()),
+    };
+    match refusal {
+        None if write_out => {
+            let count = replay_into_image(&plugin, replay, bs)?;
+            let after = |e: Error, what: &str| {
+                e.in_context(format!(
+                    "journal: the replay is written and the journal marked empty, \
+                         but {what} failed (needs_recovery is still set: e2fsck or the \
+                         kernel will clear it)"
+                ))
+            };
+            access = Access::ReadWrite;
+            fs = Filesystem::open(io_shim::register(image.clone()), access)
+                .map_err(|e| after(e, "opening the filesystem read-write"))?;
+            fs.clear_needs_recovery()
+                .map_err(|e| after(e, "clearing needs_recovery"))?;
+            crate::nbdkit::report::error(&format!(
+                "replayed {count} blocks of the journal into the image; the journal is \
+                 marked empty and needs_recovery cleared, as e2fsck does: serving read-write"
+            ));
         }
-    } else {
-        let unwritable =
-            fs.super_block().s_feature_ro_compat & !crate::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
-        let mut write_out = can_write && journal == JournalMode::Replay;
-        if can_write && unwritable != 0 {
-            crate::nbdkit::report::error(
-                "the filesystem has features libext2fs can read but not write: serving read-only",
-            );
-            write_out = false;
-        } else if can_write && !write_out {
-            crate::nbdkit::report::error(
-                "the filesystem's journal needs recovery: replaying it in memory and \
-                 serving read-only (run e2fsck on the image, or add ext2journal=replay, \
-                 to serve it read-write)",
-            );
-        } else if !can_write && journal == JournalMode::Replay {
-            crate::nbdkit::report::error(
-                "ext2journal=replay: the image cannot be written (-r, or a plugin that \
-                 cannot write): the journal is replayed in memory only and the image \
-                 served read-only",
-            );
-        }
-        // The journal is read with the filesystem open read-only:
-        // nothing is written before the replay is known to be good.
-        let bs = u64::from(fs.block_size());
-        let read_block = |block: u64, buf: &mut [u8]| -> std::result::Result<(), Errno> {
-            plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
-        };
-        let replay = crate::journal::load(&mut fs, &read_block)?;
-        drop(fs);
-        let refusal = match replay.checkpoint() {
-            Some(checkpoint) => checkpoint.errors.clone(),
-            None => Some("the journal superblock is unknown".to_string()),
-        };
-        match refusal {
-            None if write_out => {
-                let count = replay_into_image(&plugin, replay, bs)?;
-                let after = |e: Error, what: &str| {
-                    e.in_context(format!(
-                        "journal: the replay is written and the journal marked empty, \
-                             but {what} failed (needs_recovery is still set: e2fsck or the \
-                             kernel will clear it)"
-                    ))
-                };
-                access = Access::ReadWrite;
-                fs = Filesystem::open(io_shim::register(image.clone()), access)
-                    .map_err(|e| after(e, "opening the filesystem read-write"))?;
-                fs.clear_needs_recovery()
-                    .map_err(|e| after(e, "clearing needs_recovery"))?;
+        _ => {
+            if let (true, Some(why)) = (write_out, refusal) {
                 crate::nbdkit::report::error(&format!(
-                    "replayed {count} blocks of the journal into the image; the journal is \
-                     marked empty and needs_recovery cleared, as e2fsck does: serving read-write"
+                    "the filesystem's journal needs recovery, but ext2journal=replay does \
+                     not write it into the image: {why}, and e2fsck would mark the \
+                     filesystem as having errors and check it: replaying it in memory \
+                     and serving read-only (run e2fsck on the image)"
                 ));
             }
-            _ => {
-                if let (true, Some(why)) = (write_out, refusal) {
-                    crate::nbdkit::report::error(&format!(
-                        "the filesystem's journal needs recovery, but ext2journal=replay does \
-                         not write it into the image: {why}, and e2fsck would mark the \
-                         filesystem as having errors and check it: replaying it in memory \
-                         and serving read-only (run e2fsck on the image)"
-                    ));
-                }
-                image = Arc::new(Image::with_replay(plugin.clone(), replay, bs));
-                fs = Filesystem::open(io_shim::register(image.clone()), access)?;
-            }
+            image = Arc::new(Image::with_replay(plugin.clone(), replay, bs));
+            fs = Filesystem::open(io_shim::register(image.clone()), access)?;
         }
     }
     Ok((image, fs, access))
