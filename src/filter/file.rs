@@ -55,8 +55,10 @@ impl ServedFile {
         }
     }
 
+    /// Inline-data files are served read-only: libext2fs 1.47.0's
+    /// inline-data write path corrupts them.
     pub fn writable(&self) -> bool {
-        Shared::layout_supports_write(self.layout)
+        self.layout != Layout::Inline
     }
 
     /// Where in `buf` a piece of a request starting at `offset` goes.

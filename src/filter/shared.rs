@@ -12,7 +12,7 @@ use std::time::Instant;
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use crate::error::{Errno, Error, Result};
-use crate::ext2::{mapping, Access, Filesystem, Ino, Layout};
+use crate::ext2::{mapping, Access, Filesystem, Ino};
 use crate::extent_map::FileMap;
 use crate::filter::config::JournalMode;
 use crate::filter::file::ServedFile;
@@ -200,9 +200,5 @@ impl Shared {
         } else {
             self.image.flush().map_err(Error::from)
         }
-    }
-
-    pub fn layout_supports_write(layout: Layout) -> bool {
-        layout != Layout::Inline
     }
 }
