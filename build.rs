@@ -40,6 +40,12 @@ fn main() {
     let include_dirs = pkg_config_include_dirs();
     check_headers(&include_dirs);
 
+    // Stay mapped after nbdkit dlcloses us at exit: parking_lot's global
+    // table and Rust's thread-local destructors outlive the last callback,
+    // and unmapping them would turn them into leaks (valgrind) or calls
+    // into unmapped code.
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,nodelete");
+
     // libext2fs and com_err are real shared libraries.  The nbdkit_*
     // functions are NOT linked: nbdkit provides them when it dlopens us.
     for lib in pkg_config(&["--libs-only-l", "ext2fs", "com_err"])

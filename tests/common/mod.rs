@@ -9,6 +9,9 @@
 //! `EXT2FILTER_SO` selects the filter: a path to a built `libext2filter.so`, or the bare
 //! name `ext2` to run the suite against nbdkit's own C filter. Without it the filter is
 //! looked up next to the test executable (`target/<profile>/libext2filter.so`).
+//!
+//! `EXT2FILTER_VALGRIND=1` runs every nbdkit these helpers start under valgrind memcheck
+//! (see [`nbdkit_cmd`]); a memcheck error then fails the test.
 
 #![allow(dead_code)]
 
@@ -30,6 +33,18 @@ pub const MIB: u64 = 1024 * 1024;
 
 /// How long any single external command may run before the test is failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The same under valgrind, where nbdkit runs 20 to 50 times slower.
+pub const VALGRIND_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// [`COMMAND_TIMEOUT`], or [`VALGRIND_TIMEOUT`] under valgrind.
+pub fn command_timeout() -> Duration {
+    if valgrind_enabled() {
+        VALGRIND_TIMEOUT
+    } else {
+        COMMAND_TIMEOUT
+    }
+}
 
 /// NBD block status flags (base:allocation).
 pub const STATE_HOLE: u32 = 1;
@@ -305,7 +320,7 @@ fn describe(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` with `stdin` as its input, capturing stdout and stderr, failing the test
-/// (after killing the child) if it runs longer than COMMAND_TIMEOUT.
+/// (after killing the child) if it runs longer than [`command_timeout`].
 pub fn run_command(mut cmd: Command, stdin: &[u8]) -> CmdOutput {
     let description = describe(&cmd);
     cmd.stdin(Stdio::piped())
@@ -333,14 +348,15 @@ pub fn run_command(mut cmd: Command, stdin: &[u8]) -> CmdOutput {
         buf
     });
     let started = Instant::now();
+    let timeout = command_timeout();
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
             break status;
         }
-        if started.elapsed() > COMMAND_TIMEOUT {
+        if started.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("timed out after {COMMAND_TIMEOUT:?}: {description}");
+            panic!("timed out after {timeout:?}: {description}");
         }
         thread::sleep(Duration::from_millis(5));
     };
@@ -738,26 +754,258 @@ pub fn read_file(path: &Path) -> Vec<u8> {
 // nbdkit
 // ---------------------------------------------------------------------------------------
 
+/// Whether `EXT2FILTER_VALGRIND` asks for nbdkit under valgrind memcheck (set, and
+/// neither empty nor `0`).
+pub fn valgrind_enabled() -> bool {
+    env::var("EXT2FILTER_VALGRIND").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `tests/valgrind.supp`: memcheck suppressions for nbdkit's own leaks (never ours).
+pub fn valgrind_suppressions() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/valgrind.supp")
+}
+
+/// Where memcheck writes its logs: `$EXT2FILTER_VALGRIND_LOGDIR`, else
+/// `$TMPDIR/ext2filter-valgrind`. Created on first use; the logs outlive the tests so a
+/// whole run can be looked over afterwards (README.md, "Under valgrind").
+pub fn valgrind_log_dir() -> PathBuf {
+    let dir = env::var_os("EXT2FILTER_VALGRIND_LOGDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env::temp_dir().join("ext2filter-valgrind"));
+    fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create valgrind log dir {}: {e}", dir.display()));
+    dir
+}
+
+/// Memcheck's options (everything before the program): errors and definite leaks exit
+/// 99 and are listed with their stacks, nbdkit's own leaks are suppressed, the log goes
+/// to `log_file` (`%p` there is the pid of each process). `EXT2FILTER_VALGRIND_OPTS`
+/// adds options (e.g. `--track-origins=yes`).
+pub fn valgrind_options(log_file: &Path) -> Vec<String> {
+    let mut options: Vec<String> = [
+        "--tool=memcheck",
+        "--error-exitcode=99",
+        "--leak-check=full",
+        "--errors-for-leak-kinds=definite",
+        "--keep-debuginfo=yes",
+        "--num-callers=40",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    options.push(format!(
+        "--suppressions={}",
+        valgrind_suppressions().display()
+    ));
+    options.push(format!("--log-file={}", log_file.display()));
+    if let Ok(extra) = env::var("EXT2FILTER_VALGRIND_OPTS") {
+        options.extend(extra.split_whitespace().map(str::to_string));
+    }
+    options
+}
+
+/// The memcheck logs of one nbdkit started by [`nbdkit_cmd`], one per process it became
+/// (`--run` serves from a forked child; a plugin's script runs in one until its exec):
+/// `<valgrind_log_dir>/ext2filter-vg-<test pid>-<n>-<pid>.log`. Without valgrind, none.
+#[derive(Clone, Debug)]
+pub struct ValgrindLogs {
+    prefix: Option<String>,
+}
+
+impl ValgrindLogs {
+    /// The log files written so far.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let Some(prefix) = &self.prefix else {
+            return Vec::new();
+        };
+        let dir = valgrind_log_dir();
+        let mut paths: Vec<PathBuf> = fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(prefix.as_str()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        paths.sort();
+        paths
+    }
+
+    /// `Err` with memcheck's reports if any log shows an unsuppressed error or definite
+    /// leak (always `Ok` without valgrind).
+    pub fn check(&self) -> Result<(), String> {
+        if self.prefix.is_none() {
+            return Ok(());
+        }
+        let paths = self.paths();
+        if paths.is_empty() {
+            return Err(format!(
+                "no valgrind log {}/{}*",
+                valgrind_log_dir().display(),
+                self.prefix.as_deref().unwrap_or_default()
+            ));
+        }
+        let mut reports = String::new();
+        for path in paths {
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            if let Some(report) = valgrind_log_problems(&text) {
+                let _ = write!(
+                    reports,
+                    "valgrind memcheck ({}):\n{report}\n",
+                    path.display()
+                );
+            }
+        }
+        if reports.is_empty() {
+            Ok(())
+        } else {
+            Err(reports)
+        }
+    }
+}
+
+/// The command that starts nbdkit: plain `nbdkit`, or with `EXT2FILTER_VALGRIND=1`
+/// `valgrind --tool=memcheck ... --log-file=<valgrind_log_dir>/ext2filter-vg-<test
+/// pid>-<n>-%p.log nbdkit` (see [`valgrind_options`]), with the logs to check once it
+/// has exited.
+pub fn nbdkit_cmd() -> (Command, ValgrindLogs) {
+    if !valgrind_enabled() {
+        return (command("nbdkit"), ValgrindLogs { prefix: None });
+    }
+    let prefix = format!("ext2filter-vg-{}-{}-", process::id(), unique_number());
+    let mut cmd = command("valgrind");
+    cmd.args(valgrind_options(
+        &valgrind_log_dir().join(format!("{prefix}%p.log")),
+    ));
+    cmd.arg("nbdkit");
+    let logs = ValgrindLogs {
+        prefix: Some(prefix),
+    };
+    (cmd, logs)
+}
+
+/// Words memcheck starts its error records with (any of them, not suppressed, is a
+/// finding). A log cut short by SIGKILL has records but no summary.
+pub const VALGRIND_ERROR_MARKERS: &[&str] = &[
+    "Invalid read",
+    "Invalid write",
+    "Invalid free",
+    "Mismatched free",
+    "uninitialised",
+    "unaddressable",
+    "Source and destination overlap",
+    "are definitely lost",
+    "Process terminating with default action",
+];
+
+/// Memcheck's verdict on one log: `Some(the log)` if it reports an unsuppressed error
+/// or definite leak, `None` if it is clean.
+pub fn valgrind_log_problems(text: &str) -> Option<String> {
+    let count_after = |label: &str| -> u64 {
+        text.lines()
+            .filter_map(|l| l.split(label).nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .filter_map(|n| n.replace(',', "").parse::<u64>().ok())
+            .sum()
+    };
+    let errors = count_after("ERROR SUMMARY: ");
+    let definitely_lost = count_after("definitely lost: ");
+    let marked = text
+        .lines()
+        .any(|l| VALGRIND_ERROR_MARKERS.iter().any(|m| l.contains(m)));
+    if errors > 0 || definitely_lost > 0 || marked {
+        Some(truncate_for_display(text))
+    } else {
+        None
+    }
+}
+
+/// Under valgrind, before nbdkit process `pid` is asked to exit: waits (up to 20 s)
+/// until it is down to its main thread, i.e. connections the client has closed are
+/// closed in nbdkit too. nbdkit 1.32 skips `.close` for a connection still winding down
+/// when it quits (`free_connection` checks `quit`); memcheck then reports that
+/// connection's context and our handle (which point to each other) as leaked.
+pub fn valgrind_wait_for_connections(pid: u32) {
+    if !valgrind_enabled() {
+        return;
+    }
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        let threads = fs::read_dir(&tasks).map_or(0, Iterator::count);
+        if threads <= 1 {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `run_script` for `nbdkit --run`; under valgrind it then waits (up to 20 s) until the
+/// serving nbdkit (the child nbdkit forked, the script's sibling) is down to its main
+/// thread, for the reason given at [`valgrind_wait_for_connections`], and exits with
+/// the script's status.
+fn run_script_for(run_script: &str) -> String {
+    if !valgrind_enabled() {
+        return run_script.to_string();
+    }
+    format!(
+        "( {run_script}\n)\n\
+         __ext2_rc=$?\n\
+         for __ext2_p in $(pgrep -P $PPID); do\n\
+         \x20 [ \"$__ext2_p\" = $$ ] && continue\n\
+         \x20 __ext2_n=0\n\
+         \x20 while [ \"$(ls /proc/$__ext2_p/task 2>/dev/null | wc -l)\" -gt 1 ] && [ $__ext2_n -lt 1000 ]; do\n\
+         \x20   sleep 0.02; __ext2_n=$((__ext2_n + 1))\n\
+         \x20 done\n\
+         done\n\
+         exit $__ext2_rc\n"
+    )
+}
+
+/// Panics with memcheck's report for a finished one-shot nbdkit if valgrind ran it and
+/// found errors (in any of its processes) or it exited with memcheck's 99.
+#[track_caller]
+fn assert_valgrind_clean(logs: &ValgrindLogs, output: &CmdOutput) {
+    if let Err(report) = logs.check() {
+        panic!("{}\n{report}", output.description);
+    }
+    assert!(
+        !valgrind_enabled() || output.status.code() != Some(99),
+        "nbdkit exited 99 (memcheck's error exit code) without a report in {:?}: {}\n{}",
+        logs.paths(),
+        output.description,
+        truncate_for_display(&output.stderr)
+    );
+}
+
 /// Runs `nbdkit -U - OPTIONS --filter=<filter> PLUGIN_ARGS --run RUN` and returns its
 /// output. `plugin_args` starts with further `--filter=` options (placed below ours)
-/// or the plugin name, followed by plugin and filter parameters.
+/// or the plugin name, followed by plugin and filter parameters. Under valgrind, a
+/// memcheck error fails the test here, whatever nbdkit's exit status.
+#[track_caller]
 pub fn nbdkit_run(options: &[&str], plugin_args: &[&str], run_script: &str) -> CmdOutput {
-    let mut cmd = command("nbdkit");
+    let (mut cmd, logs) = nbdkit_cmd();
     cmd.arg("-U").arg("-");
     cmd.args(options);
     cmd.arg(format!("--filter={}", filter_so()));
     cmd.args(plugin_args);
-    cmd.arg("--run").arg(run_script);
-    run_command(cmd, &[])
+    cmd.arg("--run").arg(run_script_for(run_script));
+    let output = run_command(cmd, &[]);
+    assert_valgrind_clean(&logs, &output);
+    output
 }
 
 /// Runs nbdkit without a server (e.g. `--help`, `--dump-plugin`) with our filter.
+#[track_caller]
 pub fn nbdkit_query(options: &[&str], plugin_args: &[&str]) -> CmdOutput {
-    let mut cmd = command("nbdkit");
+    let (mut cmd, logs) = nbdkit_cmd();
     cmd.arg(format!("--filter={}", filter_so()));
     cmd.args(plugin_args);
     cmd.args(options);
-    run_command(cmd, &[])
+    let output = run_command(cmd, &[]);
+    assert_valgrind_clean(&logs, &output);
+    output
 }
 
 /// A background `nbdkit -f -U SOCKET ...` server, killed when dropped.
@@ -765,6 +1013,7 @@ pub struct Server {
     child: Option<Child>,
     socket: PathBuf,
     log: PathBuf,
+    valgrind_logs: ValgrindLogs,
 }
 
 impl Server {
@@ -776,7 +1025,7 @@ impl Server {
         let socket = dir.join(&format!("s{n}.sock"));
         let log = dir.join(&format!("nbdkit-{n}.log"));
         let log_file = File::create(&log).unwrap();
-        let mut cmd = command("nbdkit");
+        let (mut cmd, valgrind_logs) = nbdkit_cmd();
         cmd.arg("-f").arg("-U").arg(&socket);
         cmd.args(options);
         cmd.arg(format!("--filter={}", filter_so()));
@@ -792,18 +1041,25 @@ impl Server {
             child: Some(child),
             socket,
             log,
+            valgrind_logs,
         };
         let started = Instant::now();
+        let limit = if valgrind_enabled() {
+            VALGRIND_TIMEOUT
+        } else {
+            Duration::from_secs(30)
+        };
         while !server.socket.exists() {
             if !server.is_running() {
                 panic!(
-                    "nbdkit exited before creating its socket: {description}\n{}",
-                    server.log()
+                    "nbdkit exited before creating its socket: {description}\n{}{}",
+                    server.log(),
+                    server.valgrind_report()
                 );
             }
-            if started.elapsed() > Duration::from_secs(30) {
+            if started.elapsed() > limit {
                 panic!(
-                    "nbdkit did not create its socket in 30 s: {description}\n{}",
+                    "nbdkit did not create its socket in {limit:?}: {description}\n{}",
                     server.log()
                 );
             }
@@ -846,45 +1102,110 @@ impl Server {
         }
     }
 
-    /// `kill -9` the server (no cleanup, no final flush) and wait for it.
+    /// `kill -9` the server (no cleanup, no final flush) and wait for it. Under valgrind,
+    /// panics if memcheck's log (cut short, without a leak check) already shows an error.
+    #[track_caller]
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill(); // SIGKILL
             let _ = child.wait();
+            if let Err(report) = self.valgrind_logs.check() {
+                panic!("{report}");
+            }
         }
     }
 
     /// Asks the server to exit with SIGTERM (it closes the filesystem and the plugin) and
-    /// waits for it; panics if it does not exit cleanly within 60 s.
+    /// waits for it; panics if it does not exit cleanly within 60 s (600 s under
+    /// valgrind), or if memcheck reported an error.
+    #[track_caller]
     pub fn stop(&mut self) {
+        if let Err(e) = self.try_stop() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Server::stop`], returning what went wrong instead of panicking.
+    fn try_stop(&mut self) -> Result<(), String> {
         let Some(mut child) = self.child.take() else {
-            return;
+            return Ok(());
         };
-        let pid = child.id().to_string();
-        run("kill", &["-TERM", &pid]).assert_success();
+        let pid = child.id();
+        valgrind_wait_for_connections(pid);
+        run("kill", &["-TERM", &pid.to_string()]).assert_success();
+        let limit = if valgrind_enabled() {
+            VALGRIND_TIMEOUT
+        } else {
+            Duration::from_secs(60)
+        };
         let started = Instant::now();
         let status = loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 break status;
             }
-            if started.elapsed() > Duration::from_secs(60) {
+            if started.elapsed() > limit {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("nbdkit did not exit within 60 s of SIGTERM\n{}", self.log());
+                return Err(format!(
+                    "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
+                    self.log()
+                ));
             }
             thread::sleep(Duration::from_millis(5));
         };
-        assert!(
-            status.success(),
-            "nbdkit exited with {status} after SIGTERM\n{}",
-            self.log()
-        );
+        self.valgrind_logs.check()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nbdkit exited with {status} after SIGTERM\n{}",
+                self.log()
+            ))
+        }
+    }
+
+    /// Memcheck's report so far, for failure messages (empty without valgrind).
+    fn valgrind_report(&self) -> String {
+        match self.valgrind_logs.check() {
+            Err(report) => format!("\n{report}"),
+            Ok(()) => String::new(),
+        }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.kill9();
+        if !valgrind_enabled() {
+            self.kill9();
+            return;
+        }
+        // Under valgrind a server the test did not stop gets SIGTERM instead of SIGKILL,
+        // so memcheck also checks the filter's cleanup and leaks. Only memcheck's errors
+        // fail the test here (printed instead, if it already failed), not the exit status.
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if child.try_wait().expect("try_wait").is_none() {
+            valgrind_wait_for_connections(child.id());
+            let _ = run("kill", &["-TERM", &child.id().to_string()]);
+        }
+        let started = Instant::now();
+        while child.try_wait().expect("try_wait").is_none() {
+            if started.elapsed() > VALGRIND_TIMEOUT {
+                eprintln!("nbdkit did not exit within {VALGRIND_TIMEOUT:?} of SIGTERM: killed");
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        if let Err(report) = self.valgrind_logs.check() {
+            if thread::panicking() {
+                eprintln!("{report}");
+            } else {
+                panic!("{report}");
+            }
+        }
     }
 }
 

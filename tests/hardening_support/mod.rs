@@ -8,9 +8,10 @@
 //! - [`Srv`]: a background nbdkit server like `common::Server`, plus the health checks the
 //!   hardening tests need (still running, no panic/assertion/crash in its log, clean exit
 //!   after SIGTERM) and an optional valgrind wrapper: with `EXT2FILTER_VALGRIND=1` every
-//!   server these tests start runs as `valgrind --tool=memcheck ... nbdkit ...`, and
-//!   stopping it fails the test when memcheck reported errors. `EXT2FILTER_VALGRIND_OPTS`
-//!   adds memcheck options (e.g. `--leak-check=full`).
+//!   server these tests start runs as `valgrind --tool=memcheck ... nbdkit ...` (the
+//!   options of `common::valgrind_options`, with `tests/valgrind.supp`, plus
+//!   `--track-origins=yes`), and stopping it fails the test when memcheck reported errors
+//!   or definite leaks. `EXT2FILTER_VALGRIND_OPTS` adds memcheck options.
 //! - [`Layout`]: where an image keeps its metadata (from `dumpe2fs` and `debugfs`), so
 //!   damage can be aimed at what matters.
 //! - [`det_image`]: byte-for-byte reproducible images (fixed UUID, hash seed, times), so a
@@ -475,7 +476,7 @@ pub fn ok_io<T>(result: io::Result<T>, what: &str) -> T {
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 pub fn valgrind_enabled() -> bool {
-    env::var("EXT2FILTER_VALGRIND").is_ok_and(|v| !v.is_empty() && v != "0")
+    common::valgrind_enabled()
 }
 
 /// Words in nbdkit's stderr that mean the filter or the server went wrong, whatever
@@ -524,7 +525,7 @@ impl Srv {
         }
         args.push(format!("--filter={}", common::filter_so()));
         args.extend(plugin_args.iter().map(|s| s.to_string()));
-        let (mut cmd, valgrind_log) = nbdkit_command(dir, n, &args);
+        let (mut cmd, valgrind_log) = nbdkit_command(n, &args);
         let description = format!("{cmd:?}");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -540,7 +541,7 @@ impl Srv {
             description,
         };
         let started = Instant::now();
-        let limit = if valgrind_enabled() { 300 } else { 30 };
+        let limit = if valgrind_enabled() { 600 } else { 30 };
         while !srv.socket.exists() {
             if !srv.is_running() {
                 return Err(format!(
@@ -657,6 +658,9 @@ impl Srv {
     /// errors.
     pub fn check_stop(&mut self) -> Result<(), String> {
         let limit = Duration::from_secs(if valgrind_enabled() { 600 } else { 60 });
+        if let Some(pid) = self.pid() {
+            common::valgrind_wait_for_connections(pid);
+        }
         let status = self.terminate(limit)?;
         if !status.success() {
             return Err(format!(
@@ -706,67 +710,30 @@ impl Drop for Srv {
     }
 }
 
-/// The nbdkit command line, wrapped in valgrind when `EXT2FILTER_VALGRIND` is set.
-fn nbdkit_command(dir: &Path, n: u64, args: &[String]) -> (Command, Option<PathBuf>) {
+/// The nbdkit command line, wrapped in valgrind when `EXT2FILTER_VALGRIND` is set: the
+/// options of `common::valgrind_options` (leak check, `tests/valgrind.supp`) plus
+/// `--track-origins=yes`.
+fn nbdkit_command(n: u64, args: &[String]) -> (Command, Option<PathBuf>) {
     if !valgrind_enabled() {
         let mut cmd = common::command("nbdkit");
         cmd.args(args);
         return (cmd, None);
     }
-    let vg_log = dir.join(format!("valgrind-{n}.log"));
+    // With the other tests' logs (they outlive the test directory).
+    let vg_log =
+        common::valgrind_log_dir().join(format!("ext2filter-vg-h{}-{n}.log", std::process::id()));
     let mut cmd = common::command("valgrind");
-    cmd.args([
-        "--tool=memcheck",
-        "--error-exitcode=99",
-        "--track-origins=yes",
-        "--keep-debuginfo=yes",
-        "--num-callers=40",
-        "--child-silent-after-fork=yes",
-    ]);
-    cmd.arg(format!("--log-file={}", vg_log.display()));
-    if let Ok(extra) = env::var("EXT2FILTER_VALGRIND_OPTS") {
-        cmd.args(extra.split_whitespace());
-    }
+    cmd.args(["--track-origins=yes", "--child-silent-after-fork=yes"]);
+    cmd.args(common::valgrind_options(&vg_log));
     cmd.arg("nbdkit");
     cmd.args(args);
-    // Copies of the logs survive the test directory when asked for.
-    if let Ok(keep) = env::var("EXT2FILTER_VALGRIND_LOGDIR") {
-        let _ = fs::create_dir_all(&keep);
-    }
     (cmd, Some(vg_log))
 }
 
 /// Memcheck's error records and the summary line, if the log reports any error or a
 /// definite leak.
 pub fn valgrind_problems(text: &str) -> Option<String> {
-    if let Ok(keep) = env::var("EXT2FILTER_VALGRIND_LOGDIR") {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let _ = fs::write(
-            Path::new(&keep).join(format!("vg-{}-{n}.log", std::process::id())),
-            text,
-        );
-    }
-    let errors = text
-        .lines()
-        .find_map(|l| l.split("ERROR SUMMARY: ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok());
-    let definitely_lost = text
-        .lines()
-        .find_map(|l| l.split("definitely lost: ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(|n| n.replace(',', ""))
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
-    let invalid = text.contains("Invalid read")
-        || text.contains("Invalid write")
-        || text.contains("Invalid free")
-        || text.contains("uninitialised");
-    if errors.unwrap_or(0) > 0 || definitely_lost > 0 || invalid {
-        Some(tail(text, 20_000))
-    } else {
-        None
-    }
+    common::valgrind_log_problems(text).map(|_| tail(text, 20_000))
 }
 
 pub fn tail(text: &str, max: usize) -> String {
