@@ -331,15 +331,30 @@ fn changed_blocks(original: &Path, changed: &Path, bs: u32) -> Vec<(u64, Vec<u8>
         .collect()
 }
 
-/// Metadata changed through the journal: on a scratch copy, debugfs
-/// replaces `/meta.bin` with a new, longer file (new inode contents, block
-/// map, directory entry, bitmaps, descriptors, superblock) and makes
-/// `/short.bin` longer (sparse at the end) by changing only its inode; every block that differs is
-/// then logged, in two transactions, into the original's journal.
-fn metadata(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str]) {
-    let name = format!("metadata {:?} {bs} {open}", fs_type);
-    let dir = TestDir::new(&name);
-    let seed = seed_from(&name);
+/// The image of a metadata test, its journal written: what `metadata` and
+/// `replay_metadata` share.
+struct MetadataCase {
+    dir: TestDir,
+    image: std::path::PathBuf,
+    seed: u64,
+    new: Vec<u8>,
+    longer: Vec<u8>,
+    changes: Vec<(u64, Vec<u8>)>,
+}
+
+/// Builds the image, makes the metadata changes on a scratch copy with
+/// `debugfs`, and logs every changed block into the original's journal in two
+/// transactions (the first also logging garbage over a block the second
+/// logs again: the later copy must win).
+fn metadata_case(
+    name: &str,
+    fs_type: FsType,
+    bs: u32,
+    open: &str,
+    extra_mkfs: &[&str],
+) -> MetadataCase {
+    let dir = TestDir::new(name);
+    let seed = seed_from(name);
     let old = random_bytes(seed, 70_000);
     let new = random_bytes(seed ^ 1, 150_001);
     let short = random_bytes(seed ^ 2, 20_000);
@@ -381,6 +396,30 @@ fn metadata(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str]) {
     );
     let mut longer = short.clone();
     longer.resize(40_000, 0);
+    MetadataCase {
+        dir,
+        image,
+        seed,
+        new,
+        longer,
+        changes,
+    }
+}
+
+/// Metadata changed through the journal: on a scratch copy, debugfs
+/// replaces `/meta.bin` with a new, longer file (new inode contents, block
+/// map, directory entry, bitmaps, descriptors, superblock) and makes
+/// `/short.bin` longer (sparse at the end) by changing only its inode; every block that differs is
+/// then logged, in two transactions, into the original's journal.
+fn metadata(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str]) {
+    let name = format!("metadata {:?} {bs} {open}", fs_type);
+    let MetadataCase {
+        dir,
+        image,
+        new,
+        longer,
+        ..
+    } = metadata_case(&name, fs_type, bs, open, extra_mkfs);
     check_served(
         &dir,
         &image,
@@ -1058,46 +1097,14 @@ fn replay_data_checksum_v2_32bit_1k() {
 /// match the bitmaps until the journal is replayed.
 fn replay_metadata(fs_type: FsType, bs: u32, open: &str, extra_mkfs: &[&str], checkpointed: bool) {
     let name = format!("replay metadata {:?} {bs} {open} {checkpointed}", fs_type);
-    let dir = TestDir::new(&name);
-    let seed = seed_from(&name);
-    let old = random_bytes(seed, 70_000);
-    let new = random_bytes(seed ^ 1, 150_001);
-    let short = random_bytes(seed ^ 2, 20_000);
-    let mut builder = ImageBuilder::new(fs_type).block_size(bs);
-    for option in extra_mkfs {
-        builder = builder.mkfs_option(option);
-    }
-    let image = builder
-        .file("/meta.bin", &old)
-        .file("/short.bin", &short)
-        .file("/hello.txt", b"hello\n")
-        .build(&dir, "fs.img");
-    let scratch = dir.join("scratch.img");
-    fs::copy(&image, &scratch).unwrap();
-    let source = dir.join("new.bin");
-    fs::write(&source, &new).unwrap();
-    debugfs_write(
-        &scratch,
-        &[
-            "rm /meta.bin".to_string(),
-            format!("write {} /meta.bin", source.display()),
-            "sif /short.bin size 40000".to_string(),
-        ],
-    );
-    let changes = changed_blocks(&image, &scratch, bs);
-    assert!(changes.len() > 10, "{} blocks changed", changes.len());
-    let half = changes.len() / 2;
-    let garbage = (changes[half].0, block(bs, seed ^ 3));
-    let mut first: Vec<(u64, Vec<u8>)> = changes[..half].to_vec();
-    first.push(garbage);
-    write_journal(
-        &dir,
-        &image,
-        open,
-        &[Txn::new(first), Txn::new(changes[half..].to_vec())],
-    );
-    let mut longer = short.clone();
-    longer.resize(40_000, 0);
+    let MetadataCase {
+        dir,
+        image,
+        seed,
+        new,
+        longer,
+        changes,
+    } = metadata_case(&name, fs_type, bs, open, extra_mkfs);
     if checkpointed {
         let descriptors = if bs == 1024 { 2 } else { 1 };
         let (_, new_descriptors) = changes
