@@ -45,6 +45,12 @@ fn verify_after_writes(
         expected,
         &format!("debugfs dump of {path}"),
     );
+    assert_neighbour_untouched_and_clean(image, neighbour);
+}
+
+/// After a server has stopped: `/neighbour` still holds its bytes and the
+/// filesystem is clean.
+fn assert_neighbour_untouched_and_clean(image: &Path, neighbour: &[u8]) {
     assert_bytes_eq(
         &debugfs_dump(image, "/neighbour"),
         neighbour,
@@ -344,12 +350,7 @@ fn trim_keeps_other_data_and_filesystem_intact() {
         &expected[trimmed.end..],
         "dump after the trim",
     );
-    assert_bytes_eq(
-        &debugfs_dump(&image, "/neighbour"),
-        &neighbour,
-        "/neighbour",
-    );
-    e2fsck_clean(&image);
+    assert_neighbour_untouched_and_clean(&image, &neighbour);
 }
 
 /// Unaligned writes from qemu-io (a different client) into data and a hole.
@@ -505,12 +506,7 @@ fn writes_into_inline_data_file_work_or_are_refused() {
     let dumped = debugfs_dump(&image, "/tiny");
     assert!(dumped.len() >= expected.len(), "debugfs dump too short");
     assert_bytes_eq(&dumped[..expected.len()], &expected, "debugfs dump");
-    assert_bytes_eq(
-        &debugfs_dump(&image, "/neighbour"),
-        &random_bytes(54, NEIGHBOUR_SIZE),
-        "/neighbour",
-    );
-    e2fsck_clean(&image);
+    assert_neighbour_untouched_and_clean(&image, &random_bytes(54, NEIGHBOUR_SIZE));
 }
 
 /// Maximum-size requests (32 MiB) at odd offsets, mostly into a hole: one request
@@ -707,12 +703,7 @@ fn trim_frees_whole_blocks_of_extent_files() {
         &expected,
         "dump after trim",
     );
-    assert_bytes_eq(
-        &debugfs_dump(&image, "/neighbour"),
-        &neighbour,
-        "/neighbour",
-    );
-    e2fsck_clean(&image);
+    assert_neighbour_untouched_and_clean(&image, &neighbour);
 }
 
 /// Plugin errors (injected with the error filter while a trigger file exists) fail the
@@ -791,12 +782,7 @@ fn plugin_errors_fail_requests_not_the_server() {
     masked[hole_write.clone()].copy_from_slice(&expected[hole_write]);
     masked[data_write.clone()].copy_from_slice(&expected[data_write]);
     assert_bytes_eq(&masked, &expected, "bytes outside the failed writes");
-    assert_bytes_eq(
-        &debugfs_dump(&image, "/neighbour"),
-        &neighbour,
-        "/neighbour",
-    );
-    e2fsck_clean(&image);
+    assert_neighbour_untouched_and_clean(&image, &neighbour);
 }
 
 /// ext4 with bigalloc (16 KiB clusters of 1 KiB blocks): allocation is per cluster.
