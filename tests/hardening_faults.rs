@@ -21,6 +21,16 @@ use hardening_support::*;
 const DATA_LEN: usize = 1 << 20;
 const SPARSE_LEN: u64 = 8 << 20;
 
+/// `kill -9` the server after a successful flush: the filesystem must be clean
+/// and `/sparse` must hold every byte the model knows.
+fn kill9_and_check(srv: &mut Srv, image: &Path, model: &ByteModel) {
+    srv.kill9();
+    e2fsck(image).unwrap();
+    model
+        .check(&debugfs_dump(image, "/sparse"), "after flush and kill -9")
+        .unwrap();
+}
+
 /// ext4 (4 KiB blocks, 32 MiB) with `/data` (1 MiB written) and `/sparse` (8 MiB of
 /// holes); or ext3 with 1 KiB blocks (indirect blocks).
 fn image(dir: &TestDir, ext3: bool) -> (PathBuf, Vec<u8>) {
@@ -209,11 +219,7 @@ fn failed_writes_into_holes_leak_nothing() {
             model.write(*off, bytes);
         }
         ok_io(nbd.flush(), "flush").expect("flush");
-        srv.kill9();
-        e2fsck(&image).unwrap();
-        model
-            .check(&debugfs_dump(&image, "/sparse"), "after flush and kill -9")
-            .unwrap();
+        kill9_and_check(&mut srv, &image, &model);
     }
 }
 
@@ -253,11 +259,7 @@ fn failed_metadata_flush_is_reported_and_retried() {
     srv.assert_alive("after failed flushes");
     set_trigger(&trigger, false);
     ok_io(nbd.flush(), "flush").expect("the retried flush");
-    srv.kill9();
-    e2fsck(&image).unwrap();
-    model
-        .check(&debugfs_dump(&image, "/sparse"), "after flush and kill -9")
-        .unwrap();
+    kill9_and_check(&mut srv, &image, &model);
 }
 
 /// The eval plugin over `image`, logging nothing, whose flush fails and whose reads
@@ -313,11 +315,7 @@ fn failed_plugin_flush_is_reported_and_retried() {
     srv.assert_alive("after failed flushes");
     set_trigger(&trigger, false);
     ok_io(nbd.flush(), "flush").expect("the retried flush");
-    srv.kill9();
-    e2fsck(&image).unwrap();
-    model
-        .check(&debugfs_dump(&image, "/sparse"), "after flush and kill -9")
-        .unwrap();
+    kill9_and_check(&mut srv, &image, &model);
 }
 
 /// The plugin returns short reads: an error for the client, never short or stale data,
