@@ -219,22 +219,35 @@ impl Plugin {
     /// Reads `buf.len()` bytes of the image at `offset`.
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
         self.check_range("read", offset, buf.len())?;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(MAX_REQUEST);
-            let chunk = &mut buf[done..done + n];
-            let mut err: c_int = 0;
-            let _entry = self.enter()?;
-            let r = call!(
+        let len = buf.len() as u64;
+        self.in_requests(len, |done, n, err| {
+            let chunk = &mut buf[done as usize..done as usize + n as usize];
+            call!(
                 self.raw,
                 pread,
                 chunk.as_mut_ptr().cast(),
-                n as u32,
-                offset + done as u64,
+                n,
+                offset + done,
                 0,
-                &mut err
-            );
-            if r == -1 {
+                err
+            )
+        })
+    }
+
+    /// Splits `len` bytes into requests the plugin can take (its count is a
+    /// u32), makes each with `one(done, n, &mut err)`, and turns a -1 into
+    /// the plugin's errno.  Each request holds an [`Entry`].
+    fn in_requests(
+        &self,
+        len: u64,
+        mut one: impl FnMut(u64, u32, &mut c_int) -> c_int,
+    ) -> Result<(), Errno> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(MAX_REQUEST as u64);
+            let mut err: c_int = 0;
+            let _entry = self.enter()?;
+            if one(done, n as u32, &mut err) == -1 {
                 return Err(Errno::from_plugin(err));
             }
             done += n;
@@ -247,26 +260,18 @@ impl Plugin {
         self.check_writable()?;
         self.check_range("write", offset, buf.len())?;
         let (flags, flush_after) = self.fua_plan(fua);
-        let mut done = 0;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(MAX_REQUEST);
-            let chunk = &buf[done..done + n];
-            let mut err: c_int = 0;
-            let _entry = self.enter()?;
-            let r = call!(
+        self.in_requests(buf.len() as u64, |done, n, err| {
+            let chunk = &buf[done as usize..done as usize + n as usize];
+            call!(
                 self.raw,
                 pwrite,
                 chunk.as_ptr().cast(),
-                n as u32,
-                offset + done as u64,
+                n,
+                offset + done,
                 flags,
-                &mut err
-            );
-            if r == -1 {
-                return Err(Errno::from_plugin(err));
-            }
-            done += n;
-        }
+                err
+            )
+        })?;
         if flush_after {
             self.flush()?;
         }
@@ -292,18 +297,9 @@ impl Plugin {
         if fast {
             flags |= sys::NBDKIT_FLAG_FAST_ZERO;
         }
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(MAX_REQUEST as u64);
-            let mut err: c_int = 0;
-            let _entry = self.enter()?;
-            let r = call!(self.raw, zero, n as u32, offset + done, flags, &mut err);
-            if r == -1 {
-                return Err(Errno::from_plugin(err));
-            }
-            done += n;
-        }
-        Ok(())
+        self.in_requests(len, |done, n, err| {
+            call!(self.raw, zero, n, offset + done, flags, err)
+        })
     }
 
     fn write_zeroes(&self, len: u64, offset: u64) -> Result<(), Errno> {
