@@ -1,5 +1,5 @@
-//! Generates our bindings to nbdkit's filter API and to libext2fs from the
-//! headers installed on the build machine, and links libext2fs.
+//! Generates our bindings to nbdkit's filter API from the headers installed
+//! on the build machine.  (libext2fs has its own bindings, in ext2-rs.)
 //!
 //! nbdkit refuses a filter whose version string differs from its own, so the
 //! version is taken from the installed `nbdkit-version.h`, never written here.
@@ -23,14 +23,6 @@ const REQUIREMENTS: &[Requirement] = &[
         header: "nbdkit-version.h",
         package: "nbdkit-plugin-dev",
     },
-    Requirement {
-        header: "ext2fs/ext2fs.h",
-        package: "libext2fs-dev",
-    },
-    Requirement {
-        header: "et/com_err.h",
-        package: "comerr-dev",
-    },
 ];
 
 fn main() {
@@ -46,49 +38,14 @@ fn main() {
     // into unmapped code.
     println!("cargo:rustc-cdylib-link-arg=-Wl,-z,nodelete");
 
-    // libext2fs and com_err are real shared libraries.  The nbdkit_*
-    // functions are NOT linked: nbdkit provides them when it dlopens us.
-    for lib in pkg_config(&["--libs-only-l", "ext2fs", "com_err"])
-        .unwrap_or_else(|| "-lext2fs -lcom_err".to_string())
-        .split_whitespace()
-    {
-        if let Some(name) = lib.strip_prefix("-l") {
-            println!("cargo:rustc-link-lib=dylib={name}");
-        }
-    }
-    for dir in pkg_config(&["--libs-only-L", "ext2fs", "com_err"])
-        .unwrap_or_default()
-        .split_whitespace()
-    {
-        if let Some(path) = dir.strip_prefix("-L") {
-            println!("cargo:rustc-link-search=native={path}");
-        }
-    }
+    // The nbdkit_* functions are NOT linked: nbdkit provides them when it
+    // dlopens us.
 
     let mut builder = bindgen::Builder::default()
         .header("include/wrapper.h")
-        // ext2fs.h defines its inline helpers unless told not to.
-        .clang_arg("-DNO_INLINE_FUNCS")
         .allowlist_function("nbdkit_.*")
         .allowlist_type("nbdkit_.*")
         .allowlist_var("NBDKIT_.*")
-        .allowlist_function("ext2fs_.*")
-        .allowlist_function("io_channel_.*")
-        .allowlist_function("error_message")
-        .allowlist_function("add_error_table")
-        .allowlist_function("remove_error_table")
-        .allowlist_var("et_ext2_error_table")
-        .allowlist_type("struct_io_manager")
-        .allowlist_type("struct_io_channel")
-        .allowlist_var("EXT2_.*")
-        .allowlist_var("EXT3_.*")
-        .allowlist_var("EXT4_.*")
-        .allowlist_var("BMAP_.*")
-        .allowlist_var("BLOCK_.*")
-        .allowlist_var("LINUX_S_.*")
-        .allowlist_var("CHANNEL_FLAGS_.*")
-        .allowlist_var("EXT2FS_.*")
-        .allowlist_var("JBD2_.*")
         .derive_default(true)
         .layout_tests(false)
         .generate_comments(false)
@@ -117,7 +74,7 @@ fn pkg_config(args: &[&str]) -> Option<String> {
 
 /// The directories our headers may live in: pkg-config's and the default.
 fn pkg_config_include_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = pkg_config(&["--cflags-only-I", "nbdkit", "ext2fs", "com_err"])
+    let mut dirs: Vec<PathBuf> = pkg_config(&["--cflags-only-I", "nbdkit"])
         .unwrap_or_default()
         .split_whitespace()
         .filter_map(|flag| flag.strip_prefix("-I"))

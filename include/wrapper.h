@@ -1,11 +1,5 @@
-/* The C headers our bindings are generated from (see build.rs).
- *
- * NO_INLINE_FUNCS makes ext2fs.h declare its inline helpers as plain
- * functions, which libext2fs exports, instead of defining them here.
+/* The nbdkit headers the filter's bindings are generated from (see build.rs).
+ * libext2fs has its own bindings, in the ext2-rs crate.
  */
-#define NO_INLINE_FUNCS
-#include <ext2fs/ext2fs.h>
-#include <et/com_err.h>
-
 #include <nbdkit-filter.h>
 #include <nbdkit-version.h>

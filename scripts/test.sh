@@ -8,5 +8,5 @@ scripts/setup.sh
 # nbdsh runs the first python3 on PATH; Debian's has the nbd module.
 export PATH="/usr/bin:$HOME/.cargo/bin:$PATH"
 cargo fmt --check
-cargo clippy --release --all-targets -- -D warnings
-cargo test --release
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo test --release --workspace

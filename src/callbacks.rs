@@ -9,10 +9,10 @@
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::OnceLock;
 
-use crate::error::{Errno, Error};
 use crate::filter::{self, file::Status, Connection};
 use crate::nbdkit::{self, report, Context};
 use crate::sys;
+use ext2_rs::error::{Errno, Error};
 
 /// The table nbdkit copies at load time.
 struct Table(sys::nbdkit_filter);
@@ -125,15 +125,19 @@ struct Handle {
 }
 
 extern "C" fn load() {
-    // SAFETY: registers libext2fs's static message table with com_err, so
-    // error_message() can name its codes; removed again at unload.
-    unsafe { sys::add_error_table(&sys::et_ext2_error_table) };
+    nbdkit::guard("load", (), || {
+        // libext2fs's messages name its error codes; ext2-rs reports
+        // through nbdkit from now on.
+        ext2_rs::load();
+        report::install_sink();
+    })
 }
 
 extern "C" fn unload() {
-    nbdkit::guard("unload", (), filter::unload);
-    // SAFETY: the table registered by `load`; com_err frees its list node.
-    unsafe { sys::remove_error_table(&sys::et_ext2_error_table) };
+    nbdkit::guard("unload", (), || {
+        filter::unload();
+        ext2_rs::unload();
+    });
 }
 
 unsafe extern "C" fn config(
@@ -489,7 +493,7 @@ unsafe extern "C" fn extents(
             };
             // SAFETY: the list nbdkit passed to this callback.
             if !unsafe { nbdkit::add_extent(extents, at, len, kind) } {
-                return Err(Error::Plugin(Errno::EIO));
+                return Err(Error::Device(Errno::EIO));
             }
             at += len;
             if flags & sys::NBDKIT_FLAG_REQ_ONE != 0 {

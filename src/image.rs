@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::error::Errno;
-use crate::journal::{Replay, JBD2_MAGIC};
+use ext2_rs::error::Errno;
+use ext2_rs::jbd2::{Replay, JBD2_MAGIC};
+use ext2_rs::BlockDevice;
+
 use crate::nbdkit::report::nbd_error;
 use crate::nbdkit::Plugin;
 
@@ -211,5 +213,29 @@ impl Image {
         }
         self.write_pending()?;
         self.zero(len, offset, false, false)
+    }
+}
+
+/// The device libext2fs sees (through ext2-rs's io_manager): the image,
+/// with a metadata change's writes held back until it succeeds.
+impl BlockDevice for Image {
+    fn size(&self) -> u64 {
+        Image::size(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.metadata_pread(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Errno> {
+        self.metadata_pwrite(buf, offset)
+    }
+
+    fn zero_at(&self, len: u64, offset: u64) -> Result<(), Errno> {
+        self.metadata_zero(len, offset)
+    }
+
+    fn flush(&self) -> Result<(), Errno> {
+        Image::flush(self)
     }
 }

@@ -1,15 +1,14 @@
 //! ext2filter: an nbdkit filter that serves one regular file from inside an
 //! ext2/ext3/ext4 filesystem image provided by any nbdkit plugin.
 //!
-//! Layers, from C to logic:
-//! - [`sys`]: bindings generated from the installed nbdkit and libext2fs headers.
+//! Layers, from C to logic (a module only uses those above it):
+//! - [`sys`]: bindings generated from the installed nbdkit headers.
 //! - [`nbdkit`]: safe wrappers over nbdkit's filter API (the plugin context,
-//!   messages, debug flags, handles, the panic guard).
-//! - [`ext2`]: safe wrappers over libext2fs and the io_manager that puts the
-//!   filesystem on top of the plugin.
-//! - [`image`]: the image as the filesystem sees it (the plugin, plus any
-//!   journal replayed in memory by [`journal`]).
-//! - [`extent_map`]: the pure block map of a served file.
+//!   messages, debug flags, handles).
+//! - the `ext2-rs` crate: everything about libext2fs and the on-disk
+//!   formats (filesystem, block maps, JBD2), over a block-device trait.
+//! - [`image`]: the image as the filesystem sees it, i.e. that block
+//!   device: the plugin, plus any journal replayed in memory.
 //! - [`filter`]: what the filter does, in safe Rust.
 //! - [`callbacks`]: `filter_init` and the `extern "C"` callbacks, the one
 //!   place that knows both nbdkit's ABI and the filter's logic.
@@ -19,11 +18,7 @@
 // refers to look unused there.
 #[cfg_attr(test, allow(dead_code))]
 pub mod callbacks;
-pub mod error;
-pub mod ext2;
-pub mod extent_map;
 pub mod filter;
 pub mod image;
-pub mod journal;
 pub mod nbdkit;
 pub mod sys;

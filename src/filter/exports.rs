@@ -2,8 +2,8 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use crate::error::Result;
-use crate::ext2::{dir, Filesystem, Ino};
+use ext2_rs::error::Result;
+use ext2_rs::{dir, Filesystem, Ino};
 
 /// A file a client may ask for by name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,7 +22,7 @@ const MAX_ENTRIES_SCANNED: usize = 200_000;
 /// export name is a UTF-8 string.
 pub fn list_files(fs: &mut Filesystem, max: usize) -> Result<Vec<ListedFile>> {
     let mut out = Vec::new();
-    let root: Ino = crate::sys::EXT2_ROOT_INO;
+    let root: Ino = ext2_rs::sys::EXT2_ROOT_INO;
     let mut queue: VecDeque<(Ino, String)> = VecDeque::from([(root, String::new())]);
     let mut seen: HashSet<Ino> = HashSet::from([root]);
     let mut scanned = 0usize;

@@ -10,11 +10,11 @@ use std::ops::Range;
 
 use parking_lot::RwLock;
 
-use crate::error::{Errno, Error, Result};
-use crate::ext2::{mapping, Ino, Layout};
-use crate::extent_map::{Content, Extent, FileMap, Piece};
 use crate::filter::shared::Shared;
 use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
+use ext2_rs::error::{Errno, Error, Result};
+use ext2_rs::extent_map::{Content, Extent, FileMap, Piece};
+use ext2_rs::{mapping, Ino, Layout};
 
 pub struct ServedFile {
     pub ino: Ino,
@@ -358,7 +358,7 @@ impl ServedFile {
             .flat_map(|p| outside(&p, freed.start * bs, freed.end * bs))
             .collect();
         if fast && !in_place.is_empty() && !shared.plugin().capabilities().can_fast_zero {
-            return Err(Error::Plugin(Errno::ENOTSUP));
+            return Err(Error::Device(Errno::ENOTSUP));
         }
         self.punch(shared, &mut map, freed)?;
         for piece in in_place {

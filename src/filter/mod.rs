@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::error::{Errno, Error, Result};
 use crate::nbdkit::{Backend, Plugin};
 use config::{Config, ConfigBuilder, Target};
+use ext2_rs::error::{Errno, Error, Result};
 use file::{ServedFile, Status};
 use shared::Shared;
 

@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use crate::error::{Errno, Error, Result};
-use crate::ext2::{io_shim, Access, Filesystem};
 use crate::filter::config::JournalMode;
 use crate::image::Image;
-use crate::journal::Replay;
 use crate::nbdkit::report::{ext2_debug_journal, nbd_debug};
 use crate::nbdkit::Plugin;
+use ext2_rs::error::{Errno, Error, Result};
+use ext2_rs::jbd2::Replay;
+use ext2_rs::{Access, Filesystem};
 
 /// Opens the filesystem over `plugin`.  A filesystem libext2fs can only
 /// read is served read-only with a message saying why.  One whose
@@ -30,7 +30,7 @@ pub fn open_filesystem(
     // bitmaps, which in an image whose journal needs recovery may not
     // match their checksums (in the group descriptors) until the
     // journal is replayed.
-    let fs = Filesystem::open(io_shim::register(image.clone()), Access::ReadOnly)?;
+    let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
     if fs.needs_recovery() {
         return open_unclean(plugin, image, fs, can_write, journal);
     }
@@ -55,7 +55,7 @@ fn open_unclean(
 ) -> Result<(Arc<Image>, Filesystem, Access)> {
     let mut access = Access::ReadOnly;
     let unwritable =
-        fs.super_block().s_feature_ro_compat & !crate::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
+        fs.super_block().s_feature_ro_compat & !ext2_rs::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
     let mut write_out = can_write && journal == JournalMode::Replay;
     if can_write && unwritable != 0 {
         crate::nbdkit::report::error(
@@ -81,7 +81,7 @@ fn open_unclean(
     let read_block = |block: u64, buf: &mut [u8]| -> std::result::Result<(), Errno> {
         plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
     };
-    let replay = crate::journal::load(&mut fs, &read_block)?;
+    let replay = ext2_rs::jbd2::load(&mut fs, &read_block)?;
     drop(fs);
     let refusal = match replay.checkpoint() {
         Some(checkpoint) => checkpoint.errors.clone(),
@@ -98,7 +98,7 @@ fn open_unclean(
                 ))
             };
             access = Access::ReadWrite;
-            fs = Filesystem::open(io_shim::register(image.clone()), access)
+            fs = Filesystem::open(image.clone(), access)
                 .map_err(|e| after(e, "opening the filesystem read-write"))?;
             fs.clear_needs_recovery()
                 .map_err(|e| after(e, "clearing needs_recovery"))?;
@@ -117,7 +117,7 @@ fn open_unclean(
                 ));
             }
             image = Arc::new(Image::with_replay(plugin.clone(), replay, bs));
-            fs = Filesystem::open(io_shim::register(image.clone()), access)?;
+            fs = Filesystem::open(image.clone(), access)?;
         }
     }
     Ok((image, fs, access))
@@ -126,14 +126,14 @@ fn open_unclean(
 /// Opens the filesystem on `image` read-write or, when it has features
 /// libext2fs can read but not write, read-only with a message.
 fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Access)> {
-    match Filesystem::open(io_shim::register(image.clone()), Access::ReadWrite) {
+    match Filesystem::open(image.clone(), Access::ReadWrite) {
         Err(Error::Ext2 { code, .. })
-            if code.0 == crate::sys::EXT2_ET_RO_UNSUPP_FEATURE as crate::sys::errcode_t =>
+            if code.0 == ext2_rs::sys::EXT2_ET_RO_UNSUPP_FEATURE as ext2_rs::sys::errcode_t =>
         {
             crate::nbdkit::report::error(
                 "the filesystem has features libext2fs can read but not write: serving read-only",
             );
-            let fs = Filesystem::open(io_shim::register(image.clone()), Access::ReadOnly)?;
+            let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
             Ok((fs, Access::ReadOnly))
         }
         other => Ok((other?, Access::ReadWrite)),
@@ -150,7 +150,7 @@ const REPLAY_RUN_BYTES: u64 = 1 << 20;
 /// 1. every replayed block is written to its place, with exactly the bytes
 ///    the in-memory replay serves (escaped copies get their magic back),
 ///    except that a replayed primary superblock keeps `needs_recovery` set
-///    ([`crate::journal::keep_needs_recovery`]), and the plugin is flushed;
+///    ([`ext2_rs::jbd2::keep_needs_recovery`]), and the plugin is flushed;
 /// 2. the journal superblock is rewritten as empty (`s_start = 0`,
 ///    `s_sequence` past the last transaction, checksum), and the plugin is
 ///    flushed;
@@ -194,7 +194,7 @@ fn replay_into_image(plugin: &Arc<Plugin>, replay: Replay, bs: u64) -> Result<us
                 ),
             )
         })?;
-        if crate::journal::keep_needs_recovery(&mut buf, offset) {
+        if ext2_rs::jbd2::keep_needs_recovery(&mut buf, offset) {
             nbd_debug!(
                 ext2_debug_journal,
                 "journal: the replayed superblock lacks needs_recovery: it is written with \

@@ -11,15 +11,15 @@ use std::time::Instant;
 
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::error::{Errno, Error, Result};
-use crate::ext2::{mapping, Access, Filesystem, Ino};
-use crate::extent_map::FileMap;
 use crate::filter::config::JournalMode;
 use crate::filter::file::ServedFile;
 use crate::filter::opening;
 use crate::image::Image;
 use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
 use crate::nbdkit::Plugin;
+use ext2_rs::error::{Errno, Error, Result};
+use ext2_rs::extent_map::FileMap;
+use ext2_rs::{mapping, Access, Filesystem, Ino};
 
 pub struct Shared {
     /// Where file data and metadata are read and written.
@@ -171,7 +171,7 @@ impl Shared {
         })?;
         let before = self.image.pending_count();
         self.image.begin_changes();
-        let result = crate::ext2::undo::with_undo(fs, op);
+        let result = ext2_rs::undo::with_undo(fs, op);
         self.image.end_changes(result.is_ok(), before);
         let value = result?;
         if let Err(errno) = self.image.write_pending() {

@@ -8,8 +8,8 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 
-use crate::error::Errno;
 use crate::sys;
+use ext2_rs::error::Errno;
 pub use next::{Plugin, RawNext};
 
 /// The backend (the next layer) a filter may open contexts on.

@@ -10,10 +10,10 @@ use std::ptr::NonNull;
 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::error::Errno;
 use crate::nbdkit::report::nbd_error;
 use crate::nbdkit::Backend;
 use crate::sys;
+use ext2_rs::error::Errno;
 
 /// The largest single request we hand to the plugin (its count is a u32).
 const MAX_REQUEST: usize = 1 << 30;

@@ -82,3 +82,20 @@ macro_rules! nbd_debug {
 }
 
 pub(crate) use {nbd_debug, nbd_error};
+
+/// Sends ext2-rs's messages to nbdkit, its debug topics behind our flags.
+pub fn install_sink() {
+    fn enabled(topic: ext2_rs::log::Topic) -> bool {
+        use ext2_rs::log::Topic;
+        match topic {
+            Topic::Map => ext2_debug_map.enabled(),
+            Topic::Lock => ext2_debug_lock.enabled(),
+            Topic::Journal => ext2_debug_journal.enabled(),
+        }
+    }
+    ext2_rs::log::set_sink(ext2_rs::log::Sink {
+        error,
+        debug,
+        enabled,
+    });
+}

@@ -4,9 +4,9 @@
 //! Layouts follow `lib/ext2fs/kernel-jbd.h`; the checksum rules follow
 //! `e2fsck/recovery.c` (e2fsprogs 1.47.0).  Big-endian throughout.
 
-use crate::journal::crc::crc32c;
-use crate::journal::superblock::{be16, be32, be64, Journal};
-use crate::journal::JBD2_MAGIC;
+use crate::jbd2::crc::crc32c;
+use crate::jbd2::superblock::{be16, be32, be64, Journal};
+use crate::jbd2::JBD2_MAGIC;
 
 pub const DESCRIPTOR_BLOCK: u32 = 1;
 pub const COMMIT_BLOCK: u32 = 2;
@@ -245,8 +245,8 @@ pub fn revoke_records(journal: &Journal, block: &[u8]) -> Result<Vec<u64>, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::superblock::tests::superblock;
-    use crate::journal::superblock::{INCOMPAT_64BIT, INCOMPAT_CSUM_V2, INCOMPAT_CSUM_V3};
+    use crate::jbd2::superblock::tests::superblock;
+    use crate::jbd2::superblock::{INCOMPAT_64BIT, INCOMPAT_CSUM_V2, INCOMPAT_CSUM_V3};
 
     fn journal(bs: usize, incompat: u32) -> Journal {
         Journal::parse(&superblock(bs, 1024, incompat, 0), bs as u32, 1024).unwrap()

@@ -10,10 +10,11 @@ use std::ffi::{c_int, c_void};
 use std::ptr;
 
 use crate::error::{Errno, Error, Result};
-use crate::ext2::fs::{check, Filesystem, Ino, Layout};
-use crate::ext2::undo;
 use crate::extent_map::Extent;
+use crate::ffi::{self, Walk};
+use crate::fs::{check, Filesystem, Ino, Layout};
 use crate::sys;
+use crate::undo;
 
 /// Runs of image blocks: (first block, count).
 pub type BlockRuns = Vec<(u64, u64)>;
@@ -203,39 +204,57 @@ unsafe extern "C" fn collect_block(
     _ref_offset: c_int,
     private: *mut c_void,
 ) -> c_int {
-    // SAFETY: `private` is the PointerWalk passed by read_block_pointers,
-    // alive for the whole iteration; blocknr points at a valid block number.
-    let (walk, physical) = unsafe { (&mut *private.cast::<PointerWalk>(), *blocknr) };
-    let Ok(logical) = u64::try_from(blockcnt) else {
-        // An indirect block.  libext2fs 1.47.0 notices one outside the
-        // filesystem but then numbers every later block wrongly (it skips
-        // the lost range without counting it), so we stop here ourselves.
-        if !(walk.first..walk.limit).contains(&physical) {
-            walk.damaged = Some(format!(
-                "an indirect block pointer ({physical}) lies outside the filesystem"
-            ));
-            return sys::BLOCK_ABORT as c_int;
-        }
-        return 0;
-    };
-    if walk.extents.len() as u64 > walk.limit {
-        walk.damaged = Some("the block map loops".into());
-        return sys::BLOCK_ABORT as c_int;
+    let walk = ffi::guard("block iterator", || {
+        // SAFETY: `private` is the PointerWalk lent by read_block_pointers
+        // for the whole iteration; blocknr points at a valid block number.
+        let (Some(walk), physical) = (unsafe { ffi::lent::<PointerWalk>(private) }, unsafe {
+            *blocknr
+        }) else {
+            return Walk::Abort;
+        };
+        walk.visit(blockcnt, physical)
+    });
+    match walk {
+        Walk::Continue => 0,
+        Walk::Abort => sys::BLOCK_ABORT as c_int,
     }
-    match walk.extents.last_mut() {
-        Some(last)
-            if last.logical + last.len == logical && last.physical + last.len == physical =>
-        {
-            last.len += 1
+}
+
+impl PointerWalk {
+    /// One block of the walk: a data block (`blockcnt` >= 0) or an
+    /// indirect one.
+    fn visit(&mut self, blockcnt: sys::e2_blkcnt_t, physical: u64) -> Walk {
+        let Ok(logical) = u64::try_from(blockcnt) else {
+            // An indirect block.  libext2fs 1.47.0 notices one outside the
+            // filesystem but then numbers every later block wrongly (it
+            // skips the lost range without counting it), so we stop here.
+            if !(self.first..self.limit).contains(&physical) {
+                self.damaged = Some(format!(
+                    "an indirect block pointer ({physical}) lies outside the filesystem"
+                ));
+                return Walk::Abort;
+            }
+            return Walk::Continue;
+        };
+        if self.extents.len() as u64 > self.limit {
+            self.damaged = Some("the block map loops".into());
+            return Walk::Abort;
         }
-        _ => walk.extents.push(Extent {
-            logical,
-            physical,
-            len: 1,
-            unwritten: false,
-        }),
+        match self.extents.last_mut() {
+            Some(last)
+                if last.logical + last.len == logical && last.physical + last.len == physical =>
+            {
+                last.len += 1
+            }
+            _ => self.extents.push(Extent {
+                logical,
+                physical,
+                len: 1,
+                unwritten: false,
+            }),
+        }
+        Walk::Continue
     }
-    0
 }
 
 fn read_block_pointers(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
@@ -247,18 +266,21 @@ fn read_block_pointers(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
     };
     // Indirect blocks are visited too (no BLOCK_FLAG_DATA_ONLY), to check them.
     let flags = sys::BLOCK_FLAG_READ_ONLY as c_int;
-    // SAFETY: open filesystem; the callback only touches `walk`, which
-    // outlives the call.
-    let code = unsafe {
-        sys::ext2fs_block_iterate3(
-            fs.raw(),
-            ino,
-            flags,
-            ptr::null_mut(),
-            Some(collect_block),
-            (&mut walk as *mut PointerWalk).cast(),
-        )
-    };
+    let raw = fs.raw();
+    let code = ffi::lend(&mut walk, |private| {
+        // SAFETY: open filesystem; the callback only touches the walk lent
+        // for this call.
+        unsafe {
+            sys::ext2fs_block_iterate3(
+                raw,
+                ino,
+                flags,
+                ptr::null_mut(),
+                Some(collect_block),
+                private,
+            )
+        }
+    });
     if let Some(why) = walk.damaged {
         return Err(Error::other(
             Errno::EIO,
@@ -648,4 +670,77 @@ fn punch_extents(
         block = cut_end;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::device::BlockDevice;
+    use crate::fs::Access;
+    use crate::testing::{Faults, MemDevice};
+
+    /// An image whose /f holds `len` bytes of a counting pattern.
+    fn image_with_file(mkfs: &[&str], len: usize) -> (Arc<MemDevice>, Vec<u8>) {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ext2-rs-mapping-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.join("f"), &data).unwrap();
+        let mut args = mkfs.to_vec();
+        let d = dir.to_str().unwrap().to_string();
+        args.extend(["-d", &d]);
+        let dev = Arc::new(MemDevice::mkfs(&args, "8M"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        (dev, data)
+    }
+
+    /// Reads a file through its map straight from the device, as a host's
+    /// data path does.
+    fn read_through_map(dev: &MemDevice, fs: &mut Filesystem, path: &str) -> Result<Vec<u8>> {
+        let ino = fs.lookup(path)?;
+        let info = fs.inode(ino)?;
+        let bs = u64::from(fs.block_size());
+        let mut out = vec![0u8; info.size as usize];
+        for e in read_map(fs, ino, info.layout)? {
+            for b in 0..e.len {
+                let at = ((e.logical + b) * bs) as usize;
+                if at >= out.len() {
+                    break;
+                }
+                let end = (at + bs as usize).min(out.len());
+                dev.read_at(&mut out[at..end], (e.physical + b) * bs)?;
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn maps_read_in_process_give_the_files_bytes() {
+        for mkfs in [
+            &["-t", "ext4", "-b", "4096"][..],
+            &["-t", "ext4", "-b", "1024"],
+            &["-t", "ext2", "-b", "1024"],
+            &["-t", "ext3", "-b", "4096"],
+        ] {
+            let (dev, data) = image_with_file(mkfs, 300_000);
+            let mut fs = Filesystem::open(dev.clone(), Access::ReadOnly).unwrap();
+            let read = read_through_map(&dev, &mut fs, "/f").unwrap();
+            assert!(read == data, "{mkfs:?}: the bytes differ");
+        }
+    }
+
+    #[test]
+    fn a_failing_device_is_an_error_not_a_panic() {
+        let (dev, _) = image_with_file(&["-t", "ext2", "-b", "1024"], 600_000);
+        let mut fs = Filesystem::open(dev.clone(), Access::ReadOnly).unwrap();
+        let ino = fs.lookup("/f").unwrap();
+        let info = fs.inode(ino).unwrap();
+        // Fail every read past the inode tables: the indirect blocks.
+        dev.set_faults(Faults::failing_reads(100 * 1024..dev.size()));
+        assert!(read_map(&mut fs, ino, info.layout).is_err());
+    }
 }

@@ -120,15 +120,16 @@ pub fn errno_for_ext2_code(code: sys::errcode_t) -> Errno {
     }
 }
 
-/// Everything that can go wrong below the filter callbacks.
+/// Everything that can go wrong in this crate, and above it in the filter.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A libext2fs call failed; `context` says which call on what.
     #[error("{context}: {code}")]
     Ext2 { context: String, code: Ext2Code },
-    /// The plugin failed a request; nbdkit has already logged its message.
-    #[error("plugin request failed (errno {})", .0.get())]
-    Plugin(Errno),
+    /// The block device failed a request; it has already reported why
+    /// (for the filter: the plugin, through nbdkit).
+    #[error("device request failed (errno {})", .0.get())]
+    Device(Errno),
     /// Anything else, with the errno the client gets.
     #[error("{message}")]
     Other { message: String, errno: Errno },
@@ -166,21 +167,21 @@ impl Error {
     pub fn errno(&self) -> Errno {
         match self {
             Error::Ext2 { code, .. } => code.errno(),
-            Error::Plugin(errno) => *errno,
+            Error::Device(errno) => *errno,
             Error::Other { errno, .. } => *errno,
         }
     }
 
-    /// Whether nbdkit still needs to be told the message (the plugin's own
-    /// failures were reported by the plugin).
+    /// Whether the host still needs to report the message (a device's own
+    /// failures were reported by the device).
     pub fn needs_report(&self) -> bool {
-        !matches!(self, Error::Plugin(_))
+        !matches!(self, Error::Device(_))
     }
 }
 
 impl From<Errno> for Error {
     fn from(errno: Errno) -> Error {
-        Error::Plugin(errno)
+        Error::Device(errno)
     }
 }
 

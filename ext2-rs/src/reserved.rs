@@ -41,7 +41,7 @@ impl Reserved {
 }
 
 /// Reads the reserved blocks of an open filesystem.
-pub fn collect(fs: &mut crate::ext2::Filesystem) -> Reserved {
+pub fn collect(fs: &mut crate::fs::Filesystem) -> Reserved {
     use crate::sys;
     let raw = fs.raw();
     // SAFETY: plain fields of an open filesystem.

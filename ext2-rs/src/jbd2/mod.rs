@@ -2,9 +2,9 @@
 //!
 //! A [`Replay`] says, for each filesystem block that recovery would
 //! overwrite, where in the image its newest committed copy lies.  The
-//! [`crate::image::Image`] consults it on every read, so the filesystem and
-//! the served file look exactly as they would after `e2fsck` replayed the
-//! journal, while the image itself is never written.
+//! host's block device (the filter's image) consults it on every read, so
+//! the filesystem and the served file look exactly as they would after
+//! `e2fsck` replayed the journal, while the image itself is never written.
 //!
 //! [`load`] finds the journal inode, reads the journal through a caller's
 //! block reader, and turns what [`recover`] computes into a [`Replay`].
@@ -12,7 +12,7 @@
 //! `recovery`, `map`) and unit-tested with journals built in memory.
 //!
 //! With `ext2journal=replay` the replay is also written into the image
-//! (`filter::shared`): its [`Checkpoint`] gives the journal superblock as
+//! (by the host): its [`Checkpoint`] gives the journal superblock as
 //! e2fsck leaves it after recovery (empty, next transaction, checksum), and
 //! [`keep_needs_recovery`] keeps a replayed superblock from clearing
 //! `needs_recovery` before the journal is empty.
@@ -27,9 +27,10 @@ mod testlog;
 
 use std::collections::HashMap;
 
+use crate::debug;
 use crate::error::{Errno, Error, Result};
-use crate::ext2::{Filesystem, Layout};
-use crate::nbdkit::report::{ext2_debug_journal, nbd_debug, nbd_error};
+use crate::fs::{Filesystem, Layout};
+use crate::log::{self, Topic};
 use crate::sys;
 
 pub use map::JournalMap;
@@ -219,21 +220,21 @@ pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
         errors: recovery.leaves_errors(),
     });
     if beyond > 0 {
-        nbd_debug!(
-            ext2_debug_journal,
+        debug!(
+            Topic::Journal,
             "journal: ignored {beyond} logged blocks beyond the end of the filesystem"
         );
     }
     if recovery.needed() {
         let (first, end) = (recovery.first_transaction, recovery.end_transaction);
         if first == end {
-            nbd_debug!(
-                ext2_debug_journal,
+            debug!(
+                Topic::Journal,
                 "journal: no committed transaction to replay"
             );
         } else {
-            nbd_debug!(
-                ext2_debug_journal,
+            debug!(
+                Topic::Journal,
                 "journal: transactions {first} to {} replayed in memory: {} blocks",
                 end.wrapping_sub(1),
                 replay.len()
@@ -286,7 +287,7 @@ fn locate(fs: &mut Filesystem) -> Result<(u32, JournalMap)> {
         ));
     }
     let blocks = u32::try_from(info.size / u64::from(fs.block_size())).unwrap_or(u32::MAX);
-    let extents = crate::ext2::mapping::read_map(fs, inum, info.layout).map_err(context)?;
+    let extents = crate::mapping::read_map(fs, inum, info.layout).map_err(context)?;
     Ok((inum, JournalMap::new(extents, blocks)?))
 }
 
@@ -344,8 +345,8 @@ pub fn to_replay(
 /// `-D ext2.journal=1` output, and the one warning recovery can leave.
 fn log_recovery(ino: u32, r: &Recovery) {
     let j = &r.journal;
-    nbd_debug!(
-        ext2_debug_journal,
+    debug!(
+        Topic::Journal,
         "journal: inode {ino}, {} blocks of {} bytes, version {}, features [{}], \
          log from block {} (first {}), transaction {}{}",
         j.len,
@@ -362,15 +363,15 @@ fn log_recovery(ino: u32, r: &Recovery) {
         }
     );
     if !r.needed() {
-        nbd_debug!(
-            ext2_debug_journal,
+        debug!(
+            Topic::Journal,
             "journal: the log is empty (s_start is 0): nothing to replay"
         );
         return;
     }
     for t in &r.transactions {
-        nbd_debug!(
-            ext2_debug_journal,
+        debug!(
+            Topic::Journal,
             "journal: transaction {} at log block {}: applied {} blocks{}{}{}",
             t.sequence,
             t.log_block,
@@ -394,8 +395,8 @@ fn log_recovery(ino: u32, r: &Recovery) {
     }
     if let Some(end) = &r.scan_end {
         if end.incomplete || end.reason == EndReason::BadCommitChecksum {
-            nbd_debug!(
-                ext2_debug_journal,
+            debug!(
+                Topic::Journal,
                 "journal: transaction {} from log block {} is dropped, not committed: log block {} {}",
                 end.sequence,
                 end.transaction_block,
@@ -403,8 +404,8 @@ fn log_recovery(ino: u32, r: &Recovery) {
                 end.reason
             );
         } else {
-            nbd_debug!(
-                ext2_debug_journal,
+            debug!(
+                Topic::Journal,
                 "journal: the log ends before transaction {}: log block {} {}",
                 end.sequence,
                 end.log_block,
@@ -414,19 +415,19 @@ fn log_recovery(ino: u32, r: &Recovery) {
     }
     let scanned_to = r.scan_end.as_ref().map(|end| end.sequence);
     if r.failed_commit.is_none() && scanned_to.is_some_and(|seq| seq != r.end_transaction) {
-        nbd_debug!(
-            ext2_debug_journal,
+        debug!(
+            Topic::Journal,
             "journal: transactions {} and later are dropped: a commit block checksum \
              failed (async commit lets the scan go past it)",
             r.end_transaction
         );
     }
     if let Some(failed) = r.failed_commit {
-        nbd_error!(
+        log::error(&format!(
             "journal: transaction {failed} is corrupt (bad commit checksum): it and any later \
              transactions are not replayed, as e2fsck would do (e2fsck also marks the filesystem \
              as having errors)"
-        );
+        ));
     }
 }
 
@@ -434,7 +435,7 @@ fn log_recovery(ino: u32, r: &Recovery) {
 mod tests {
     use super::*;
     use crate::extent_map::Extent;
-    use crate::journal::testlog::{filled, LogBuilder};
+    use crate::jbd2::testlog::{filled, LogBuilder};
 
     fn map(len: u32) -> JournalMap {
         // Journal blocks 0..10 at image 5000.., the rest at image 9000..

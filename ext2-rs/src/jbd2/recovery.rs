@@ -26,13 +26,13 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::error::{Errno, Error, Result};
-use crate::journal::block::commit_checksum_ok;
-use crate::journal::block::{
+use crate::jbd2::block::commit_checksum_ok;
+use crate::jbd2::block::{
     count_tags, revoke_records, tag_checksum_ok, tags, tail_checksum_ok, Commit, Header,
     COMMIT_BLOCK, DESCRIPTOR_BLOCK, REVOKE_BLOCK,
 };
-use crate::journal::crc::crc32_be;
-use crate::journal::superblock::Journal;
+use crate::jbd2::crc::crc32_be;
+use crate::jbd2::superblock::Journal;
 
 /// The fast-commit tag that opens a fast commit (little-endian, unlike
 /// everything else in the journal).
@@ -564,12 +564,12 @@ pub fn recover(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::superblock::{
+    use crate::jbd2::superblock::{
         COMPAT_CHECKSUM, INCOMPAT_64BIT, INCOMPAT_ASYNC_COMMIT, INCOMPAT_CSUM_V2, INCOMPAT_CSUM_V3,
         INCOMPAT_FAST_COMMIT, INCOMPAT_REVOKE,
     };
-    use crate::journal::testlog::{filled, LogBuilder};
-    use crate::journal::JBD2_MAGIC;
+    use crate::jbd2::testlog::{filled, LogBuilder};
+    use crate::jbd2::JBD2_MAGIC;
 
     fn copy(log_block: u32, sequence: u32) -> LogCopy {
         LogCopy {

@@ -2,15 +2,15 @@
 //! written the way JBD2 writes them, with every checksum flavour.
 
 use crate::error::{Errno, Error, Result};
-use crate::journal::block::{
+use crate::jbd2::block::{
     COMMIT_BLOCK, CRC32_CHKSUM, CRC32_CHKSUM_SIZE, DESCRIPTOR_BLOCK, FLAG_ESCAPE, FLAG_LAST_TAG,
     FLAG_SAME_UUID, REVOKE_BLOCK,
 };
-use crate::journal::crc::{crc32_be, crc32c};
-use crate::journal::recovery::{recover, Recovery};
-use crate::journal::superblock::tests::{set_start, superblock};
-use crate::journal::superblock::Journal;
-use crate::journal::JBD2_MAGIC;
+use crate::jbd2::crc::{crc32_be, crc32c};
+use crate::jbd2::recovery::{recover, Recovery};
+use crate::jbd2::superblock::tests::{set_start, superblock};
+use crate::jbd2::superblock::Journal;
+use crate::jbd2::JBD2_MAGIC;
 
 pub struct LogBuilder {
     pub bs: usize,

@@ -1,16 +1,19 @@
 //! A safe wrapper over one open libext2fs filesystem.
 //!
 //! libext2fs is not thread-safe, not even for reads (its inode cache and
-//! lazily loaded bitmaps are shared state), so a [`Filesystem`] is only ever
-//! used behind the one process-wide lock in `filter::shared`; every method
-//! takes `&mut self` to make that visible.
+//! lazily loaded bitmaps are shared state), so a [`Filesystem`] is `Send`
+//! but not `Sync`, and every method that calls the library takes
+//! `&mut self`: its owner serializes the calls (the filter holds one
+//! process-wide lock around it).
 
 use std::ffi::{CStr, CString};
 use std::ptr;
 
+use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::ext2::io_shim;
+use crate::io;
 use crate::sys;
+use std::sync::Arc;
 
 /// An inode number.
 pub type Ino = sys::ext2_ino_t;
@@ -55,7 +58,7 @@ pub struct Filesystem {
     fs: sys::ext2_filsys,
     device: CString,
     access: Access,
-    reserved: crate::ext2::reserved::Reserved,
+    reserved: crate::reserved::Reserved,
 }
 
 // SAFETY: the handle is only used behind the process-wide filesystem lock;
@@ -72,10 +75,10 @@ pub(crate) fn check(code: sys::errcode_t, context: impl FnOnce() -> String) -> R
 }
 
 impl Filesystem {
-    /// Opens the filesystem on the device registered as `device` with
-    /// [`io_shim::register`].  The error text follows the C filter
-    /// (`open: Bad magic number in super-block`).
-    pub fn open(device: CString, access: Access) -> Result<Filesystem> {
+    /// Opens the filesystem on `device`.  The error text follows nbdkit's
+    /// C filter (`open: Bad magic number in super-block`).
+    pub fn open(device: Arc<dyn BlockDevice>, access: Access) -> Result<Filesystem> {
+        let device = io::register(device);
         let mut flags = sys::EXT2_FLAG_64BITS as i32;
         if access == Access::ReadWrite {
             flags |= sys::EXT2_FLAG_RW as i32;
@@ -84,17 +87,10 @@ impl Filesystem {
         // SAFETY: the device name is NUL-terminated, the manager table is
         // static, and `fs` is a valid out-pointer.
         let code = unsafe {
-            sys::ext2fs_open(
-                device.as_ptr(),
-                flags,
-                0,
-                0,
-                io_shim::MANAGER.as_ptr(),
-                &mut fs,
-            )
+            sys::ext2fs_open(device.as_ptr(), flags, 0, 0, io::MANAGER.as_ptr(), &mut fs)
         };
         if code != 0 {
-            io_shim::unregister(&device);
+            io::unregister(&device);
             return Err(Error::ext2("open", code));
         }
         let mut this = Filesystem {
@@ -103,7 +99,7 @@ impl Filesystem {
             access,
             reserved: Default::default(),
         };
-        this.reserved = crate::ext2::reserved::collect(&mut this);
+        this.reserved = crate::reserved::collect(&mut this);
         // SAFETY: `fs` is open; flags is a plain field.
         unsafe {
             // Rewrite only the primary superblock and descriptors on flush:
@@ -115,7 +111,7 @@ impl Filesystem {
             // SAFETY: `fs` is open.
             let code = unsafe { sys::ext2fs_read_bitmaps(this.fs) };
             check(code, || "read_bitmaps".into())?;
-            crate::ext2::undo::install(&mut this);
+            crate::undo::install(&mut this);
         }
         Ok(this)
     }
@@ -299,7 +295,7 @@ impl Drop for Filesystem {
         // writes out any dirty metadata first.
         let code = unsafe { sys::ext2fs_close2(self.fs, 0) };
         if code != 0 {
-            crate::nbdkit::report::error(&format!(
+            crate::log::error(&format!(
                 "close: {}",
                 crate::error::Ext2Code(code).message()
             ));
@@ -307,6 +303,6 @@ impl Drop for Filesystem {
             // SAFETY: the handle is not used again.
             unsafe { sys::ext2fs_free(self.fs) };
         }
-        io_shim::unregister(&self.device);
+        io::unregister(&self.device);
     }
 }

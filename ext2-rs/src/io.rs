@@ -1,13 +1,9 @@
-//! An e2fsprogs `io_manager` whose device is the image on the plugin
-//! beneath us (see [`Image`]).
+//! A libext2fs `io_manager` whose device is a [`BlockDevice`].
 //!
 //! libext2fs reaches its device only through this table.  An io_manager's
-//! `open` receives nothing but a name, so the image is found by the name
-//! [`register`] hands out.  Nothing is cached here: every write goes straight
-//! to the plugin, so a late write from the library can never land over file
-//! data that the filter wrote directly.  Every request is checked against
-//! the image size by the plugin wrapper, so a damaged filesystem gets an
-//! error, not an nbdkit assertion.
+//! `open` receives nothing but a name, so the device is found by the name
+//! [`register`] hands out.  Nothing is cached here: every request goes to
+//! the device as it comes, so the host decides what is cached or held back.
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_ulong, c_ulonglong, c_void, CStr, CString};
@@ -16,23 +12,24 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::device::BlockDevice;
 use crate::error::Errno;
-use crate::image::Image;
+use crate::ffi;
 use crate::sys;
 
-/// Images reachable by channel name, e.g. `nbdkit-plugin:1`.
-static REGISTRY: Mutex<Option<HashMap<String, Arc<Image>>>> = Mutex::new(None);
+/// Devices reachable by channel name, e.g. `ext2-rs-device:1`.
+static REGISTRY: Mutex<Option<HashMap<String, Arc<dyn BlockDevice>>>> = Mutex::new(None);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-const NAME_PREFIX: &str = "nbdkit-plugin:";
+const NAME_PREFIX: &str = "ext2-rs-device:";
 
-/// Makes `image` openable by libext2fs under the returned device name.
-/// The entry stays until [`unregister`] (after the filesystem is closed).
-pub fn register(image: Arc<Image>) -> CString {
+/// Makes `device` openable by libext2fs under the returned name, until
+/// [`unregister`] (after the filesystem is closed).
+pub fn register(device: Arc<dyn BlockDevice>) -> CString {
     let name = format!("{NAME_PREFIX}{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     REGISTRY
         .lock()
         .get_or_insert_with(HashMap::new)
-        .insert(name.clone(), image);
+        .insert(name.clone(), device);
     CString::new(name).expect("the name has no NUL")
 }
 
@@ -41,20 +38,19 @@ pub fn unregister(name: &CStr) {
     if let Some(map) = registry.as_mut() {
         map.remove(name.to_str().unwrap_or_default());
         if map.is_empty() {
-            // Free the table itself: nothing may stay allocated once nbdkit
-            // unloads us.
+            // Free the table itself: a host may unload us.
             *registry = None;
         }
     }
 }
 
-fn lookup(name: &str) -> Option<Arc<Image>> {
+fn lookup(name: &str) -> Option<Arc<dyn BlockDevice>> {
     REGISTRY.lock().as_ref()?.get(name).cloned()
 }
 
-/// What each open channel keeps in `private_data`.
+/// What each open channel keeps in `private_data` (see [`ffi::into_raw`]).
 struct Channel {
-    image: Arc<Image>,
+    device: Arc<dyn BlockDevice>,
 }
 
 /// The io_manager table; libext2fs wants a mutable pointer to it but never
@@ -73,7 +69,7 @@ impl Manager {
 
 pub static MANAGER: Manager = Manager(std::cell::UnsafeCell::new(sys::struct_io_manager {
     magic: sys::EXT2_ET_MAGIC_IO_MANAGER as sys::errcode_t,
-    name: c"nbdkit plugin I/O manager".as_ptr(),
+    name: c"ext2-rs block device I/O manager".as_ptr(),
     open: Some(channel_open),
     close: Some(channel_close),
     set_blksize: Some(channel_set_blksize),
@@ -91,8 +87,8 @@ pub static MANAGER: Manager = Manager(std::cell::UnsafeCell::new(sys::struct_io_
     reserved: [0; 14],
 }));
 
-/// Converts a result to the `errcode_t` libext2fs expects: 0, or an errno,
-/// which the library passes through as a system error.
+/// The `errcode_t` libext2fs expects: 0, or an errno, which the library
+/// passes through as a system error.
 fn code(result: Result<(), Errno>) -> sys::errcode_t {
     match result {
         Ok(()) => 0,
@@ -100,26 +96,19 @@ fn code(result: Result<(), Errno>) -> sys::errcode_t {
     }
 }
 
-/// Runs `f`, turning a panic into EIO: a panic must not unwind into C.
-fn guarded(f: impl FnOnce() -> Result<(), Errno>) -> sys::errcode_t {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => code(r),
-        Err(_) => {
-            crate::nbdkit::report::error("internal error (panic) in the I/O manager");
-            sys::errcode_t::from(libc::EIO)
-        }
-    }
-}
-
-/// The channel's state and block size.
+/// A live channel of ours, and its block size.
 ///
 /// # Safety
-/// `channel` must be a channel opened by `channel_open` and not yet closed.
-unsafe fn channel_state<'a>(channel: sys::io_channel) -> (&'a Channel, u64) {
-    // SAFETY: guaranteed by the caller; private_data was set by channel_open.
+/// `channel` is NULL or a channel opened by `channel_open` and not closed.
+unsafe fn channel_state<'a>(channel: sys::io_channel) -> Result<(&'a Channel, u64), Errno> {
+    if channel.is_null() {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: guaranteed by the caller; private_data came from ffi::into_raw.
     unsafe {
         let ch = &*channel;
-        (&*(ch.private_data as *const Channel), ch.block_size as u64)
+        let state = ffi::borrow::<Channel>(ch.private_data).ok_or(Errno::EINVAL)?;
+        Ok((state, ch.block_size as u64))
     }
 }
 
@@ -139,56 +128,66 @@ unsafe extern "C" fn channel_open(
     _flags: c_int,
     channel: *mut sys::io_channel,
 ) -> sys::errcode_t {
-    if name.is_null() || channel.is_null() {
-        return sys::EXT2_ET_BAD_DEVICE_NAME as sys::errcode_t;
-    }
-    // SAFETY: libext2fs passes the NUL-terminated device name it was given.
-    let name = unsafe { CStr::from_ptr(name) };
-    let Some(image) = name.to_str().ok().and_then(lookup) else {
-        return sys::EXT2_ET_BAD_DEVICE_NAME as sys::errcode_t;
-    };
-    let state = Box::new(Channel { image });
-    let io = Box::new(sys::struct_io_channel {
-        magic: sys::EXT2_ET_MAGIC_IO_CHANNEL as sys::errcode_t,
-        manager: MANAGER.as_ptr(),
-        name: name.to_owned().into_raw(),
-        block_size: 1024,
-        refcount: 1,
-        private_data: Box::into_raw(state).cast(),
-        ..Default::default()
+    let opened = ffi::guard("io_manager open", || {
+        if name.is_null() || channel.is_null() {
+            return None;
+        }
+        // SAFETY: libext2fs passes the NUL-terminated device name it was given.
+        let name = unsafe { CStr::from_ptr(name) };
+        let device = name.to_str().ok().and_then(lookup)?;
+        let io = Box::new(sys::struct_io_channel {
+            magic: sys::EXT2_ET_MAGIC_IO_CHANNEL as sys::errcode_t,
+            manager: MANAGER.as_ptr(),
+            name: name.to_owned().into_raw(),
+            block_size: 1024,
+            refcount: 1,
+            private_data: ffi::into_raw(Channel { device }),
+            ..Default::default()
+        });
+        // SAFETY: `channel` is a valid out-pointer supplied by libext2fs.
+        unsafe { *channel = Box::into_raw(io) };
+        Some(())
     });
-    // SAFETY: `channel` is a valid out-pointer supplied by libext2fs.
-    unsafe { *channel = Box::into_raw(io) };
-    0
+    match opened {
+        Some(()) => 0,
+        None => sys::EXT2_ET_BAD_DEVICE_NAME as sys::errcode_t,
+    }
 }
 
 unsafe extern "C" fn channel_close(channel: sys::io_channel) -> sys::errcode_t {
-    // SAFETY: libext2fs closes only channels we opened.
-    let ch = unsafe { &mut *channel };
-    ch.refcount -= 1;
-    if ch.refcount > 0 {
-        return 0;
-    }
-    // SAFETY: these three allocations were made by channel_open with Box and
-    // CString, and are freed exactly once, here.
-    unsafe {
-        drop(Box::from_raw(ch.private_data as *mut Channel));
-        drop(CString::from_raw(ch.name));
-        drop(Box::from_raw(channel));
-    }
-    0
+    code(ffi::guard("io_manager close", || {
+        if channel.is_null() {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: libext2fs closes only channels we opened.
+        let ch = unsafe { &mut *channel };
+        ch.refcount -= 1;
+        if ch.refcount > 0 {
+            return Ok(());
+        }
+        // SAFETY: these three allocations were made by channel_open with
+        // ffi::into_raw, CString and Box, and are freed exactly once, here.
+        unsafe {
+            drop(ffi::from_raw::<Channel>(ch.private_data));
+            drop(CString::from_raw(ch.name));
+            drop(Box::from_raw(channel));
+        }
+        Ok(())
+    }))
 }
 
 unsafe extern "C" fn channel_set_blksize(
     channel: sys::io_channel,
     blksize: c_int,
 ) -> sys::errcode_t {
-    if blksize <= 0 {
-        return sys::errcode_t::from(libc::EINVAL);
-    }
-    // SAFETY: a live channel of ours.
-    unsafe { (*channel).block_size = blksize };
-    0
+    code(ffi::guard("io_manager set_blksize", || {
+        if blksize <= 0 || channel.is_null() {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: a live channel of ours.
+        unsafe { (*channel).block_size = blksize };
+        Ok(())
+    }))
 }
 
 unsafe extern "C" fn channel_read_blk64(
@@ -197,14 +196,14 @@ unsafe extern "C" fn channel_read_blk64(
     count: c_int,
     data: *mut c_void,
 ) -> sys::errcode_t {
-    guarded(|| {
+    code(ffi::guard("io_manager read_blk64", || {
         // SAFETY: a live channel of ours.
-        let (ch, bs) = unsafe { channel_state(channel) };
+        let (ch, bs) = unsafe { channel_state(channel) }?;
         let (offset, len) = extent_of(block, count, bs)?;
         // SAFETY: libext2fs passes a buffer of at least `len` bytes.
         let buf = unsafe { std::slice::from_raw_parts_mut(data.cast::<u8>(), len) };
-        ch.image.metadata_pread(buf, offset)
-    })
+        ch.device.read_at(buf, offset)
+    }))
 }
 
 unsafe extern "C" fn channel_write_blk64(
@@ -213,14 +212,14 @@ unsafe extern "C" fn channel_write_blk64(
     count: c_int,
     data: *const c_void,
 ) -> sys::errcode_t {
-    guarded(|| {
+    code(ffi::guard("io_manager write_blk64", || {
         // SAFETY: a live channel of ours.
-        let (ch, bs) = unsafe { channel_state(channel) };
+        let (ch, bs) = unsafe { channel_state(channel) }?;
         let (offset, len) = extent_of(block, count, bs)?;
         // SAFETY: libext2fs passes a buffer of at least `len` bytes.
         let buf = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-        ch.image.metadata_pwrite(buf, offset)
-    })
+        ch.device.write_at(buf, offset)
+    }))
 }
 
 unsafe extern "C" fn channel_read_blk(
@@ -229,7 +228,7 @@ unsafe extern "C" fn channel_read_blk(
     count: c_int,
     data: *mut c_void,
 ) -> sys::errcode_t {
-    // SAFETY: same contract as the 64-bit variant.
+    // SAFETY: same contract as the 64-bit variant, which guards itself.
     unsafe { channel_read_blk64(channel, block as c_ulonglong, count, data) }
 }
 
@@ -239,7 +238,7 @@ unsafe extern "C" fn channel_write_blk(
     count: c_int,
     data: *const c_void,
 ) -> sys::errcode_t {
-    // SAFETY: same contract as the 64-bit variant.
+    // SAFETY: same contract as the 64-bit variant, which guards itself.
     unsafe { channel_write_blk64(channel, block as c_ulonglong, count, data) }
 }
 
@@ -249,22 +248,22 @@ unsafe extern "C" fn channel_write_byte(
     count: c_int,
     data: *const c_void,
 ) -> sys::errcode_t {
-    guarded(|| {
+    code(ffi::guard("io_manager write_byte", || {
         // SAFETY: a live channel of ours.
-        let (ch, _) = unsafe { channel_state(channel) };
+        let (ch, _) = unsafe { channel_state(channel) }?;
         let len = usize::try_from(count).map_err(|_| Errno::EINVAL)?;
         // SAFETY: libext2fs passes a buffer of `count` bytes.
         let buf = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-        ch.image.metadata_pwrite(buf, offset)
-    })
+        ch.device.write_at(buf, offset)
+    }))
 }
 
 unsafe extern "C" fn channel_flush(channel: sys::io_channel) -> sys::errcode_t {
-    guarded(|| {
+    code(ffi::guard("io_manager flush", || {
         // SAFETY: a live channel of ours.
-        let (ch, _) = unsafe { channel_state(channel) };
-        ch.image.flush()
-    })
+        let (ch, _) = unsafe { channel_state(channel) }?;
+        ch.device.flush()
+    }))
 }
 
 unsafe extern "C" fn channel_zeroout(
@@ -272,15 +271,16 @@ unsafe extern "C" fn channel_zeroout(
     block: c_ulonglong,
     count: c_ulonglong,
 ) -> sys::errcode_t {
-    guarded(|| {
+    code(ffi::guard("io_manager zeroout", || {
         // SAFETY: a live channel of ours.
-        let (ch, bs) = unsafe { channel_state(channel) };
+        let (ch, bs) = unsafe { channel_state(channel) }?;
         let offset = block.checked_mul(bs).ok_or(Errno::EIO)?;
         let len = count.checked_mul(bs).ok_or(Errno::EIO)?;
-        ch.image.metadata_zero(len, offset)
-    })
+        ch.device.zero_at(len, offset)
+    }))
 }
 
+/// No options are known; nothing here can panic.
 unsafe extern "C" fn channel_set_option(
     _channel: sys::io_channel,
     _option: *const c_char,

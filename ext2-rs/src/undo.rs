@@ -12,7 +12,7 @@
 use parking_lot::Mutex;
 
 use crate::error::Result;
-use crate::ext2::fs::Filesystem;
+use crate::fs::Filesystem;
 use crate::sys;
 
 /// One change: `count` blocks from `start` marked in use (+1) or free (-1).
@@ -23,9 +23,11 @@ type Change = (u64, u64, i32);
 static LOG: Mutex<Option<Vec<Change>>> = Mutex::new(None);
 
 unsafe extern "C" fn record_block(_fs: sys::ext2_filsys, blk: sys::blk64_t, inuse: i32) {
-    if let Some(log) = LOG.lock().as_mut() {
-        log.push((blk, 1, inuse));
-    }
+    crate::ffi::guard("block allocation callback", || {
+        if let Some(log) = LOG.lock().as_mut() {
+            log.push((blk, 1, inuse));
+        }
+    })
 }
 
 /// Installs the recording callback (once per open filesystem).

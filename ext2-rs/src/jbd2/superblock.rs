@@ -10,8 +10,8 @@
 use std::ops::RangeInclusive;
 
 use crate::error::{Errno, Error, Result};
-use crate::journal::crc::crc32c;
-use crate::journal::JBD2_MAGIC;
+use crate::jbd2::crc::crc32c;
+use crate::jbd2::JBD2_MAGIC;
 
 pub const SUPERBLOCK_V1: u32 = 3;
 pub const SUPERBLOCK_V2: u32 = 4;

@@ -1,0 +1,53 @@
+//! ext2-rs: safe Rust over libext2fs, for programs that serve or edit
+//! ext2/ext3/ext4 images that live on any block device.
+//!
+//! Layers, from C upwards (a module only uses those above it in this list):
+//! - [`sys`]: bindings generated from the installed libext2fs headers.
+//! - [`error`], [`log`], [`ffi`]: errors and errnos, where messages go, and
+//!   the one C boundary (panic guard, typed `void *` conversions).
+//! - [`device`]: the block-device trait a filesystem lives on; [`io`] is the
+//!   libext2fs `io_manager` over it.
+//! - [`fs`], [`dir`], [`reserved`], [`undo`], [`mapping`]: one open
+//!   filesystem, its directories, the blocks it keeps for itself, undoing a
+//!   failed change in the library's memory, and reading and changing where
+//!   a file's blocks live.
+//! - [`extent_map`]: a file's block map, pure Rust.
+//! - [`jbd2`]: the JBD2 journal format: parsing and recovery.
+//!
+//! libext2fs is not thread-safe, not even for reads: a [`Filesystem`] is
+//! `Send` but not `Sync`, and every method that calls the library takes
+//! `&mut self`, so its owner decides how calls are serialized.
+
+pub mod device;
+pub mod dir;
+pub mod error;
+pub mod extent_map;
+pub mod ffi;
+pub mod fs;
+pub mod io;
+pub mod jbd2;
+pub mod log;
+pub mod mapping;
+pub mod reserved;
+pub mod sys;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod undo;
+
+pub use device::BlockDevice;
+pub use error::{Errno, Error, Ext2Code, Result};
+pub use fs::{Access, Filesystem, Ino, InodeInfo, Layout};
+
+/// Registers libext2fs's message table with com_err, so that error codes
+/// print as the library's words (`Bad magic number in super-block`).
+/// Call once before any message is formatted; undo with [`unload`].
+pub fn load() {
+    // SAFETY: registers a static table; com_err keeps a pointer to it.
+    unsafe { sys::add_error_table(&sys::et_ext2_error_table) };
+}
+
+/// Removes what [`load`] registered.
+pub fn unload() {
+    // SAFETY: the table registered by `load`; com_err frees its list node.
+    unsafe { sys::remove_error_table(&sys::et_ext2_error_table) };
+}
