@@ -3,6 +3,7 @@
 //! `callbacks.rs` turns nbdkit's C calls into calls of the functions here;
 //! nothing here touches a raw pointer.
 
+mod change;
 pub mod config;
 pub mod exports;
 pub mod file;
