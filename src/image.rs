@@ -1,14 +1,13 @@
 //! The image as the filesystem sees it: the plugin's bytes, with the blocks
 //! a journal replay stands in for read from their journal copies.
 //!
-//! Both libext2fs (through the io_manager) and the direct data path read
+//! Both libext2fs (through the io_manager, and for a writable filesystem
+//! through ext2-rs's metadata transactions) and the direct data path read
 //! and write through an [`Image`], so they always agree on what it holds.
 //! An image with a replay is never written: it is served read-only.
 
 use std::ops::Range;
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 
 use ext2_rs::error::Errno;
 use ext2_rs::jbd2::{Replay, JBD2_MAGIC};
@@ -20,17 +19,6 @@ use crate::nbdkit::Plugin;
 pub struct Image {
     plugin: Arc<Plugin>,
     replay: Option<(Replay, u64)>,
-    /// libext2fs's writes held back during a metadata change, and any that
-    /// failed to reach the plugin since; see [`Image::begin_changes`].
-    pending: Mutex<Pending>,
-}
-
-#[derive(Default)]
-struct Pending {
-    /// A metadata change is in progress: hold its writes back.
-    active: bool,
-    /// Writes not yet in the plugin, oldest first: (offset, bytes).
-    writes: Vec<(u64, Vec<u8>)>,
 }
 
 impl Image {
@@ -38,7 +26,6 @@ impl Image {
         Image {
             plugin,
             replay: None,
-            pending: Mutex::new(Pending::default()),
         }
     }
 
@@ -48,7 +35,6 @@ impl Image {
         Image {
             plugin,
             replay: Some((replay, block_size)),
-            pending: Mutex::new(Pending::default()),
         }
     }
 
@@ -127,112 +113,26 @@ impl Image {
     pub fn flush(&self) -> Result<(), Errno> {
         self.plugin.flush()
     }
-
-    // libext2fs's own I/O (through the io_manager) goes through the
-    // functions below, so that a metadata change is all or nothing: its
-    // writes are held back until it has succeeded in memory
-    // (`begin_changes`/`end_changes`), then written in order; what fails
-    // to reach the plugin stays pending, is read back from here, and is
-    // written again before the next change and at every flush.
-
-    /// Starts holding back libext2fs's writes.
-    pub fn begin_changes(&self) {
-        self.pending.lock().active = true;
-    }
-
-    /// Stops holding writes back; `keep` false drops those of the failed
-    /// change (earlier pending writes stay).
-    pub fn end_changes(&self, keep: bool, kept_before: usize) {
-        let mut pending = self.pending.lock();
-        pending.active = false;
-        if !keep {
-            pending.writes.truncate(kept_before);
-        }
-    }
-
-    /// How many writes are pending (to roll a failed change back to).
-    pub fn pending_count(&self) -> usize {
-        self.pending.lock().writes.len()
-    }
-
-    /// Writes the pending writes to the plugin, oldest first; on failure
-    /// the unwritten ones stay pending.
-    pub fn write_pending(&self) -> Result<(), Errno> {
-        let mut pending = self.pending.lock();
-        let mut done = 0;
-        let result = pending.writes.iter().try_for_each(|(offset, data)| {
-            self.pwrite(data, *offset, false)?;
-            done += 1;
-            Ok(())
-        });
-        pending.writes.drain(..done);
-        result
-    }
-
-    /// A libext2fs read: the image, with pending writes laid over it.
-    pub fn metadata_pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        self.pread(buf, offset)?;
-        let pending = self.pending.lock();
-        let end = offset + buf.len() as u64;
-        for (at, data) in &pending.writes {
-            let from = offset.max(*at);
-            let to = end.min(at + data.len() as u64);
-            if from < to {
-                buf[(from - offset) as usize..(to - offset) as usize]
-                    .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
-            }
-        }
-        Ok(())
-    }
-
-    /// A libext2fs write: held back during a change, or queued behind
-    /// pending writes (so that they land in order), else written at once.
-    pub fn metadata_pwrite(&self, buf: &[u8], offset: u64) -> Result<(), Errno> {
-        let mut pending = self.pending.lock();
-        if pending.active || !pending.writes.is_empty() {
-            self.refuse_write()?;
-            pending.writes.push((offset, buf.to_vec()));
-            if pending.active {
-                return Ok(());
-            }
-            drop(pending);
-            return self.write_pending();
-        }
-        drop(pending);
-        self.pwrite(buf, offset, false)
-    }
-
-    /// A libext2fs request to zero blocks (e.g. a new extent node).
-    pub fn metadata_zero(&self, len: u64, offset: u64) -> Result<(), Errno> {
-        let queue = {
-            let pending = self.pending.lock();
-            pending.active || !pending.writes.is_empty()
-        };
-        if queue && len <= 1 << 20 {
-            return self.metadata_pwrite(&vec![0u8; len as usize], offset);
-        }
-        self.write_pending()?;
-        self.zero(len, offset, false, false)
-    }
 }
 
-/// The device libext2fs sees (through ext2-rs's io_manager): the image,
-/// with a metadata change's writes held back until it succeeds.
+/// The device the filesystem lives on: read-only, libext2fs reads it
+/// directly; read-write, it is the device under ext2-rs's transactions
+/// (`ext2_rs::txn`), which alone write metadata to it.
 impl BlockDevice for Image {
     fn size(&self) -> u64 {
         Image::size(self)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        self.metadata_pread(buf, offset)
+        self.pread(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Errno> {
-        self.metadata_pwrite(buf, offset)
+        self.pwrite(buf, offset, false)
     }
 
     fn zero_at(&self, len: u64, offset: u64) -> Result<(), Errno> {
-        self.metadata_zero(len, offset)
+        self.zero(len, offset, false, false)
     }
 
     fn flush(&self) -> Result<(), Errno> {

@@ -18,6 +18,8 @@
 //! `Send` but not `Sync`, and every method that calls the library takes
 //! `&mut self`, so its owner decides how calls are serialized.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod crash;
 pub mod device;
 pub mod dir;
 pub mod error;
@@ -29,9 +31,11 @@ pub mod jbd2;
 pub mod log;
 pub mod mapping;
 pub mod reserved;
+pub mod sb;
 pub mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod txn;
 pub mod undo;
 
 pub use device::BlockDevice;

@@ -567,7 +567,11 @@ pub fn mark_written(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Resu
     Ok(())
 }
 
-/// Frees the blocks of file blocks `[start, end)` of an extent file.
+/// Frees the blocks of file blocks `[start, end)` of an extent file, or
+/// of its first part: it stops once it has changed about `budget` metadata
+/// blocks (extent edits and block groups freed into, each a node or bitmap
+/// a transaction must write) and returns the file block it stopped at,
+/// `end` when it is done.  Call it again from there.
 ///
 /// Not `ext2fs_punch`: in 1.47.0 it frees far more than asked on
 /// block-pointer files, overflows its count past 2^31 blocks, and ignores a
@@ -575,7 +579,14 @@ pub fn mark_written(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Resu
 /// it edit the wrong node.  Here every step is checked, one extent at a
 /// time.  Not on bigalloc filesystems, where a cluster may stay partly in
 /// use (the caller does not offer it).
-pub fn punch(fs: &mut Filesystem, ino: Ino, layout: Layout, start: u64, end: u64) -> Result<()> {
+pub fn punch(
+    fs: &mut Filesystem,
+    ino: Ino,
+    layout: Layout,
+    start: u64,
+    end: u64,
+    budget: u64,
+) -> Result<u64> {
     if layout != Layout::Extents || fs.cluster_ratio() != 1 {
         return Err(Error::other(
             Errno::ENOTSUP,
@@ -583,7 +594,7 @@ pub fn punch(fs: &mut Filesystem, ino: Ino, layout: Layout, start: u64, end: u64
         ));
     }
     let mut freed = 0u64;
-    let result = punch_extents(fs, ino, start, end, &mut freed);
+    let result = punch_extents(fs, ino, start, end, budget.max(1), &mut freed);
     if freed > 0 {
         // Whatever happened, the inode must count what was freed.
         let mut inode = fs.read_inode_raw(ino)?;
@@ -600,16 +611,24 @@ fn punch_extents(
     ino: Ino,
     start: u64,
     end: u64,
+    budget: u64,
     freed: &mut u64,
-) -> Result<()> {
+) -> Result<u64> {
+    let first_data = u64::from(fs.super_block().s_first_data_block);
+    let per_group = u64::from(fs.super_block().s_blocks_per_group).max(1);
+    let mut groups = std::collections::BTreeSet::new();
+    let mut edits = 0u64;
     let mut block = start;
     while block < end {
+        if edits + groups.len() as u64 >= budget {
+            return Ok(block);
+        }
         let mut handle = ExtentHandle::open(fs, ino)?;
         let found = handle.goto(block)?;
         let cur = match handle.get(sys::EXT2_EXTENT_CURRENT) {
             Ok(cur) => cur,
             // An empty tree: nothing left to free.
-            Err(code) if code == sys::EXT2_ET_NO_CURRENT_NODE as sys::errcode_t => return Ok(()),
+            Err(code) if code == sys::EXT2_ET_NO_CURRENT_NODE as sys::errcode_t => return Ok(end),
             Err(code) => return Err(Error::ext2("extent_get", code)),
         };
         let (c_start, c_len) = (cur.e_lblk, u64::from(cur.e_len));
@@ -630,7 +649,7 @@ fn punch_extents(
                     block = next;
                     continue;
                 }
-                _ => return Ok(()),
+                _ => return Ok(end),
             }
         }
         let cut_end = end.min(c_end);
@@ -667,9 +686,15 @@ fn punch_extents(
         // The blocks were the file's and are no longer referenced.
         undo::block_stats_range(fs, at(block), count, -1);
         *freed += count;
+        edits += 1;
+        let (g1, g2) = (
+            at(block).saturating_sub(first_data) / per_group,
+            (at(block) + count - 1).saturating_sub(first_data) / per_group,
+        );
+        groups.extend(g1..=g2.min(g1 + budget));
         block = cut_end;
     }
-    Ok(())
+    Ok(end)
 }
 
 #[cfg(test)]

@@ -26,7 +26,8 @@ impl ServedFile {
         (first..end, buf)
     }
 
-    /// Allocates blocks for a hole, fills them, then links them to the file.
+    /// Allocates blocks for a hole, fills them, then links them to the
+    /// file, as one change: if any step fails nothing happened.
     pub(super) fn fill_hole(
         &self,
         shared: &Shared,
@@ -37,52 +38,39 @@ impl ServedFile {
         let bs = map.block_size();
         let (blocks, buf) = self.padded_blocks(map, piece, bytes);
         let count = blocks.end - blocks.start;
-        // Keep flush from recording these blocks as used before they are linked.
-        let _pass = shared.allocation_pass();
-        let (runs, new_units) = {
-            let mut fs = shared.lock_fs()?;
-            shared.change_metadata(&mut fs, |fs| {
-                let goal = match blocks
-                    .start
-                    .checked_sub(1)
-                    .map(|b| map.pieces(b * bs, 1)[0].content)
-                {
-                    Some(Content::Data { image_offset })
-                    | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
-                    _ => mapping::goal_for(fs, self.ino, blocks.start)?,
-                };
-                let ratio = fs.cluster_ratio();
-                if ratio == 1 {
-                    let runs = mapping::allocate(fs, goal, count)?;
-                    Ok((runs.clone(), runs))
-                } else {
-                    let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
-                    mapping::allocate_clustered(fs, blocks.clone(), existing, goal)
-                }
-            })?
-        };
-        let mut at = 0usize;
-        for &(physical, len) in &runs {
-            let n = (len * bs) as usize;
-            if let Err(e) = shared.image.pwrite(&buf[at..at + n], physical * bs, false) {
-                if let Ok(mut fs) = shared.lock_fs() {
-                    mapping::free_blocks(&mut fs, &new_units);
-                }
-                return Err(e.into());
+        let runs = shared.change(self.ino, |tx| {
+            let fs = tx.fs();
+            let goal = match blocks
+                .start
+                .checked_sub(1)
+                .map(|b| map.pieces(b * bs, 1)[0].content)
+            {
+                Some(Content::Data { image_offset })
+                | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
+                _ => mapping::goal_for(fs, self.ino, blocks.start)?,
+            };
+            let ratio = fs.cluster_ratio();
+            let (runs, new_units) = if ratio == 1 {
+                let runs = mapping::allocate(fs, goal, count)?;
+                (runs.clone(), runs)
+            } else {
+                let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
+                mapping::allocate_clustered(fs, blocks.clone(), existing, goal)?
+            };
+            // The data first: the blocks are linked only once they hold it
+            // (and a commit flushes the plugin before it makes the link
+            // durable), so the file never exposes what they held before.
+            let mut at = 0usize;
+            for &(physical, len) in &runs {
+                let n = (len * bs) as usize;
+                tx.write_data(&buf[at..at + n], physical * bs)?;
+                at += n;
             }
-            at += n;
-        }
-        let mut fs = shared.lock_fs()?;
-        let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
-        let linked = shared.change_metadata(&mut fs, |fs| {
-            mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)
-        });
-        if let Err(e) = linked {
-            // Rolled back: nothing was linked, so the blocks go back.
-            mapping::free_blocks(&mut fs, &new_units);
-            return Err(e);
-        }
-        drop(fs);
+            let fs = tx.fs();
+            let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
+            mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)?;
+            Ok(runs)
+        })?;
         let mut logical = blocks.start;
         let new: Vec<Extent> = runs
             .iter()
@@ -108,7 +96,7 @@ impl ServedFile {
         Ok(())
     }
 
-    /// Fills unwritten blocks, then marks them written.
+    /// Fills unwritten blocks, then marks them written, as one change.
     pub(super) fn fill_unwritten(
         &self,
         shared: &Shared,
@@ -120,12 +108,10 @@ impl ServedFile {
         let bs = map.block_size();
         let (blocks, buf) = self.padded_blocks(map, piece, bytes);
         let physical = (image_offset - (piece.file_offset - blocks.start * bs)) / bs;
-        shared.image.pwrite(&buf, physical * bs, false)?;
-        let mut fs = shared.lock_fs()?;
-        shared.change_metadata(&mut fs, |fs| {
-            mapping::mark_written(fs, self.ino, blocks.start, blocks.end)
+        shared.change(self.ino, |tx| {
+            tx.write_data(&buf, physical * bs)?;
+            mapping::mark_written(tx.fs(), self.ino, blocks.start, blocks.end)
         })?;
-        drop(fs);
         map.replace_range(
             blocks.start,
             blocks.end,
@@ -145,6 +131,10 @@ impl ServedFile {
         Ok(())
     }
 
+    /// Frees the blocks of file blocks `blocks`, in as many changes as the
+    /// range needs to keep each transaction small.  Each change is
+    /// committed before the next one runs (see `Shared::change`), so no
+    /// freed block is reused while a crash could bring its owner back.
     pub(super) fn punch(
         &self,
         shared: &Shared,
@@ -159,12 +149,15 @@ impl ServedFile {
         if blocks.is_empty() || !owns_blocks {
             return Ok(());
         }
-        let mut fs = shared.lock_fs()?;
-        shared.change_metadata(&mut fs, |fs| {
-            mapping::punch(fs, self.ino, self.layout, blocks.start, blocks.end)
-        })?;
-        drop(fs);
-        map.replace_range(blocks.start, blocks.end, &[]);
+        let mut at = blocks.start;
+        while at < blocks.end {
+            let done = shared.change(self.ino, |tx| {
+                let budget = tx.budget();
+                mapping::punch(tx.fs(), self.ino, self.layout, at, blocks.end, budget)
+            })?;
+            map.replace_range(at, done, &[]);
+            at = done;
+        }
         nbd_debug!(ext2_debug_map, "{}: freed blocks {:?}", self.path, blocks);
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! nothing here touches a raw pointer.
 
 mod change;
+mod committer;
 pub mod config;
 pub mod exports;
 pub mod file;

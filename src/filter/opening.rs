@@ -10,7 +10,12 @@ use crate::nbdkit::report::{ext2_debug_journal, nbd_debug};
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
+use ext2_rs::txn::Transactions;
 use ext2_rs::{Access, Filesystem};
+
+/// An open filesystem: its image, and the transactions that change it
+/// when it is writable.
+pub type Opened = (Arc<Image>, Filesystem, Access, Option<Transactions>);
 
 /// Opens the filesystem over `plugin`.  A filesystem libext2fs can only
 /// read is served read-only with a message saying why.  One whose
@@ -18,11 +23,7 @@ use ext2_rs::{Access, Filesystem};
 /// in memory, with a message; or, with `ext2journal=replay` when it
 /// could be written, has the replay written into the image first (see
 /// [`replay_into_image`]) and is served read-write.
-pub fn open_filesystem(
-    plugin: Plugin,
-    want_write: bool,
-    journal: JournalMode,
-) -> Result<(Arc<Image>, Filesystem, Access)> {
+pub fn open_filesystem(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Opened> {
     let plugin = Arc::new(plugin);
     let image = Arc::new(Image::new(plugin.clone()));
     let can_write = want_write && plugin.capabilities().can_write;
@@ -35,11 +36,11 @@ pub fn open_filesystem(
         return open_unclean(plugin, image, fs, can_write, journal);
     }
     if !can_write {
-        return Ok((image, fs, Access::ReadOnly));
+        return Ok((image, fs, Access::ReadOnly, None));
     }
     drop(fs);
-    let (fs, access) = open_writable(&image)?;
-    Ok((image, fs, access))
+    let (fs, access, tx) = open_writable(&image)?;
+    Ok((image, fs, access, tx))
 }
 
 /// Opens a filesystem whose journal needs recovery (`fs` is it, open
@@ -52,8 +53,9 @@ fn open_unclean(
     mut fs: Filesystem,
     can_write: bool,
     journal: JournalMode,
-) -> Result<(Arc<Image>, Filesystem, Access)> {
+) -> Result<Opened> {
     let mut access = Access::ReadOnly;
+    let mut tx = None;
     let unwritable =
         fs.super_block().s_feature_ro_compat & !ext2_rs::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
     let mut write_out = can_write && journal == JournalMode::Replay;
@@ -102,6 +104,11 @@ fn open_unclean(
                 .map_err(|e| after(e, "opening the filesystem read-write"))?;
             fs.clear_needs_recovery()
                 .map_err(|e| after(e, "clearing needs_recovery"))?;
+            drop(fs);
+            let (writable, transactions) = ext2_rs::txn::open_read_write(image.clone())
+                .map_err(|e| after(e, "opening the filesystem read-write"))?;
+            fs = writable;
+            tx = Some(transactions);
             crate::nbdkit::report::error(&format!(
                 "replayed {count} blocks of the journal into the image; the journal is \
                  marked empty and needs_recovery cleared, as e2fsck does: serving read-write"
@@ -120,13 +127,14 @@ fn open_unclean(
             fs = Filesystem::open(image.clone(), access)?;
         }
     }
-    Ok((image, fs, access))
+    Ok((image, fs, access, tx))
 }
 
-/// Opens the filesystem on `image` read-write or, when it has features
-/// libext2fs can read but not write, read-only with a message.
-fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Access)> {
-    match Filesystem::open(image.clone(), Access::ReadWrite) {
+/// Opens the filesystem on `image` read-write, its metadata changed only
+/// through crash-consistent transactions (`ext2_rs::txn`), or, when it has
+/// features libext2fs can read but not write, read-only with a message.
+fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Access, Option<Transactions>)> {
+    match ext2_rs::txn::open_read_write(image.clone()) {
         Err(Error::Ext2 { code, .. })
             if code.0 == ext2_rs::sys::EXT2_ET_RO_UNSUPP_FEATURE as ext2_rs::sys::errcode_t =>
         {
@@ -134,9 +142,12 @@ fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Access)> {
                 "the filesystem has features libext2fs can read but not write: serving read-only",
             );
             let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
-            Ok((fs, Access::ReadOnly))
+            Ok((fs, Access::ReadOnly, None))
         }
-        other => Ok((other?, Access::ReadWrite)),
+        other => {
+            let (fs, tx) = other?;
+            Ok((fs, Access::ReadWrite, Some(tx)))
+        }
     }
 }
 

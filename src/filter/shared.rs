@@ -1,16 +1,19 @@
-//! The one filesystem all connections share, and the registry of files
-//! being served from it.
+//! The one filesystem all connections share, the registry of files being
+//! served from it, and the one way to change its metadata
+//! ([`Shared::change`]).
 //!
-//! Lock order, outermost first: the registry, a file's map, the allocation
-//! gate, the filesystem lock.  Plugin I/O for file data happens under a
-//! file's map lock at most, never under the filesystem lock.
+//! Lock order, outermost first: the registry, a file's map, the filesystem
+//! lock.  Plugin I/O for file data happens under a file's map lock; only a
+//! change's own data (the blocks it links) is written under the filesystem
+//! lock, so that a change is one unit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use parking_lot::{MappedMutexGuard, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
+use crate::filter::committer::Committer;
 use crate::filter::config::JournalMode;
 use crate::filter::file::ServedFile;
 use crate::filter::opening;
@@ -19,33 +22,64 @@ use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_erro
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::FileMap;
+use ext2_rs::txn::{Durability, Transactions};
 use ext2_rs::{mapping, Access, Filesystem, Ino};
+
+/// The filesystem and, when it is writable, its running transaction:
+/// what the process-wide libext2fs lock guards.
+pub struct FsState {
+    pub fs: Filesystem,
+    pub tx: Option<Transactions>,
+}
 
 pub struct Shared {
     /// Where file data and metadata are read and written.
     pub image: Arc<Image>,
     /// The process-wide libext2fs lock: every library call holds it.
     /// Emptied by [`Shared::shutdown`].
-    fs: Mutex<Option<Filesystem>>,
-    /// Held shared from allocating blocks until they are linked into a file,
-    /// and exclusively by flush, so a flush never records blocks as in use
-    /// that no file owns yet.
-    alloc_gate: RwLock<()>,
+    state: Arc<Mutex<Option<FsState>>>,
+    committer: Committer,
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
     pub block_size: u32,
     pub access: Access,
+}
+
+/// What a change's closure works with: the filesystem, and the image for
+/// the file data it writes before linking it.
+pub struct Tx<'a> {
+    fs: &'a mut Filesystem,
+    image: &'a Image,
+    budget: u64,
+}
+
+impl Tx<'_> {
+    pub fn fs(&mut self) -> &mut Filesystem {
+        self.fs
+    }
+
+    /// Writes file data into blocks the change allocated (or owns
+    /// unwritten), before it links them: a failure fails the change.
+    pub fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Ok(self.image.pwrite(buf, offset, false)?)
+    }
+
+    /// About how many metadata blocks one change may touch; a change that
+    /// could touch more (freeing a long range) splits itself.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
 }
 
 impl Shared {
     /// Opens the filesystem over `plugin`, read-write if `want_write` and
     /// the image allows it (see [`opening::open_filesystem`]).
     pub fn open(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Shared> {
-        let (image, fs, access) = opening::open_filesystem(plugin, want_write, journal)?;
+        let (image, fs, access, tx) = opening::open_filesystem(plugin, want_write, journal)?;
         Ok(Shared {
             block_size: fs.block_size(),
             image,
-            fs: Mutex::new(Some(fs)),
-            alloc_gate: RwLock::new(()),
+            state: Arc::new(Mutex::new(Some(FsState { fs, tx }))),
+            committer: Committer::default(),
             files: Mutex::new(HashMap::new()),
             access,
         })
@@ -60,9 +94,9 @@ impl Shared {
     }
 
     /// Takes the libext2fs lock.
-    pub fn lock_fs(&self) -> Result<MappedMutexGuard<'_, Filesystem>> {
+    fn lock_state(&self) -> Result<MappedMutexGuard<'_, FsState>> {
         let start = ext2_debug_lock.enabled().then(Instant::now);
-        let guard = self.fs.lock();
+        let guard = self.state.lock();
         if let Some(waited) = start.map(|s| s.elapsed()) {
             if waited.as_micros() >= 1000 {
                 nbd_debug!(
@@ -76,23 +110,38 @@ impl Shared {
             .map_err(|_| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))
     }
 
-    /// `.cleanup`: closes the filesystem, writing its metadata, then the
-    /// plugin context.  nbdkit may clean up while connections still hold
-    /// this state: their later requests fail with ESHUTDOWN.
+    /// Takes the libext2fs lock, to read the filesystem (changes go through
+    /// [`Shared::change`]).
+    pub fn lock_fs(&self) -> Result<MappedMutexGuard<'_, Filesystem>> {
+        Ok(MappedMutexGuard::map(self.lock_state()?, |state| {
+            &mut state.fs
+        }))
+    }
+
+    /// `.cleanup`: commits what is still in memory and leaves the image as
+    /// a clean unmount does (see `Transactions::shutdown`), closes the
+    /// filesystem, then the plugin context.  nbdkit may clean up while
+    /// connections still hold this state: their later requests fail with
+    /// ESHUTDOWN.  Metadata that cannot be written now is reported: it is
+    /// lost, and the image holds what the last commit left (recoverable).
     pub fn shutdown(&self) {
-        {
-            let _no_allocations = self.alloc_gate.write();
-            // Dropping the filesystem closes it (ext2fs_close2 flushes).
-            drop(self.fs.lock().take());
+        self.committer.stop();
+        if let Some(FsState { mut fs, tx }) = self.state.lock().take() {
+            if let Some(mut tx) = tx {
+                if let Err(e) = tx.shutdown(&mut fs) {
+                    nbd_error!(
+                        "shutdown: the last metadata changes could not be written ({e}): the \
+                         image holds what the last commit left, which e2fsck or the kernel \
+                         recovers"
+                    );
+                }
+            }
+            drop(fs);
         }
         if let Err(e) = self.image.flush() {
             nbd_error!("flushing the plugin at shutdown failed (errno {})", e.get());
         }
         self.image.plugin().close();
-    }
-
-    pub fn allocation_pass(&self) -> RwLockReadGuard<'_, ()> {
-        self.alloc_gate.read()
     }
 
     /// The shared state of the file at `path`, building its block map the
@@ -150,55 +199,39 @@ impl Shared {
         Ok(file)
     }
 
-    /// Runs a change of the filesystem's metadata as one unit: its writes
-    /// reach the plugin only if it succeeds in libext2fs's memory, and if it
-    /// fails, the library's memory is rolled back too (`ext2::undo`), so a
-    /// failing plugin never leaves half a change behind.  Writes that then
-    /// fail to reach the plugin stay pending in the image, are read back
-    /// from there, and are retried before the next change and by flush,
-    /// which reports the failure: until a flush succeeds nothing was
-    /// promised durable.
-    pub fn change_metadata<T>(
-        &self,
-        fs: &mut Filesystem,
-        op: impl FnOnce(&mut Filesystem) -> Result<T>,
-    ) -> Result<T> {
-        self.image.write_pending().map_err(|errno| {
-            Error::other(
-                errno,
-                "earlier metadata writes still fail to reach the plugin",
-            )
-        })?;
-        let before = self.image.pending_count();
-        self.image.begin_changes();
-        let result = ext2_rs::undo::with_undo(fs, op);
-        self.image.end_changes(result.is_ok(), before);
-        let value = result?;
-        if let Err(errno) = self.image.write_pending() {
-            nbd_debug!(
-                ext2_debug_map,
-                "metadata writes failed (errno {}): kept for the next flush",
-                errno.get()
-            );
-        }
-        Ok(value)
+    /// Changes the filesystem's metadata as one unit, in the running
+    /// transaction (see `ext2_rs::txn`): `op` gets the filesystem and may
+    /// write the file data it is about to link ([`Tx::write_data`]).  If
+    /// `op` fails, or panics, everything it did is undone in libext2fs's
+    /// memory and none of its metadata is ever written; the error (or the
+    /// panic) goes on to the caller.  When it succeeds its metadata reaches
+    /// the image only in a commit that keeps the image recoverable: at a
+    /// client's flush or FUA, when the transaction grows large, at once
+    /// for a change that freed blocks, or within a second in the
+    /// background.  `ino` is the inode it changes.
+    pub fn change<T>(&self, ino: Ino, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.committer.ensure_started(&self.state);
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        let tx = tx
+            .as_mut()
+            .ok_or_else(|| Error::other(Errno::EROFS, "the filesystem is read-only"))?;
+        let budget = tx.change_limit();
+        let image = &*self.image;
+        tx.change(fs, Some(ino), |fs| op(&mut Tx { fs, image, budget }))
     }
 
-    /// Makes the filesystem's metadata and then the plugin durable.
+    /// Makes everything durable: commits the metadata home (see
+    /// `Transactions::commit`) and flushes the plugin.
     pub fn flush(&self) -> Result<()> {
-        if self.writable() {
-            let _no_allocations = self.alloc_gate.write();
-            let mut fs = self.lock_fs()?;
-            self.image.write_pending().map_err(|errno| {
-                Error::other(
-                    errno,
-                    "flush: metadata writes still fail to reach the plugin",
-                )
-            })?;
-            // ext2fs_flush2 ends with a flush of our channel, i.e. the plugin.
-            fs.flush()
-        } else {
-            self.image.flush().map_err(Error::from)
+        if !self.writable() {
+            return self.image.flush().map_err(Error::from);
+        }
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        match tx {
+            Some(tx) => tx.commit(fs, Durability::Home),
+            None => self.image.flush().map_err(Error::from),
         }
     }
 }

@@ -1,0 +1,409 @@
+//! Crash-consistent metadata: every change libext2fs makes is held in
+//! memory and reaches the device only in commits that keep the filesystem
+//! recoverable after a power cut at any instant, whatever subset of the
+//! writes since the last device flush survives.
+//!
+//! - **With a journal** (ext3/ext4): a commit is one JBD2 transaction in
+//!   the filesystem's own journal ([`journal`]): the log blocks, a flush,
+//!   the commit block, a flush, then the blocks at their home locations.
+//!   The journal's replay alone (the kernel at mount, `e2fsck -E
+//!   journal_only`) gives a consistent filesystem.
+//! - **Without one** (ext2, `^has_journal`, or a journal this crate does
+//!   not write): [`ordered`] writes clear `EXT2_VALID_FS` first, then
+//!   allocation records before the pointers to what they allocate, and
+//!   frees after the pointers are gone, with copy-on-write of extent nodes,
+//!   so that a crash leaks blocks at worst, which `fsck -p` repairs
+//!   without asking.
+//!
+//! Both rely on the host writing file data straight to the device before
+//! the change that links it ([`Transactions::change`]): a commit flushes
+//! the device before it makes new pointers durable (`data=ordered`).  A
+//! change that frees blocks is committed before any later change runs, so
+//! no freed block is reused while a crash could still bring back a pointer
+//! to it.
+//!
+//! [`open_read_write`] opens a filesystem this way; [`Transactions`] is
+//! the one way to change it.
+
+mod cache;
+mod journal;
+mod ordered;
+mod relocate;
+#[cfg(test)]
+mod tests;
+mod touched;
+
+use std::collections::BTreeSet;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::debug;
+use crate::device::BlockDevice;
+use crate::error::{Errno, Error, Result};
+use crate::fs::{Access, Filesystem, Ino};
+use crate::log::Topic;
+use crate::sb;
+use crate::sys;
+use crate::undo;
+
+pub use cache::MetaCache;
+use journal::JournalLog;
+use ordered::Ordered;
+use touched::Touched;
+
+/// How far a commit goes before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// The metadata is recoverable after a crash (with a journal: the
+    /// transaction is committed in it; its home writes are issued but not
+    /// yet flushed).
+    Recoverable,
+    /// The metadata is at its home locations and the device flushed: the
+    /// image is consistent as it stands, with no journal replay needed.
+    Home,
+}
+
+/// How crash consistency is kept for this filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Journal,
+    Ordered,
+}
+
+enum Mode {
+    Journal(Box<JournalLog>),
+    Ordered(Ordered),
+}
+
+/// The running transaction of an open filesystem, and how it commits.
+pub struct Transactions {
+    cache: Arc<MetaCache>,
+    mode: Mode,
+    touched: Touched,
+    /// Inodes changed since the last commit.
+    inodes: BTreeSet<Ino>,
+    /// When the oldest uncommitted change was made.
+    since: Option<Instant>,
+    /// A change freed blocks and has not been committed yet: nothing may
+    /// allocate until it is.
+    frees_pending: bool,
+    first_data_block: u64,
+    blocks_per_group: u64,
+    /// Blocks of group descriptors (each may change with a group).
+    desc_blocks: u64,
+}
+
+/// The block size of the filesystem on `raw`, from its superblock (1024 if
+/// there is no valid one: opening will say what is wrong).
+fn block_size_of(raw: &dyn BlockDevice) -> u64 {
+    let mut superblock = vec![0u8; sb::BYTES];
+    if raw.read_at(&mut superblock, sb::OFFSET).is_err() || !sb::is_superblock(&superblock) {
+        return 1024;
+    }
+    let log = u32::from_le_bytes(superblock[0x18..0x1c].try_into().expect("four bytes"));
+    if log > 6 {
+        return 1024;
+    }
+    1024 << log
+}
+
+/// Opens the filesystem on `raw` read-write, with its metadata going
+/// through a [`MetaCache`] and committed by the returned [`Transactions`]:
+/// in the journal when there is one this crate can write, in crash-safe
+/// order otherwise (saying why, when a journal is there but not used).
+/// Nothing is written until the first commit.
+pub fn open_read_write(raw: Arc<dyn BlockDevice>) -> Result<(Filesystem, Transactions)> {
+    let bs = block_size_of(raw.as_ref());
+    let cache = Arc::new(MetaCache::new(raw, bs));
+    let mut fs = Filesystem::open(cache.clone(), Access::ReadWrite)?;
+    // SAFETY: open filesystem; orig_super is libext2fs's copy of the
+    // superblock as last written, freed and cleared here so that every
+    // flush writes the whole superblock as it is in memory (instead of
+    // only the bytes libext2fs believes changed, which would mix with what
+    // this crate writes to the superblock directly).
+    unsafe {
+        let raw_fs = fs.raw();
+        sys::ext2fs_free_mem(std::ptr::addr_of_mut!((*raw_fs).orig_super).cast());
+    }
+    let mode = choose_mode(&mut fs, &cache)?;
+    // SAFETY: open filesystem; plain fields.
+    let (desc_blocks, group_count) =
+        unsafe { ((*fs.raw()).desc_blocks, (*fs.raw()).group_desc_count) };
+    let sb = fs.super_block();
+    let tx = Transactions {
+        first_data_block: u64::from(sb.s_first_data_block),
+        blocks_per_group: u64::from(sb.s_blocks_per_group).max(1),
+        desc_blocks,
+        cache,
+        mode,
+        touched: Touched::default(),
+        inodes: BTreeSet::new(),
+        since: None,
+        frees_pending: false,
+    };
+    debug!(
+        Topic::Journal,
+        "transactions: {:?} ({bs}-byte blocks, {group_count} groups)",
+        tx.method()
+    );
+    Ok((fs, tx))
+}
+
+fn choose_mode(fs: &mut Filesystem, cache: &Arc<MetaCache>) -> Result<Mode> {
+    let has_journal = fs.super_block().s_feature_compat & sys::EXT3_FEATURE_COMPAT_HAS_JOURNAL != 0;
+    if has_journal {
+        match JournalLog::open(fs, cache) {
+            Ok(log) => return Ok(Mode::Journal(Box::new(log))),
+            Err(why) => crate::log::error(&format!(
+                "{why}: metadata is not journalled but written in crash-safe order, as \
+                 without a journal (after a crash, fsck -p repairs the filesystem)"
+            )),
+        }
+    }
+    Ok(Mode::Ordered(Ordered::open(fs, cache)?))
+}
+
+impl Transactions {
+    pub fn method(&self) -> Method {
+        match self.mode {
+            Mode::Journal(_) => Method::Journal,
+            Mode::Ordered(_) => Method::Ordered,
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<MetaCache> {
+        &self.cache
+    }
+
+    /// Whether anything awaits a commit.
+    pub fn is_empty(&self) -> bool {
+        self.cache.dirty_len() == 0 && self.touched.is_empty()
+    }
+
+    /// How long the oldest uncommitted change has waited.
+    pub fn age(&self) -> Option<Duration> {
+        self.since.map(|t| t.elapsed())
+    }
+
+    /// Blocks the running transaction will write, roughly: those written so
+    /// far, plus a bitmap and a descriptor block for each group whose
+    /// allocations changed, plus the superblock.
+    pub fn estimated_blocks(&self) -> u64 {
+        let groups = self
+            .touched
+            .groups(self.first_data_block, self.blocks_per_group);
+        self.cache.dirty_len() as u64
+            + self.cache.change_len() as u64
+            + groups
+            + groups.min(self.desc_blocks)
+            + 1
+    }
+
+    /// Blocks a transaction should not outgrow: a quarter of the journal,
+    /// as JBD2 does, or a memory bound without one.
+    pub fn commit_threshold(&self) -> u64 {
+        match &self.mode {
+            Mode::Journal(log) => log.max_transaction(),
+            Mode::Ordered(_) => ordered::MAX_TRANSACTION,
+        }
+    }
+
+    /// How many blocks one change may write at most: a change that needs
+    /// more is refused (the caller makes its changes smaller than this).
+    pub fn change_limit(&self) -> u64 {
+        self.commit_threshold()
+    }
+
+    /// Runs one change of the filesystem's metadata as a unit.  `op` may
+    /// write file data to the device itself (it must, before it links
+    /// blocks to a file: see the module documentation).  If `op` fails or
+    /// panics, the change is undone in libext2fs's memory and its writes
+    /// dropped, and the error (or the panic) goes on to the caller.  If it
+    /// succeeds, its writes join the running transaction; a change that
+    /// freed blocks is committed at once.  `ino` is the inode it changes.
+    pub fn change<T>(
+        &mut self,
+        fs: &mut Filesystem,
+        ino: Option<Ino>,
+        op: impl FnOnce(&mut Filesystem) -> Result<T>,
+    ) -> Result<T> {
+        if self.frees_pending {
+            self.commit(fs, Durability::Recoverable).map_err(|e| {
+                e.in_context("blocks freed earlier cannot be committed, so none may be allocated")
+            })?;
+        }
+        if self.estimated_blocks() >= self.commit_threshold() {
+            self.commit(fs, Durability::Recoverable)?;
+        }
+        self.cache.begin_change();
+        let recording = undo::Recording::start(fs);
+        let outcome = catch_unwind(AssertUnwindSafe(|| op(fs)));
+        let changes = recording.finish();
+        let result = match outcome {
+            Ok(Ok(value)) => {
+                let size = self.estimated_blocks();
+                if size > self.change_limit() + self.commit_threshold() / 2 {
+                    Err(Error::other(
+                        Errno::EFBIG,
+                        format!(
+                            "a change of about {size} metadata blocks is too large for one \
+                             transaction (at most {})",
+                            self.change_limit()
+                        ),
+                    ))
+                } else {
+                    Ok(value)
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(panic) => {
+                undo::reverse(fs, &changes);
+                self.cache.end_change(false);
+                resume_unwind(panic)
+            }
+        };
+        let value = match result {
+            Ok(value) => value,
+            Err(e) => {
+                undo::reverse(fs, &changes);
+                self.cache.end_change(false);
+                return Err(e);
+            }
+        };
+        self.cache.end_change(true);
+        let mut freed = false;
+        for &(start, count, inuse) in &changes {
+            self.touched.note(start, count, inuse);
+            // The block may hold file data from now on (or did until now).
+            self.cache.forget_clean(start, count);
+            freed |= inuse < 0;
+        }
+        if let Some(ino) = ino {
+            self.inodes.insert(ino);
+        }
+        self.since.get_or_insert_with(Instant::now);
+        if freed {
+            // The change happened (the caller must go on as if it did):
+            // committing it now is what lets the freed blocks be reused.
+            // If that fails, nothing allocates until a commit succeeds
+            // (see the top of this function), and the next flush reports it.
+            self.frees_pending = true;
+            if let Err(e) = self.commit(fs, Durability::Recoverable) {
+                debug!(
+                    Topic::Journal,
+                    "committing freed blocks failed ({e}): retried before the next change"
+                );
+            }
+        }
+        Ok(value)
+    }
+
+    /// Commits the running transaction as far as `durability` asks; with
+    /// nothing to commit, flushes the device when `Home` is asked.  On
+    /// failure everything stays in the running transaction, to be retried.
+    pub fn commit(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
+        let _remember = self.cache.remembering();
+        match &mut self.mode {
+            Mode::Journal(log) => log.commit(fs, &self.cache, &self.touched, durability)?,
+            Mode::Ordered(ordered) => {
+                ordered.commit(fs, &self.cache, &mut self.touched, &self.inodes, durability)?
+            }
+        }
+        self.touched.clear();
+        self.inodes.clear();
+        self.since = None;
+        self.frees_pending = false;
+        Ok(())
+    }
+
+    /// A clean shutdown: commits everything home, then leaves the image as
+    /// a clean unmount does (the journal empty and `needs_recovery`
+    /// cleared; or `EXT2_VALID_FS` set without a journal).
+    pub fn shutdown(&mut self, fs: &mut Filesystem) -> Result<()> {
+        self.commit(fs, Durability::Home)?;
+        match &mut self.mode {
+            Mode::Journal(log) => log.shutdown(&self.cache),
+            Mode::Ordered(ordered) => ordered.shutdown(&self.cache),
+        }
+    }
+}
+
+/// Whether `block` is marked in use in libext2fs's block bitmap (blocks
+/// outside the bitmap count as in use: they are the filesystem's own).
+pub(crate) fn in_use(fs: &mut Filesystem, block: u64) -> bool {
+    let first = u64::from(fs.super_block().s_first_data_block);
+    if block < first || block >= fs.blocks_count() {
+        return true;
+    }
+    // SAFETY: open filesystem with its bitmaps loaded; the block is inside
+    // the bitmap's range.
+    unsafe { sys::ext2fs_test_block_bitmap2((*fs.raw()).block_map, block) != 0 }
+}
+
+/// The blocks the transaction freed: in use at the last commit, free now.
+pub(crate) fn freed_ranges(fs: &mut Filesystem, touched: &Touched) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, end, was_used) in touched.ranges() {
+        if !was_used {
+            continue;
+        }
+        for block in start..end {
+            if in_use(fs, block) {
+                continue;
+            }
+            match out.last_mut() {
+                Some((s, n)) if *s + *n == block => *n += 1,
+                _ => out.push((block, 1)),
+            }
+        }
+    }
+    out
+}
+
+/// Writes blocks to the device, one request per run of consecutive blocks.
+pub(crate) fn write_runs(raw: &dyn BlockDevice, bs: u64, blocks: &[(u64, Vec<u8>)]) -> Result<()> {
+    let mut i = 0;
+    while i < blocks.len() {
+        let first = blocks[i].0;
+        let mut n = 1;
+        while i + n < blocks.len() && blocks[i + n].0 == first + n as u64 && n < 256 {
+            n += 1;
+        }
+        let mut buf = Vec::with_capacity(n * bs as usize);
+        for (_, data) in &blocks[i..i + n] {
+            buf.extend_from_slice(data);
+        }
+        raw.write_at(&buf, first * bs)?;
+        i += n;
+    }
+    Ok(())
+}
+
+/// Rewrites the primary superblock on the device directly (outside any
+/// transaction), with `edit` applied to its 1024 bytes as they are on the
+/// device; the cache's clean copy follows.  Returns whether `edit` changed
+/// anything (nothing is written otherwise).
+pub(crate) fn edit_superblock_on_disk(
+    cache: &MetaCache,
+    edit: impl FnOnce(&mut [u8]) -> bool,
+) -> Result<bool> {
+    let bs = cache.block_size();
+    let block = sb::OFFSET / bs;
+    let at = (sb::OFFSET - block * bs) as usize;
+    let mut buf = vec![0u8; bs as usize];
+    cache.raw().read_at(&mut buf, block * bs)?;
+    if !edit(&mut buf[at..at + sb::BYTES]) {
+        return Ok(false);
+    }
+    cache.raw().write_at(&buf, block * bs)?;
+    cache.refresh_clean(block, &buf);
+    Ok(true)
+}
+
+/// Writes libext2fs's bitmaps, group descriptors and superblock (those that
+/// changed) into the cache, where the commit takes them.
+pub(crate) fn capture(fs: &mut Filesystem) -> Result<()> {
+    fs.flush()
+        .map_err(|e| e.in_context("writing the bitmaps and the superblock"))
+}

@@ -1,0 +1,275 @@
+//! Commits without a journal (ext2, ext4 `^has_journal`, or a journal this
+//! crate does not write), ordered so that any crash leaves a filesystem
+//! `fsck -p` repairs without asking, with every flushed byte reachable.
+//!
+//! The rules, each resting on the device flush between two steps:
+//!
+//! - `EXT2_VALID_FS` is cleared on the device, and flushed, before the
+//!   first metadata write after it was set, so that boot's `fsck -p` checks
+//!   a filesystem a crash may have left inconsistent; it is set again once
+//!   a flush (or a clean shutdown) leaves the metadata consistent.
+//! - **Allocation before pointers:** the bitmaps, group descriptors and
+//!   superblock are written first, with every block this transaction
+//!   allocated marked in use *and every block it freed still marked in use*,
+//!   then flushed (with the file data the host wrote into new blocks);
+//! - **new before old:** then the metadata blocks this transaction
+//!   allocated (new extent nodes, indirect blocks: nothing on disk points at
+//!   them yet), flushed, then the blocks that were already in use (inode
+//!   tables, indirect blocks gaining pointers); an extent tree changed in
+//!   more than one existing node was first moved, node by node, to new
+//!   blocks up to its root ([`super::relocate`]), so its only in-place
+//!   write is the inode, and a crash sees the old tree or the new one;
+//! - **frees last:** once those are flushed, the bitmaps are written again
+//!   with the freed blocks (and the moved nodes) free.
+//!
+//! A crash between the steps leaves blocks marked in use that nothing
+//! points at, free counts and `i_blocks` off: all of which `e2fsck -p`
+//! fixes silently (`PR_PREEN_OK` in e2fsck's problem table).  It never
+//! leaves a pointer to a block the bitmap calls free, to a block not yet
+//! written, or a block with two owners.
+
+use std::collections::{BTreeSet, HashSet};
+
+use crate::debug;
+use crate::error::{Error, Result};
+use crate::fs::{Filesystem, Ino};
+use crate::log::Topic;
+use crate::sb;
+use crate::sys;
+use crate::txn::relocate::relocate_changed_nodes;
+use crate::txn::touched::Touched;
+use crate::txn::{
+    capture, edit_superblock_on_disk, freed_ranges, in_use, write_runs, Durability, MetaCache,
+};
+use crate::undo;
+
+/// Blocks a transaction should not outgrow (memory only: no log to fill).
+pub(crate) const MAX_TRANSACTION: u64 = 8192;
+
+pub(crate) struct Ordered {
+    /// Blocks holding allocation records: the primary superblock's block,
+    /// the group descriptors, the block and inode bitmaps.
+    records: HashSet<u64>,
+    /// `EXT2_VALID_FS` is set on the device.
+    valid_on_disk: bool,
+    /// It was set when the filesystem was opened: only then is it set
+    /// again (a filesystem that was not clean stays marked for checking).
+    valid_at_open: bool,
+}
+
+impl Ordered {
+    pub(crate) fn open(fs: &mut Filesystem, cache: &MetaCache) -> Result<Ordered> {
+        let bs = cache.block_size();
+        let mut records = HashSet::new();
+        records.insert(sb::OFFSET / bs);
+        let raw = fs.raw();
+        // SAFETY: open filesystem with its descriptors loaded; the location
+        // functions only read them.
+        unsafe {
+            let first = (*(*raw).super_).s_first_data_block;
+            for i in 0..(*raw).desc_blocks {
+                records.insert(sys::ext2fs_descriptor_block_loc2(
+                    raw,
+                    u64::from(first),
+                    i as sys::dgrp_t,
+                ));
+            }
+            for group in 0..(*raw).group_desc_count {
+                records.insert(sys::ext2fs_block_bitmap_loc(raw, group));
+                records.insert(sys::ext2fs_inode_bitmap_loc(raw, group));
+            }
+        }
+        let valid = u32::from(fs.super_block().s_state) & sys::EXT2_VALID_FS != 0;
+        // Every superblock written from now on says "not clean", as while a
+        // kernel has the filesystem mounted.
+        // SAFETY: open filesystem; we hold it exclusively.
+        unsafe { (*(*raw).super_).s_state &= !(sys::EXT2_VALID_FS as u16) };
+        Ok(Ordered {
+            records,
+            valid_on_disk: valid,
+            valid_at_open: valid,
+        })
+    }
+
+    /// Moves the changed extent nodes of `inodes` to new blocks (see
+    /// [`relocate_changed_nodes`]), as one change of the transaction.
+    fn relocate(
+        &self,
+        fs: &mut Filesystem,
+        cache: &MetaCache,
+        touched: &mut Touched,
+        inodes: &BTreeSet<Ino>,
+    ) -> Result<()> {
+        let dirty: HashSet<u64> = cache.dirty_blocks().into_iter().collect();
+        let existing = |block: u64| touched.was_used(block) != Some(false);
+        let is_dirty = |block: u64| dirty.contains(&block);
+        // Blocks freed in this transaction are still pointed at on disk
+        // until it commits: no new node may land on one.
+        let freed = freed_ranges(fs, touched);
+        for &(start, count) in &freed {
+            undo::apply(fs, start, count, 1);
+        }
+        cache.begin_change();
+        let recording = undo::Recording::start(fs);
+        let mut moved = Vec::new();
+        let mut result = Ok(());
+        for &ino in inodes {
+            match relocate_changed_nodes(fs, ino, &existing, &is_dirty) {
+                Ok(old) => moved.extend(old),
+                Err(e) => {
+                    result = Err(e.in_context(format!("inode {ino}: moving extent nodes")));
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            // Freed only now, so that no node moved in this commit lands
+            // where another used to be.
+            for &block in &moved {
+                // SAFETY: open read-write filesystem; the block was a node.
+                unsafe { sys::ext2fs_block_alloc_stats2(fs.raw(), block, -1) };
+            }
+        }
+        let changes = recording.finish();
+        for &(start, count) in &freed {
+            undo::apply(fs, start, count, -1);
+        }
+        if let Err(e) = result {
+            undo::reverse(fs, &changes);
+            cache.end_change(false);
+            return Err(e);
+        }
+        cache.end_change(true);
+        for &(start, count, inuse) in &changes {
+            touched.note(start, count, inuse);
+        }
+        if !moved.is_empty() {
+            debug!(
+                Topic::Journal,
+                "ordered: moved {} extent nodes to new blocks",
+                moved.len()
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn commit(
+        &mut self,
+        fs: &mut Filesystem,
+        cache: &MetaCache,
+        touched: &mut Touched,
+        inodes: &BTreeSet<Ino>,
+        durability: Durability,
+    ) -> Result<()> {
+        if cache.dirty_len() == 0 && touched.is_empty() {
+            // Nothing changed: not even the superblock's write time.
+            return self.finish(cache, durability);
+        }
+        if !inodes.is_empty() && cache.dirty_len() > 0 {
+            self.relocate(fs, cache, touched, inodes)?;
+        }
+        let freed = freed_ranges(fs, touched);
+        // The allocation records as they must be first: freed blocks still
+        // in use.
+        for &(start, count) in &freed {
+            undo::apply(fs, start, count, 1);
+        }
+        let captured = capture(fs);
+        for &(start, count) in &freed {
+            undo::apply(fs, start, count, -1);
+        }
+        captured?;
+        let mut taken = cache.take_dirty();
+        let result = self.write(fs, cache, touched, &freed, &mut taken, durability);
+        if result.is_err() {
+            cache.mark_dirty(taken.iter().map(|(block, _)| *block));
+        }
+        cache.trim();
+        result
+    }
+
+    fn write(
+        &mut self,
+        fs: &mut Filesystem,
+        cache: &MetaCache,
+        touched: &Touched,
+        freed: &[(u64, u64)],
+        taken: &mut Vec<(u64, Vec<u8>)>,
+        durability: Durability,
+    ) -> Result<()> {
+        let raw = cache.raw();
+        let bs = cache.block_size();
+        let (mut records, mut new, mut old) = (Vec::new(), Vec::new(), Vec::new());
+        for (block, data) in taken.iter() {
+            let was_used = touched.was_used(*block);
+            if was_used.is_some() && !in_use(fs, *block) {
+                continue; // freed: its contents no longer matter
+            }
+            let part = if self.records.contains(block) {
+                &mut records
+            } else if was_used == Some(false) {
+                &mut new
+            } else {
+                &mut old
+            };
+            part.push((*block, data.clone()));
+        }
+        if records.is_empty() && new.is_empty() && old.is_empty() {
+            return self.finish(cache, durability);
+        }
+        if self.valid_on_disk {
+            edit_superblock_on_disk(cache, |sb| sb::set_valid(sb, false))?;
+            raw.flush()?;
+            self.valid_on_disk = false;
+            debug!(
+                Topic::Journal,
+                "ordered: the filesystem is marked not clean"
+            );
+        }
+        write_runs(raw.as_ref(), bs, &records)?;
+        raw.flush()?;
+        write_runs(raw.as_ref(), bs, &new)?;
+        if !new.is_empty() && !old.is_empty() {
+            raw.flush()?;
+        }
+        write_runs(raw.as_ref(), bs, &old)?;
+        if !freed.is_empty() {
+            raw.flush()?;
+            // The freed blocks, free on disk too.
+            capture(fs)?;
+            let last = cache.take_dirty();
+            taken.extend(last.iter().cloned());
+            write_runs(raw.as_ref(), bs, &last)?;
+        }
+        debug!(
+            Topic::Journal,
+            "ordered: committed {} allocation records, {} new and {} existing blocks, {} runs freed",
+            records.len(),
+            new.len(),
+            old.len(),
+            freed.len()
+        );
+        self.finish(cache, durability)
+    }
+
+    /// With `Home`: flushes, then marks the filesystem clean again.
+    fn finish(&mut self, cache: &MetaCache, durability: Durability) -> Result<()> {
+        if durability == Durability::Recoverable {
+            return Ok(());
+        }
+        cache.raw().flush()?;
+        if self.valid_at_open && !self.valid_on_disk {
+            edit_superblock_on_disk(cache, |sb| sb::set_valid(sb, true))?;
+            cache.raw().flush()?;
+            self.valid_on_disk = true;
+            debug!(Topic::Journal, "ordered: the filesystem is marked clean");
+        }
+        Ok(())
+    }
+
+    /// After the last commit (home and flushed, the filesystem marked
+    /// clean): nothing is left to do.
+    pub(crate) fn shutdown(&mut self, _cache: &MetaCache) -> Result<(), Error> {
+        Ok(())
+    }
+}
