@@ -178,12 +178,26 @@ impl FileMap {
                 });
             }
         }
-        let tail = self.extents.split_off(max(first, last));
-        self.extents.truncate(first);
-        // Merge across both seams.
-        for e in replacement.into_iter().chain(tail) {
-            self.push_merged(e);
+        // Merge across both seams: the replacement with the extents either
+        // side of it, spliced in place (one move of the tail, not a push
+        // per extent: a write into a hole of a file of many extents does
+        // this every time).
+        let hi = max(first, last);
+        let from = first.saturating_sub(1);
+        let to = (hi + 1).min(self.extents.len());
+        let mut window: Vec<Extent> = Vec::with_capacity(replacement.len() + 2);
+        let neighbours = self.extents[from..first]
+            .iter()
+            .copied()
+            .chain(replacement)
+            .chain(self.extents[hi..to].iter().copied());
+        for e in neighbours {
+            match window.last_mut() {
+                Some(prev) if prev.continued_by(&e) => prev.len += e.len,
+                _ => window.push(e),
+            }
         }
+        self.extents.splice(from..to, window);
     }
 }
 

@@ -79,6 +79,53 @@ impl ExtentHandle {
         let code = unsafe { sys::ext2fs_extent_fix_parents(self.0) };
         check(code, || "extent_fix_parents".into())
     }
+
+    /// Updates the index entries above the current extent if it is the
+    /// first of a node below the root, whose start its parent must repeat.
+    /// (`ext2fs_extent_fix_parents` walks the tree from the root again
+    /// afterwards even when there is nothing to fix: a cost on every
+    /// insert otherwise.)
+    fn fix_parents_if_first(&mut self) -> Result<()> {
+        let mut info = sys::ext2_extent_info::default();
+        // SAFETY: open handle, valid out-pointer.
+        let code = unsafe { sys::ext2fs_extent_get_info(self.0, &mut info) };
+        check(code, || "extent_get_info".into())?;
+        // Entry 0 is the node's header: the first extent is entry 1.
+        if info.curr_level > 0 && info.curr_entry <= 1 {
+            self.fix_parents()?;
+        }
+        Ok(())
+    }
+
+    /// Records written extent `new` where the handle rests (after a
+    /// `goto` to its start that found a hole, or after the extent just
+    /// before it): extends the current extent when they are contiguous,
+    /// inserts otherwise.
+    fn add_written(&mut self, new: &sys::ext2fs_extent) -> Result<()> {
+        let (logical, physical, len) = (new.e_lblk, new.e_pblk, u64::from(new.e_len));
+        match self.get(sys::EXT2_EXTENT_CURRENT) {
+            // An empty tree: the first extent goes into the root.
+            Err(_) => self.insert(false, new)?,
+            Ok(cur) => {
+                let cur_end = cur.e_lblk + u64::from(cur.e_len);
+                let contiguous = cur_end == logical
+                    && cur.e_pblk + u64::from(cur.e_len) == physical
+                    && cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT == 0
+                    && u64::from(cur.e_len) + len <= MAX_INIT_LEN;
+                if contiguous {
+                    // The start stays: no parent to fix.
+                    return self.replace(&raw_extent(
+                        cur.e_lblk,
+                        cur.e_pblk,
+                        u64::from(cur.e_len) + len,
+                        false,
+                    ));
+                }
+                self.insert(cur.e_lblk < logical, new)?;
+            }
+        }
+        self.fix_parents_if_first()
+    }
 }
 
 impl Drop for ExtentHandle {
@@ -460,35 +507,60 @@ fn insert_extent(
     len: u64,
 ) -> Result<()> {
     let mut handle = ExtentHandle::open(fs, ino)?;
-    let new = raw_extent(logical, physical, len, false);
     if handle.goto(logical)? {
-        return Err(Error::other(
-            Errno::EIO,
-            format!("file block {logical} is already mapped"),
-        ));
+        return Err(already_mapped(logical));
     }
-    match handle.get(sys::EXT2_EXTENT_CURRENT) {
-        // An empty tree: the first extent goes into the root.
-        Err(_) => handle.insert(false, &new)?,
-        Ok(cur) => {
-            let cur_end = cur.e_lblk + u64::from(cur.e_len);
-            let contiguous = cur_end == logical
-                && cur.e_pblk + u64::from(cur.e_len) == physical
-                && cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT == 0
-                && u64::from(cur.e_len) + len <= MAX_INIT_LEN;
-            if contiguous {
-                handle.replace(&raw_extent(
-                    cur.e_lblk,
-                    cur.e_pblk,
-                    u64::from(cur.e_len) + len,
-                    false,
-                ))?;
-            } else {
-                handle.insert(cur.e_lblk < logical, &new)?;
-            }
+    handle.add_written(&raw_extent(logical, physical, len, false))
+}
+
+fn already_mapped(logical: u64) -> Error {
+    Error::other(
+        Errno::EIO,
+        format!("file block {logical} is already mapped"),
+    )
+}
+
+/// Fills the hole of an extent file at file blocks `logical..logical +
+/// count` with one walk of its tree: finds where the blocks belong, takes
+/// the allocation goal from the extent beside them, lets `fill(fs, goal)`
+/// allocate the blocks and write their data (returning the runs it
+/// allocated, in file order), then links them there and counts them in the
+/// inode.  (Allocating first and linking after would walk the tree twice.)
+/// Not for bigalloc filesystems.
+pub fn fill_extent_hole(
+    fs: &mut Filesystem,
+    ino: Ino,
+    logical: u64,
+    count: u64,
+    fill: impl FnOnce(&mut Filesystem, u64) -> Result<BlockRuns>,
+) -> Result<BlockRuns> {
+    let mut handle = ExtentHandle::open(fs, ino)?;
+    if handle.goto(logical)? {
+        return Err(already_mapped(logical));
+    }
+    let goal = match handle.get(sys::EXT2_EXTENT_CURRENT) {
+        Ok(cur) if cur.e_lblk < logical => cur.e_pblk + (logical - cur.e_lblk),
+        Ok(cur) => cur.e_pblk.saturating_sub(cur.e_lblk - logical),
+        Err(_) => goal_for(fs, ino, logical)?,
+    };
+    let runs = fill(fs, goal)?;
+    let mut at = logical;
+    for &(physical, len) in &runs {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_INIT_LEN);
+            handle.add_written(&raw_extent(at + done, physical + done, n, false))?;
+            done += n;
         }
+        at += len;
     }
-    handle.fix_parents()
+    drop(handle);
+    let mut inode = fs.read_inode_raw(ino)?;
+    // SAFETY: open filesystem and an inode buffer we own.
+    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, count) };
+    check(code, || "iblk_add_blocks".into())?;
+    fs.write_inode_raw(ino, &mut inode)?;
+    Ok(runs)
 }
 
 /// Sets block pointers one by one (ext2/ext3 have nothing better); the

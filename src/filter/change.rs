@@ -5,12 +5,18 @@
 use std::ops::Range;
 
 use ext2_rs::extent_map::{Content, Extent, FileMap, Piece};
-use ext2_rs::mapping;
-use ext2_rs::Result;
+use ext2_rs::mapping::{self, BlockRuns};
+use ext2_rs::{Layout, Result};
 
 use crate::filter::file::ServedFile;
 use crate::filter::shared::Shared;
+use crate::image::Image;
 use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
+
+/// The most blocks one change links into a hole: even if each lands in an
+/// extent of its own, their tree nodes and bitmaps stay well inside the
+/// smallest journal's transaction.
+const HOLE_CHUNK_BLOCKS: u64 = 1024;
 
 impl ServedFile {
     /// The whole blocks a piece touches, and a buffer for them holding the
@@ -27,7 +33,11 @@ impl ServedFile {
     }
 
     /// Allocates blocks for a hole, fills them, then links them to the
-    /// file, as one change: if any step fails nothing happened.
+    /// file.  A hole of up to [`HOLE_CHUNK_BLOCKS`] blocks is one change (if
+    /// any step fails, nothing happened); a longer one is filled in chunks
+    /// of that many, each one change, so that no change outgrows a
+    /// transaction however fragmented the free space (a failure part way
+    /// leaves the chunks before it written, as a failed write may).
     pub(super) fn fill_hole(
         &self,
         shared: &Shared,
@@ -37,19 +47,69 @@ impl ServedFile {
     ) -> Result<()> {
         let bs = map.block_size();
         let (blocks, buf) = self.padded_blocks(map, piece, bytes);
+        // Chunks start on cluster boundaries (bigalloc places blocks by
+        // their offset in the cluster).
+        let chunk = HOLE_CHUNK_BLOCKS.max(shared.cluster_ratio);
+        let mut start = blocks.start;
+        while start < blocks.end {
+            let end = ((start / chunk + 1) * chunk).min(blocks.end);
+            let at = ((start - blocks.start) * bs) as usize;
+            let len = ((end - start) * bs) as usize;
+            self.fill_hole_chunk(shared, map, start..end, &buf[at..at + len])?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Fills file blocks `blocks` (a hole) with `buf`, as one change.
+    fn fill_hole_chunk(
+        &self,
+        shared: &Shared,
+        map: &mut FileMap,
+        blocks: Range<u64>,
+        buf: &[u8],
+    ) -> Result<()> {
+        let bs = map.block_size();
         let count = blocks.end - blocks.start;
+        // The data first: the blocks are linked only once they hold it (and
+        // a commit flushes the plugin before it makes the link durable), so
+        // the file never exposes what they held before.
+        let write_runs = |image: &Image, runs: &BlockRuns| -> Result<()> {
+            let mut at = 0usize;
+            for &(physical, len) in runs {
+                let n = (len * bs) as usize;
+                image.pwrite(&buf[at..at + n], physical * bs, false)?;
+                at += n;
+            }
+            Ok(())
+        };
+        let before = blocks
+            .start
+            .checked_sub(1)
+            .map(|b| map.pieces(b * bs, 1)[0].content);
         let runs = shared.change(self.ino, |tx| {
+            let ratio = tx.fs().cluster_ratio();
+            if self.layout == Layout::Extents && ratio == 1 {
+                // One walk of the tree finds the place, the goal and links.
+                let image = tx.image();
+                return mapping::fill_extent_hole(
+                    tx.fs(),
+                    self.ino,
+                    blocks.start,
+                    count,
+                    |fs, goal| {
+                        let runs = mapping::allocate(fs, goal, count)?;
+                        write_runs(image, &runs)?;
+                        Ok(runs)
+                    },
+                );
+            }
             let fs = tx.fs();
-            let goal = match blocks
-                .start
-                .checked_sub(1)
-                .map(|b| map.pieces(b * bs, 1)[0].content)
-            {
+            let goal = match before {
                 Some(Content::Data { image_offset })
                 | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
                 _ => mapping::goal_for(fs, self.ino, blocks.start)?,
             };
-            let ratio = fs.cluster_ratio();
             let (runs, new_units) = if ratio == 1 {
                 let runs = mapping::allocate(fs, goal, count)?;
                 (runs.clone(), runs)
@@ -57,15 +117,7 @@ impl ServedFile {
                 let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
                 mapping::allocate_clustered(fs, blocks.clone(), existing, goal)?
             };
-            // The data first: the blocks are linked only once they hold it
-            // (and a commit flushes the plugin before it makes the link
-            // durable), so the file never exposes what they held before.
-            let mut at = 0usize;
-            for &(physical, len) in &runs {
-                let n = (len * bs) as usize;
-                tx.write_data(&buf[at..at + n], physical * bs)?;
-                at += n;
-            }
+            write_runs(tx.image(), &runs)?;
             let fs = tx.fs();
             let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
             mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)?;

@@ -41,6 +41,8 @@ pub struct Shared {
     committer: Committer,
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
     pub block_size: u32,
+    /// Blocks per allocation cluster (bigalloc; 1 otherwise).
+    pub cluster_ratio: u64,
     pub access: Access,
 }
 
@@ -52,9 +54,15 @@ pub struct Tx<'a> {
     budget: u64,
 }
 
-impl Tx<'_> {
+impl<'a> Tx<'a> {
     pub fn fs(&mut self) -> &mut Filesystem {
         self.fs
+    }
+
+    /// The image, for writing the file data a change links (see
+    /// [`Tx::write_data`]).
+    pub fn image(&self) -> &'a Image {
+        self.image
     }
 
     /// Writes file data into blocks the change allocated (or owns
@@ -77,6 +85,7 @@ impl Shared {
         let (image, fs, access, tx) = opening::open_filesystem(plugin, want_write, journal)?;
         Ok(Shared {
             block_size: fs.block_size(),
+            cluster_ratio: fs.cluster_ratio(),
             image,
             state: Arc::new(Mutex::new(Some(FsState { fs, tx }))),
             committer: Committer::default(),

@@ -19,6 +19,8 @@ use parking_lot::Mutex;
 use crate::device::BlockDevice;
 use crate::error::Errno;
 
+const IGNORE_CSUM_ERRORS: i32 = crate::sys::EXT2_FLAG_IGNORE_CSUM_ERRORS as i32;
+
 /// Memory kept for clean blocks by default.
 const DEFAULT_CLEAN_BUDGET: u64 = 32 << 20;
 /// The largest zeroing libext2fs may ask for: it only zeroes new
@@ -46,12 +48,26 @@ struct Inner {
     pinned: bool,
     /// Commits in progress: blocks read from the device are kept.
     sessions: usize,
+    /// Blocks the change in progress read from the device: trusted if it
+    /// succeeds, forgotten if not.
+    loaded: Vec<u64>,
+    /// libext2fs's `flags` of the filesystem the change in progress runs
+    /// on (see [`MetaCache::begin_change`]).
+    fs_flags: Option<*mut i32>,
 }
+
+// SAFETY: `fs_flags` is only set for the duration of a change, by the
+// thread that holds the filesystem (and so its flags) exclusively, and only
+// used by that thread's reads, which libext2fs makes during the change.
+unsafe impl Send for Inner {}
 
 struct Cached {
     data: Vec<u8>,
     /// Last use, for evicting the least recently used clean blocks.
     used: u64,
+    /// libext2fs wrote it, or read it in a change that succeeded (so any
+    /// checksum it has passed): it need not be checked again.
+    trusted: bool,
 }
 
 /// Keeps blocks read from the device cached while it lives (a commit).
@@ -118,7 +134,26 @@ impl MetaCache {
 
     /// Starts holding a change's writes in an overlay.
     pub fn begin_change(&self) {
-        self.inner.lock().overlay = Some(HashMap::new());
+        let mut inner = self.inner.lock();
+        inner.overlay = Some(HashMap::new());
+        inner.loaded.clear();
+    }
+
+    /// Like [`MetaCache::begin_change`], for a change on the filesystem
+    /// whose libext2fs `flags` field `fs_flags` points to: during the
+    /// change, each read that only touches trusted blocks sets
+    /// `EXT2_FLAG_IGNORE_CSUM_ERRORS` there, and any other read clears it,
+    /// so that libext2fs verifies the checksums of what comes from the
+    /// device and not again of what it wrote or verified already (as the
+    /// kernel verifies a buffer once, when it reads it).  libext2fs checks
+    /// the flag right after the read it verifies.
+    ///
+    /// # Safety
+    /// `fs_flags` points to the flags of an open filesystem that the
+    /// caller holds exclusively until [`MetaCache::end_change`].
+    pub unsafe fn begin_change_verifying_once(&self, fs_flags: *mut i32) {
+        self.begin_change();
+        self.inner.lock().fs_flags = Some(fs_flags);
     }
 
     /// Blocks the change in progress has written so far.
@@ -130,6 +165,23 @@ impl MetaCache {
     /// transaction (those that change a block), otherwise they are dropped.
     pub fn end_change(&self, keep: bool) {
         let mut inner = self.inner.lock();
+        if let Some(flags) = inner.fs_flags.take() {
+            // SAFETY: see begin_change_verifying_once; still held.
+            unsafe { *flags &= !IGNORE_CSUM_ERRORS };
+        }
+        let loaded = std::mem::take(&mut inner.loaded);
+        for block in loaded {
+            if keep {
+                if let Some(cached) = inner.blocks.get_mut(&block) {
+                    cached.trusted = true;
+                }
+            } else if !inner.dirty.contains(&block) {
+                // It may have failed a check: read (and check) it again.
+                if let Some(cached) = inner.blocks.remove(&block) {
+                    inner.clean_bytes -= cached.data.len() as u64;
+                }
+            }
+        }
         let Some(overlay) = inner.overlay.take() else {
             return;
         };
@@ -293,6 +345,7 @@ impl Inner {
     fn store(&mut self, block: u64, data: Vec<u8>) {
         let used = self.touch();
         if let Some(cached) = self.blocks.get_mut(&block) {
+            cached.trusted = true;
             if cached.data == data {
                 return;
             }
@@ -303,7 +356,14 @@ impl Inner {
             }
             return;
         }
-        self.blocks.insert(block, Cached { data, used });
+        self.blocks.insert(
+            block,
+            Cached {
+                data,
+                used,
+                trusted: true,
+            },
+        );
         self.dirty.insert(block);
     }
 
@@ -344,6 +404,7 @@ impl BlockDevice for MetaCache {
         let mut missing: Vec<Piece> = Vec::new();
         {
             let mut inner = self.inner.lock();
+            let mut trusted = true;
             for piece in pieces(offset, buf.len(), self.bs) {
                 let out = &mut buf[piece.at..piece.at + piece.to - piece.from];
                 if let Some(data) = inner.overlay.as_ref().and_then(|o| o.get(&piece.block)) {
@@ -353,10 +414,23 @@ impl BlockDevice for MetaCache {
                 let used = inner.touch();
                 if let Some(cached) = inner.blocks.get_mut(&piece.block) {
                     cached.used = used;
+                    trusted &= cached.trusted;
                     out.copy_from_slice(&cached.data[piece.from..piece.to]);
                     continue;
                 }
+                trusted = false;
                 missing.push(piece);
+            }
+            if let Some(flags) = inner.fs_flags {
+                // SAFETY: see begin_change_verifying_once: the change in
+                // progress holds the filesystem, and this read is its own.
+                unsafe {
+                    if trusted {
+                        *flags |= IGNORE_CSUM_ERRORS;
+                    } else {
+                        *flags &= !IGNORE_CSUM_ERRORS;
+                    }
+                }
             }
         }
         let mut i = 0;
@@ -381,8 +455,12 @@ impl BlockDevice for MetaCache {
                         Cached {
                             data: data.to_vec(),
                             used,
+                            trusted: false,
                         },
                     );
+                    if inner.overlay.is_some() {
+                        inner.loaded.push(piece.block);
+                    }
                     inner.clean_bytes += bs as u64;
                 }
             }

@@ -88,8 +88,6 @@ pub struct Transactions {
     /// A change freed blocks and has not been committed yet: nothing may
     /// allocate until it is.
     frees_pending: bool,
-    first_data_block: u64,
-    blocks_per_group: u64,
     /// Blocks of group descriptors (each may change with a group).
     desc_blocks: u64,
 }
@@ -132,12 +130,13 @@ pub fn open_read_write(raw: Arc<dyn BlockDevice>) -> Result<(Filesystem, Transac
         unsafe { ((*fs.raw()).desc_blocks, (*fs.raw()).group_desc_count) };
     let sb = fs.super_block();
     let tx = Transactions {
-        first_data_block: u64::from(sb.s_first_data_block),
-        blocks_per_group: u64::from(sb.s_blocks_per_group).max(1),
         desc_blocks,
         cache,
         mode,
-        touched: Touched::default(),
+        touched: Touched::new(
+            u64::from(sb.s_first_data_block),
+            u64::from(sb.s_blocks_per_group),
+        ),
         inodes: BTreeSet::new(),
         since: None,
         frees_pending: false,
@@ -190,9 +189,7 @@ impl Transactions {
     /// far, plus a bitmap and a descriptor block for each group whose
     /// allocations changed, plus the superblock.
     pub fn estimated_blocks(&self) -> u64 {
-        let groups = self
-            .touched
-            .groups(self.first_data_block, self.blocks_per_group);
+        let groups = self.touched.groups();
         self.cache.dirty_len() as u64
             + self.cache.change_len() as u64
             + groups
@@ -236,7 +233,11 @@ impl Transactions {
         if self.estimated_blocks() >= self.commit_threshold() {
             self.commit(fs, Durability::Recoverable)?;
         }
-        self.cache.begin_change();
+        // SAFETY: `fs` is open and ours until the change ends below.
+        unsafe {
+            let flags = std::ptr::addr_of_mut!((*fs.raw()).flags);
+            self.cache.begin_change_verifying_once(flags);
+        }
         let recording = undo::Recording::start(fs);
         let outcome = catch_unwind(AssertUnwindSafe(|| op(fs)));
         let changes = recording.finish();

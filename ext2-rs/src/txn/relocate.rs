@@ -31,7 +31,7 @@ fn le32(b: &[u8], at: usize) -> u32 {
 }
 
 /// The child block an index entry points at.
-fn index_leaf(node: &[u8], i: usize) -> u64 {
+pub(super) fn index_leaf(node: &[u8], i: usize) -> u64 {
     let at = HEADER_BYTES + i * ENTRY_BYTES;
     u64::from(le32(node, at + 4)) | (u64::from(le16(node, at + 8)) << 32)
 }
