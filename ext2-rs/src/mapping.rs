@@ -520,47 +520,36 @@ fn already_mapped(logical: u64) -> Error {
     )
 }
 
-/// Fills the hole of an extent file at file blocks `logical..logical +
-/// count` with one walk of its tree: finds where the blocks belong, takes
-/// the allocation goal from the extent beside them, lets `fill(fs, goal)`
-/// allocate the blocks and write their data (returning the runs it
-/// allocated, in file order), then links them there and counts them in the
-/// inode.  (Allocating first and linking after would walk the tree twice.)
-/// Not for bigalloc filesystems.
-pub fn fill_extent_hole(
-    fs: &mut Filesystem,
-    ino: Ino,
-    logical: u64,
-    count: u64,
-    fill: impl FnOnce(&mut Filesystem, u64) -> Result<BlockRuns>,
-) -> Result<BlockRuns> {
+/// Links extents `(logical, physical, len)`, in file order, each into a
+/// hole of extent file `ino`, and adds their blocks to the inode's count.
+/// The tree is walked from the root only for an extent that does not start
+/// where the previous one ended; one that does is added where the handle
+/// already rests (extending the previous extent when they are contiguous in
+/// the image too).  Not for bigalloc filesystems.
+pub fn link_extents(fs: &mut Filesystem, ino: Ino, extents: &[(u64, u64, u64)]) -> Result<()> {
     let mut handle = ExtentHandle::open(fs, ino)?;
-    if handle.goto(logical)? {
-        return Err(already_mapped(logical));
-    }
-    let goal = match handle.get(sys::EXT2_EXTENT_CURRENT) {
-        Ok(cur) if cur.e_lblk < logical => cur.e_pblk + (logical - cur.e_lblk),
-        Ok(cur) => cur.e_pblk.saturating_sub(cur.e_lblk - logical),
-        Err(_) => goal_for(fs, ino, logical)?,
-    };
-    let runs = fill(fs, goal)?;
-    let mut at = logical;
-    for &(physical, len) in &runs {
+    let mut resting_at: Option<u64> = None;
+    let mut total = 0u64;
+    for &(logical, physical, len) in extents {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(MAX_INIT_LEN);
-            handle.add_written(&raw_extent(at + done, physical + done, n, false))?;
+            let at = logical + done;
+            if resting_at != Some(at) && handle.goto(at)? {
+                return Err(already_mapped(at));
+            }
+            handle.add_written(&raw_extent(at, physical + done, n, false))?;
+            resting_at = Some(at + n);
             done += n;
         }
-        at += len;
+        total += len;
     }
     drop(handle);
     let mut inode = fs.read_inode_raw(ino)?;
     // SAFETY: open filesystem and an inode buffer we own.
-    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, count) };
+    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, total) };
     check(code, || "iblk_add_blocks".into())?;
-    fs.write_inode_raw(ino, &mut inode)?;
-    Ok(runs)
+    fs.write_inode_raw(ino, &mut inode)
 }
 
 /// Sets block pointers one by one (ext2/ext3 have nothing better); the

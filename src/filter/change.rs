@@ -86,43 +86,42 @@ impl ServedFile {
         let before = blocks
             .start
             .checked_sub(1)
-            .map(|b| map.pieces(b * bs, 1)[0].content);
-        let runs = shared.change(self.ino, |tx| {
-            let ratio = tx.fs().cluster_ratio();
-            if self.layout == Layout::Extents && ratio == 1 {
-                // One walk of the tree finds the place, the goal and links.
-                let image = tx.image();
-                return mapping::fill_extent_hole(
-                    tx.fs(),
-                    self.ino,
-                    blocks.start,
-                    count,
-                    |fs, goal| {
-                        let runs = mapping::allocate(fs, goal, count)?;
-                        write_runs(image, &runs)?;
-                        Ok(runs)
-                    },
-                );
-            }
-            let fs = tx.fs();
-            let goal = match before {
-                Some(Content::Data { image_offset })
-                | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
-                _ => mapping::goal_for(fs, self.ino, blocks.start)?,
-            };
-            let (runs, new_units) = if ratio == 1 {
+            .map(|block| map.pieces(block * bs, 1)[0].content);
+        let runs = if self.layout == Layout::Extents && shared.cluster_ratio == 1 {
+            // The blocks go where the nearest extent says they would be had
+            // the file been written in order (as ext2fs_find_inode_goal
+            // places them), so that neighbours merge as the file fills; the
+            // tree learns of them at the commit (this map serves them until
+            // then).
+            let near = placement_goal(map, blocks.start);
+            shared.fill_hole(self.ino, blocks.start, count, near, |fs, image, goal| {
                 let runs = mapping::allocate(fs, goal, count)?;
-                (runs.clone(), runs)
-            } else {
-                let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
-                mapping::allocate_clustered(fs, blocks.clone(), existing, goal)?
-            };
-            write_runs(tx.image(), &runs)?;
-            let fs = tx.fs();
-            let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
-            mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)?;
-            Ok(runs)
-        })?;
+                write_runs(image, &runs)?;
+                Ok(runs)
+            })?
+        } else {
+            shared.change_allocating(self.ino, count, |tx| {
+                let fs = tx.fs();
+                let goal = match before {
+                    Some(Content::Data { image_offset })
+                    | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
+                    _ => mapping::goal_for(fs, self.ino, blocks.start)?,
+                };
+                let ratio = fs.cluster_ratio();
+                let (runs, new_units) = if ratio == 1 {
+                    let runs = mapping::allocate(fs, goal, count)?;
+                    (runs.clone(), runs)
+                } else {
+                    let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
+                    mapping::allocate_clustered(fs, blocks.clone(), existing, goal)?
+                };
+                write_runs(tx.image(), &runs)?;
+                let fs = tx.fs();
+                let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
+                mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)?;
+                Ok(runs)
+            })?
+        };
         let mut logical = blocks.start;
         let new: Vec<Extent> = runs
             .iter()
@@ -213,6 +212,20 @@ impl ServedFile {
         nbd_debug!(ext2_debug_map, "{}: freed blocks {:?}", self.path, blocks);
         Ok(())
     }
+}
+
+/// Where file block `logical` would lie if the file were laid out as its
+/// nearest extent (before it, else after it) is: that extent's start plus
+/// the distance.  `None` for a file without blocks.
+fn placement_goal(map: &FileMap, logical: u64) -> Option<u64> {
+    let extents = map.extents();
+    let after = extents.partition_point(|e| e.logical < logical);
+    if let Some(e) = after.checked_sub(1).and_then(|i| extents.get(i)) {
+        return Some(e.physical + (logical - e.logical));
+    }
+    extents
+        .get(after)
+        .map(|e| e.physical.saturating_sub(e.logical - logical))
 }
 
 /// The physical cluster already holding some block of logical cluster

@@ -22,6 +22,7 @@ use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_erro
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::FileMap;
+use ext2_rs::mapping::BlockRuns;
 use ext2_rs::txn::{Durability, Transactions};
 use ext2_rs::{mapping, Access, Filesystem, Ino};
 
@@ -159,12 +160,19 @@ impl Shared {
         let lookup = crate::filter::config::lookup_path(path)
             .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
         let mut files = self.files.lock();
-        let mut fs = self.lock_fs()?;
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
         let ino = fs
             .lookup(&lookup)
             .map_err(|e| e.in_context(format!("{path}: namei")))?;
         if let Some(file) = files.get(&ino).and_then(Weak::upgrade) {
             return Ok(file);
+        }
+        if let Some(tx) = tx {
+            // Writes into holes of an earlier served copy of this file may
+            // wait to be linked: the tree read below must hold them.
+            tx.link_pending(fs, ino)
+                .map_err(|e| e.in_context(path.to_string()))?;
         }
         let info = fs
             .inode(ino)
@@ -179,8 +187,8 @@ impl Shared {
                 format!("{path}: must be a regular file in the disk image"),
             ));
         }
-        let extents = mapping::read_map(&mut fs, ino, info.layout)
-            .map_err(|e| e.in_context(path.to_string()))?;
+        let extents =
+            mapping::read_map(fs, ino, info.layout).map_err(|e| e.in_context(path.to_string()))?;
         let count = extents.len();
         let map = FileMap::new(fs.block_size(), extents).map_err(|msg| {
             Error::other(Errno::EIO, format!("{path}: {msg}: the image is damaged"))
@@ -194,7 +202,7 @@ impl Shared {
             map.memory()
         );
         let cluster_ratio = fs.cluster_ratio();
-        drop(fs);
+        drop(state);
         let file = Arc::new(ServedFile::new(
             ino,
             path.to_string(),
@@ -219,6 +227,18 @@ impl Shared {
     /// for a change that freed blocks, or within a second in the
     /// background.  `ino` is the inode it changes.
     pub fn change<T>(&self, ino: Ino, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.change_allocating(ino, 0, op)
+    }
+
+    /// [`Shared::change`] for a change that allocates up to `count`
+    /// blocks: refused with ENOSPC when that would leave the transaction
+    /// too few for its own metadata.
+    pub fn change_allocating<T>(
+        &self,
+        ino: Ino,
+        count: u64,
+        op: impl FnOnce(&mut Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
         self.committer.ensure_started(&self.state);
         let mut state = self.lock_state()?;
         let FsState { fs, tx } = &mut *state;
@@ -227,7 +247,38 @@ impl Shared {
             .ok_or_else(|| Error::other(Errno::EROFS, "the filesystem is read-only"))?;
         let budget = tx.change_limit();
         let image = &*self.image;
-        tx.change(fs, Some(ino), |fs| op(&mut Tx { fs, image, budget }))
+        let op = |fs: &mut Filesystem| op(&mut Tx { fs, image, budget });
+        if count == 0 {
+            tx.change(fs, Some(ino), op)
+        } else {
+            tx.change_allocating(fs, ino, count, op)
+        }
+    }
+
+    /// Fills a hole of extent file `ino` (not bigalloc) at file blocks from
+    /// `logical`, as one change: `fill(fs, image, goal)` allocates the
+    /// blocks near `goal` and writes their data, returning the runs; they
+    /// are linked into the file's tree at the commit (see
+    /// `Transactions::fill_hole`), the caller's map serving them until then.
+    /// `near` is a goal the caller knows from a neighbour.
+    pub fn fill_hole(
+        &self,
+        ino: Ino,
+        logical: u64,
+        count: u64,
+        near: Option<u64>,
+        fill: impl FnOnce(&mut Filesystem, &Image, u64) -> Result<BlockRuns>,
+    ) -> Result<BlockRuns> {
+        self.committer.ensure_started(&self.state);
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        let tx = tx
+            .as_mut()
+            .ok_or_else(|| Error::other(Errno::EROFS, "the filesystem is read-only"))?;
+        let image = &*self.image;
+        tx.fill_hole(fs, ino, logical, count, near, |fs, goal| {
+            fill(fs, image, goal)
+        })
     }
 
     /// Makes everything durable: commits the metadata home (see

@@ -28,6 +28,7 @@
 mod cache;
 mod journal;
 mod ordered;
+mod pending;
 mod relocate;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ use crate::device::BlockDevice;
 use crate::error::{Errno, Error, Result};
 use crate::fs::{Access, Filesystem, Ino};
 use crate::log::Topic;
+use crate::mapping::{self, BlockRuns};
 use crate::sb;
 use crate::sys;
 use crate::undo;
@@ -50,6 +52,7 @@ use crate::undo;
 pub use cache::MetaCache;
 use journal::JournalLog;
 use ordered::Ordered;
+use pending::PendingLinks;
 use touched::Touched;
 
 /// How far a commit goes before it returns.
@@ -88,6 +91,8 @@ pub struct Transactions {
     /// A change freed blocks and has not been committed yet: nothing may
     /// allocate until it is.
     frees_pending: bool,
+    /// Writes into holes not linked into their trees yet ([`Self::fill_hole`]).
+    pending: PendingLinks,
     /// Blocks of group descriptors (each may change with a group).
     desc_blocks: u64,
 }
@@ -140,6 +145,7 @@ pub fn open_read_write(raw: Arc<dyn BlockDevice>) -> Result<(Filesystem, Transac
         inodes: BTreeSet::new(),
         since: None,
         frees_pending: false,
+        pending: PendingLinks::default(),
     };
     debug!(
         Topic::Journal,
@@ -177,7 +183,7 @@ impl Transactions {
 
     /// Whether anything awaits a commit.
     pub fn is_empty(&self) -> bool {
-        self.cache.dirty_len() == 0 && self.touched.is_empty()
+        self.cache.dirty_len() == 0 && self.touched.is_empty() && self.pending.is_empty()
     }
 
     /// How long the oldest uncommitted change has waited.
@@ -187,13 +193,17 @@ impl Transactions {
 
     /// Blocks the running transaction will write, roughly: those written so
     /// far, plus a bitmap and a descriptor block for each group whose
-    /// allocations changed, plus the superblock.
+    /// allocations changed, plus the superblock, plus the tree nodes the
+    /// links still pending will change (a node holds at least 84 extents,
+    /// and a split leaves it half full).
     pub fn estimated_blocks(&self) -> u64 {
         let groups = self.touched.groups();
+        let links = self.pending.extents() as u64 / 32 + self.pending.inodes().len() as u64;
         self.cache.dirty_len() as u64
             + self.cache.change_len() as u64
             + groups
             + groups.min(self.desc_blocks)
+            + links
             + 1
     }
 
@@ -218,13 +228,160 @@ impl Transactions {
     /// panics, the change is undone in libext2fs's memory and its writes
     /// dropped, and the error (or the panic) goes on to the caller.  If it
     /// succeeds, its writes join the running transaction; a change that
-    /// freed blocks is committed at once.  `ino` is the inode it changes.
+    /// freed blocks is committed at once.  `ino` is the inode it changes
+    /// (its pending links, see [`Self::fill_hole`], are made first).
     pub fn change<T>(
         &mut self,
         fs: &mut Filesystem,
         ino: Option<Ino>,
         op: impl FnOnce(&mut Filesystem) -> Result<T>,
     ) -> Result<T> {
+        if let Some(ino) = ino {
+            self.link_pending(fs, ino)?;
+        }
+        self.run_change(fs, ino, true, op)
+    }
+
+    /// Fills a hole of extent file `ino` (not bigalloc) at file blocks
+    /// `logical..logical + count`: as one change, `fill(fs, goal)`
+    /// allocates the blocks near `goal` and writes their data, returning
+    /// the runs it allocated; the runs are linked into the file's tree only
+    /// when the transaction commits, or before the next change of `ino` (the
+    /// caller's own map of the file serves them meanwhile).  `goal` is
+    /// `near` if given (the caller knows a neighbour), else after the last
+    /// run pending for `ino`, else libext2fs's goal for the block.
+    pub fn fill_hole(
+        &mut self,
+        fs: &mut Filesystem,
+        ino: Ino,
+        logical: u64,
+        count: u64,
+        near: Option<u64>,
+        fill: impl FnOnce(&mut Filesystem, u64) -> Result<BlockRuns>,
+    ) -> Result<BlockRuns> {
+        self.ensure_room(fs, count)?;
+        let after_pending = self.pending.goal(ino);
+        let runs = self.run_change(fs, Some(ino), true, |fs| {
+            let goal = match near.or(after_pending) {
+                Some(goal) => goal,
+                None => mapping::goal_for(fs, ino, logical)?,
+            };
+            fill(fs, goal)
+        })?;
+        self.pending.add(ino, logical, &runs);
+        Ok(runs)
+    }
+
+    /// A change that allocates `count` blocks (and may link them, as
+    /// [`Self::change`]), refused with ENOSPC if that would eat into the
+    /// blocks the transaction keeps for itself (see [`Self::ensure_room`]).
+    pub fn change_allocating<T>(
+        &mut self,
+        fs: &mut Filesystem,
+        ino: Ino,
+        count: u64,
+        op: impl FnOnce(&mut Filesystem) -> Result<T>,
+    ) -> Result<T> {
+        self.ensure_room(fs, count)?;
+        self.change(fs, Some(ino), op)
+    }
+
+    /// Blocks kept free for what the running transaction has yet to
+    /// allocate on its own: tree nodes for the pending links, and, without
+    /// a journal, a new home for every existing node a commit moves.
+    fn reserve(&self) -> u64 {
+        let mut reserve =
+            64 + self.pending.extents() as u64 / 16 + 8 * self.pending.inodes().len() as u64;
+        if let Mode::Ordered(_) = self.mode {
+            reserve += self.cache.dirty_len() as u64;
+        }
+        reserve
+    }
+
+    /// Makes sure `count` more blocks can be allocated without taking the
+    /// reserve: if not, first makes the pending links (while there is room
+    /// for their nodes), then refuses with ENOSPC if it is still short.
+    fn ensure_room(&mut self, fs: &mut Filesystem, count: u64) -> Result<()> {
+        let free = |fs: &mut Filesystem| {
+            // SAFETY: open filesystem; reads its in-memory superblock.
+            unsafe { sys::ext2fs_free_blocks_count((*fs.raw()).super_) }
+        };
+        if free(fs) >= count + self.reserve() {
+            return Ok(());
+        }
+        for ino in self.pending.inodes() {
+            self.link_pending(fs, ino)?;
+        }
+        if free(fs) >= count + self.reserve() {
+            return Ok(());
+        }
+        Err(Error::other(
+            Errno::ENOSPC,
+            format!(
+                "no space left: {} blocks free, {count} wanted, {} kept for the filesystem's own \
+                 metadata",
+                free(fs),
+                self.reserve()
+            ),
+        ))
+    }
+
+    /// Links what is pending for `ino` into its tree, as one change (see
+    /// [`Self::fill_hole`]); on failure it stays pending.
+    pub fn link_pending(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<()> {
+        let Some(extents) = self.pending.take(ino) else {
+            return Ok(());
+        };
+        // Not committing first: the blocks are allocated in this
+        // transaction and must be linked in it too.  Blocks freed and not
+        // yet committed stay marked in use meanwhile, so that no new node
+        // lands on one.
+        let freed = if self.frees_pending {
+            freed_ranges(fs, &self.touched)
+        } else {
+            Vec::new()
+        };
+        for &(start, count) in &freed {
+            undo::apply(fs, start, count, 1);
+        }
+        let count = extents.len();
+        let linked = self.run_change(fs, Some(ino), false, |fs| {
+            mapping::link_extents(fs, ino, &extents)
+        });
+        for &(start, count) in &freed {
+            undo::apply(fs, start, count, -1);
+        }
+        match linked {
+            Ok(()) => {
+                debug!(
+                    Topic::Map,
+                    "inode {ino}: {count} extents written into holes linked into its tree"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.pending.put_back(ino, extents);
+                Err(e.in_context(format!("inode {ino}: linking blocks written into holes")))
+            }
+        }
+    }
+
+    /// The body of [`Self::change`]; `may_commit_first` lets it commit the
+    /// running transaction first when that is large or holds frees.
+    fn run_change<T>(
+        &mut self,
+        fs: &mut Filesystem,
+        ino: Option<Ino>,
+        may_commit_first: bool,
+        op: impl FnOnce(&mut Filesystem) -> Result<T>,
+    ) -> Result<T> {
+        if may_commit_first {
+            self.commit_if_needed(fs)?;
+        }
+        self.run_change_now(fs, ino, op)
+    }
+
+    fn commit_if_needed(&mut self, fs: &mut Filesystem) -> Result<()> {
         if self.frees_pending {
             self.commit(fs, Durability::Recoverable).map_err(|e| {
                 e.in_context("blocks freed earlier cannot be committed, so none may be allocated")
@@ -233,6 +390,15 @@ impl Transactions {
         if self.estimated_blocks() >= self.commit_threshold() {
             self.commit(fs, Durability::Recoverable)?;
         }
+        Ok(())
+    }
+
+    fn run_change_now<T>(
+        &mut self,
+        fs: &mut Filesystem,
+        ino: Option<Ino>,
+        op: impl FnOnce(&mut Filesystem) -> Result<T>,
+    ) -> Result<T> {
         // SAFETY: `fs` is open and ours until the change ends below.
         unsafe {
             let flags = std::ptr::addr_of_mut!((*fs.raw()).flags);
@@ -304,7 +470,11 @@ impl Transactions {
     /// nothing to commit, flushes the device when `Home` is asked.  On
     /// failure everything stays in the running transaction, to be retried.
     pub fn commit(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
-        let _remember = self.cache.remembering();
+        let cache = self.cache.clone();
+        let _remember = cache.remembering();
+        for ino in self.pending.inodes() {
+            self.link_pending(fs, ino)?;
+        }
         match &mut self.mode {
             Mode::Journal(log) => log.commit(fs, &self.cache, &self.touched, durability)?,
             Mode::Ordered(ordered) => {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::crash::judge::{judge, judge_with_kernel, FileHistory, Recovery};
 use crate::crash::{crash_states, RecordingDevice, Rng};
 use crate::device::BlockDevice;
-use crate::extent_map::Extent;
+use crate::extent_map::{Extent, FileMap};
 use crate::fs::{Filesystem, Ino, Layout};
 use crate::mapping;
 use crate::testing::MemDevice;
@@ -112,6 +112,9 @@ struct Served {
     ino: Ino,
     layout: Layout,
     history: FileHistory,
+    /// The file's map as the writer knows it (links may be pending), as
+    /// the filter keeps one.
+    map: FileMap,
 }
 
 /// A writer working as the filter does, on a recorded device.
@@ -148,10 +151,12 @@ impl Rig {
             if spec.path.starts_with("/other") {
                 others.push(FileHistory::new(spec.path, initial));
             } else {
+                let extents = mapping::read_map(&mut fs, ino, info.layout).unwrap();
                 files.push(Served {
                     ino,
                     layout: info.layout,
                     history: FileHistory::new(spec.path, initial),
+                    map: FileMap::new(bs as u32, extents).unwrap(),
                 });
             }
         }
@@ -169,8 +174,10 @@ impl Rig {
         }
     }
 
+    /// The file's extent tree, with every pending link made.
     fn map(&mut self, file: usize) -> Vec<Extent> {
         let (ino, layout) = (self.files[file].ino, self.files[file].layout);
+        self.tx.link_pending(&mut self.fs, ino).unwrap();
         mapping::read_map(&mut self.fs, ino, layout).unwrap()
     }
 
@@ -181,7 +188,8 @@ impl Rig {
         let bs = self.bs;
         let first = offset / bs;
         let end = (offset + data.len() as u64).div_ceil(bs);
-        let map = self.map(file);
+        let map = self.files[file].map.extents().to_vec();
+        let mut updates: Vec<(u64, u64, Vec<Extent>)> = Vec::new();
         let find = |block: u64| {
             map.iter()
                 .find(|e| block >= e.logical && block < e.logical + e.len)
@@ -221,14 +229,20 @@ impl Rig {
                             mapping::mark_written(fs, ino, block, stop)
                         })
                         .unwrap();
+                    let written = Extent {
+                        logical: block,
+                        physical,
+                        len: stop - block,
+                        unwritten: false,
+                    };
+                    updates.push((block, stop, vec![written]));
                 }
                 None => {
                     let mut buf = vec![0u8; (run_end - run_start) as usize];
                     buf[(lo - run_start) as usize..(hi - run_start) as usize].copy_from_slice(part);
                     let count = stop - block;
-                    self.tx
-                        .change(&mut self.fs, Some(ino), |fs| {
-                            let goal = mapping::goal_for(fs, ino, block)?;
+                    let fill =
+                        |fs: &mut Filesystem, goal: u64| -> crate::Result<mapping::BlockRuns> {
                             let runs = mapping::allocate(fs, goal, count)?;
                             let mut at = 0usize;
                             for &(physical, len) in &runs {
@@ -236,12 +250,44 @@ impl Rig {
                                 rec.write_at(&buf[at..at + n], physical * bs)?;
                                 at += n;
                             }
-                            mapping::link_blocks(fs, ino, layout, block, &runs, count)
+                            Ok(runs)
+                        };
+                    let runs = if layout == Layout::Extents {
+                        // As the filter: linked at the commit.
+                        self.tx
+                            .fill_hole(&mut self.fs, ino, block, count, None, fill)
+                            .unwrap()
+                    } else {
+                        self.tx
+                            .change(&mut self.fs, Some(ino), |fs| {
+                                let goal = mapping::goal_for(fs, ino, block)?;
+                                let runs = fill(fs, goal)?;
+                                mapping::link_blocks(fs, ino, layout, block, &runs, count)?;
+                                Ok(runs)
+                            })
+                            .unwrap()
+                    };
+                    let mut at = block;
+                    let extents = runs
+                        .iter()
+                        .map(|&(physical, len)| {
+                            let e = Extent {
+                                logical: at,
+                                physical,
+                                len,
+                                unwritten: false,
+                            };
+                            at += len;
+                            e
                         })
-                        .unwrap();
+                        .collect();
+                    updates.push((block, stop, extents));
                 }
             }
             block = stop;
+        }
+        for (start, stop, extents) in updates {
+            self.files[file].map.replace_range(start, stop, &extents);
         }
         self.files[file].history.write(offset, data);
     }
@@ -260,6 +306,7 @@ impl Rig {
                 })
                 .unwrap();
         }
+        self.files[file].map.replace_range(start, end, &[]);
         let bs = self.bs as usize;
         let len = self.files[file].history.initial.len();
         let from = (start as usize * bs).min(len);
@@ -642,7 +689,8 @@ fn a_damaged_extent_node_fails_the_change_that_reads_it() {
         let err = rig
             .tx
             .change(&mut rig.fs, Some(ino), |fs| {
-                mapping::fill_extent_hole(fs, ino, 3, 1, |fs, goal| mapping::allocate(fs, goal, 1))
+                let runs = mapping::allocate(fs, 1000, 1)?;
+                mapping::link_blocks(fs, ino, Layout::Extents, 3, &runs, 1)
             })
             .expect_err("a change through a damaged node");
         let csum = crate::sys::EXT2_ET_EXTENT_CSUM_INVALID as crate::sys::errcode_t;
