@@ -787,3 +787,47 @@ impl Drop for RemoveOnDrop {
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
+
+/// Metadata still in memory at shutdown that cannot be committed (the
+/// plugin fails every flush) is reported, not dropped silently, and the
+/// image keeps what the last commit left: consistent, the file unchanged.
+#[test]
+fn metadata_that_cannot_be_written_at_shutdown_is_reported() {
+    let dir = TestDir::new("shutdown-report");
+    let sparse = sparse(2 * MIB, 31);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .size(16 * MIB)
+        .sparse_file("/f", &sparse)
+        .build(&dir, "fs.img");
+    let trigger = dir.join("trigger");
+    std::fs::write(&trigger, b"").unwrap();
+    // The eval plugin over the image, whose flush fails while the trigger
+    // file exists (nbdkit 1.32's error filter cannot fail flushes).
+    let img = shell_quote(path_str(&image));
+    let t = shell_quote(path_str(&trigger));
+    let plugin = [
+        "eval".to_string(),
+        "open=echo handle".into(),
+        format!("get_size=stat -c %s {img}"),
+        format!("pread=dd if={img} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"),
+        format!("pwrite=dd of={img} seek=$4 oflag=seek_bytes conv=notrunc status=none"),
+        format!("flush=if [ -e {t} ]; then echo 'EIO injected' >&2; exit 1; fi; sync {img}"),
+        "ext2file=/f".into(),
+    ];
+    let plugin: Vec<&str> = plugin.iter().map(String::as_str).collect();
+    let mut server = Server::start(&dir, &[], &plugin);
+    nbd_pwrite_many(
+        &server.uri(),
+        &[(700_000, random_bytes(32, 10_000))],
+        WriteFlush::Nothing,
+    );
+    server.stop();
+    let log = server.log();
+    assert!(
+        log.contains("the last metadata changes could not be written"),
+        "nothing said about the lost metadata:\n{log}"
+    );
+    e2fsck_clean(&image);
+    let dumped = debugfs_dump(&image, "/f");
+    assert_bytes_eq(&dumped, &sparse.contents(), "/f after the failed shutdown");
+}

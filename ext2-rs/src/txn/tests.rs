@@ -701,3 +701,45 @@ fn a_damaged_extent_node_fails_the_change_that_reads_it() {
     }
     assert!(rig.tx.is_empty());
 }
+
+/// A journal this crate does not write (here: one holding fast commits) is
+/// left alone: the writes are ordered as without a journal instead, and
+/// the image stays consistent with the journal untouched.
+#[test]
+fn a_journal_with_fast_commits_is_left_alone() {
+    let scratch = Scratch::new("fast-commit");
+    let mut base = make_image(
+        &scratch.0,
+        &["-t", "ext4", "-b", "1024"],
+        "64M",
+        &sparse_specs(1 << 20),
+        &[],
+    );
+    let mem = Arc::new(MemDevice::new(base.clone()));
+    let (mut fs, _) = open_read_write(mem.clone()).unwrap();
+    let (_, map) = crate::jbd2::locate(&mut fs).unwrap();
+    drop(fs);
+    let at = (map.image_block(0).unwrap() * 1024) as usize;
+    let incompat = u32::from_be_bytes(base[at + 0x28..at + 0x2c].try_into().unwrap()) | 0x20;
+    base[at + 0x28..at + 0x2c].copy_from_slice(&incompat.to_be_bytes());
+    let journal_before = base[at..at + 1024].to_vec();
+    let mem = Arc::new(MemDevice::new(base));
+    let (mut fs, mut tx) = open_read_write(mem.clone()).unwrap();
+    assert_eq!(tx.method(), Method::Ordered);
+    let ino = fs.lookup("/f").unwrap();
+    tx.fill_hole(&mut fs, ino, 100, 4, None, |fs, goal| {
+        mapping::allocate(fs, goal, 4)
+    })
+    .unwrap();
+    tx.commit(&mut fs, Durability::Home).unwrap();
+    tx.shutdown(&mut fs).unwrap();
+    drop(fs);
+    let image = mem.snapshot();
+    assert!(
+        image[at..at + 1024] == journal_before[..],
+        "the journal was written"
+    );
+    let path = scratch.0.join("after.img");
+    std::fs::write(&path, &image).unwrap();
+    sh("e2fsck", &["-fn", &path.to_string_lossy()]);
+}
