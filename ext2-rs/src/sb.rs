@@ -16,12 +16,14 @@ const S_FEATURE_INCOMPAT: usize = 0x60;
 const S_FEATURE_RO_COMPAT: usize = 0x64;
 const S_CHECKSUM: usize = 0x3fc;
 
-fn le16(sb: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([sb[at], sb[at + 1]])
+/// The little-endian u16 at `at`.
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn le32(sb: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]])
+/// The little-endian u32 at `at`.
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 /// Whether `sb` (the superblock's 1024 bytes) carries the ext2 magic.

@@ -239,20 +239,30 @@ impl Shared {
         count: u64,
         op: impl FnOnce(&mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
+        self.with_transactions(|fs, tx, image| {
+            let budget = tx.change_limit();
+            let op = |fs: &mut Filesystem| op(&mut Tx { fs, image, budget });
+            if count == 0 {
+                tx.change(fs, Some(ino), op)
+            } else {
+                tx.change_allocating(fs, ino, count, op)
+            }
+        })
+    }
+
+    /// Runs `f` on the filesystem and its transactions, under the lock,
+    /// with the background commit started (changes go through here).
+    fn with_transactions<T>(
+        &self,
+        f: impl FnOnce(&mut Filesystem, &mut Transactions, &Image) -> Result<T>,
+    ) -> Result<T> {
         self.committer.ensure_started(&self.state);
         let mut state = self.lock_state()?;
         let FsState { fs, tx } = &mut *state;
         let tx = tx
             .as_mut()
             .ok_or_else(|| Error::other(Errno::EROFS, "the filesystem is read-only"))?;
-        let budget = tx.change_limit();
-        let image = &*self.image;
-        let op = |fs: &mut Filesystem| op(&mut Tx { fs, image, budget });
-        if count == 0 {
-            tx.change(fs, Some(ino), op)
-        } else {
-            tx.change_allocating(fs, ino, count, op)
-        }
+        f(fs, tx, &self.image)
     }
 
     /// Fills a hole of extent file `ino` (not bigalloc) at file blocks from
@@ -269,15 +279,10 @@ impl Shared {
         near: Option<u64>,
         fill: impl FnOnce(&mut Filesystem, &Image, u64) -> Result<BlockRuns>,
     ) -> Result<BlockRuns> {
-        self.committer.ensure_started(&self.state);
-        let mut state = self.lock_state()?;
-        let FsState { fs, tx } = &mut *state;
-        let tx = tx
-            .as_mut()
-            .ok_or_else(|| Error::other(Errno::EROFS, "the filesystem is read-only"))?;
-        let image = &*self.image;
-        tx.fill_hole(fs, ino, logical, count, near, |fs, goal| {
-            fill(fs, image, goal)
+        self.with_transactions(|fs, tx, image| {
+            tx.fill_hole(fs, ino, logical, count, near, |fs, goal| {
+                fill(fs, image, goal)
+            })
         })
     }
 

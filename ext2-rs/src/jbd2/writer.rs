@@ -155,17 +155,11 @@ pub fn write_transaction(
             log_capacity(journal)
         )));
     }
-    if let Some(&(block, _)) = copies
+    if let Some(block) = copies
         .iter()
-        .find(|(block, _)| !features.is_64bit() && *block > u64::from(u32::MAX))
-    {
-        return Err(too_big(format!(
-            "block {block} needs 64-bit block numbers, which the journal lacks"
-        )));
-    }
-    if let Some(&block) = revoked
-        .iter()
-        .find(|&&block| !features.is_64bit() && block > u64::from(u32::MAX))
+        .map(|(block, _)| *block)
+        .chain(revoked.iter().copied())
+        .find(|&block| !features.is_64bit() && block > u64::from(u32::MAX))
     {
         return Err(too_big(format!(
             "block {block} needs 64-bit block numbers, which the journal lacks"
@@ -190,69 +184,15 @@ pub fn write_transaction(
     let mut blocks = Vec::new();
 
     // Revoke records first, as the kernel writes them.
-    let per_revoke = records_per_revoke_block(journal);
-    let record = record_bytes(journal);
-    for chunk in revoked.chunks(per_revoke) {
-        let mut b = header(bs, REVOKE_BLOCK, sequence);
-        let mut at = REVOKE_HEADER_BYTES;
-        for &block in chunk {
-            if record == 8 {
-                b[at..at + 8].copy_from_slice(&block.to_be_bytes());
-            } else {
-                put32(&mut b, at, block as u32);
-            }
-            at += record;
-        }
-        put32(&mut b, R_COUNT, at as u32);
-        seal_tail(journal, &mut b);
-        blocks.push((advance(&mut pos), b));
+    for chunk in revoked.chunks(records_per_revoke_block(journal)) {
+        blocks.push((advance(&mut pos), revoke_block(journal, sequence, chunk)));
     }
 
     // Descriptor blocks, each followed by its copies.  The v1 checksum
     // covers exactly these, as recovery sums them.
     let mut crc_v1 = !0u32;
-    let tag_bytes = features.tag_bytes();
-    let per_descriptor = tags_per_descriptor(journal);
-    for chunk in copies.chunks(per_descriptor) {
-        let mut desc = header(bs, DESCRIPTOR_BLOCK, sequence);
-        let mut logged = Vec::with_capacity(chunk.len());
-        let mut at = HEADER_BYTES;
-        for (i, (block, data)) in chunk.iter().enumerate() {
-            let mut copy = data.to_vec();
-            let mut flags = 0u16;
-            if i > 0 {
-                flags |= FLAG_SAME_UUID;
-            }
-            if i + 1 == chunk.len() {
-                flags |= FLAG_LAST_TAG;
-            }
-            if be32(&copy, 0) == JBD2_MAGIC {
-                copy[..4].fill(0);
-                flags |= FLAG_ESCAPE;
-            }
-            // The tag checksum covers the copy as it lies in the log.
-            let sum = crc32c(crc32c(journal.csum_seed, &sequence.to_be_bytes()), &copy);
-            put32(&mut desc, at, *block as u32);
-            if features.csum_v3() {
-                put32(&mut desc, at + 4, u32::from(flags));
-                put32(&mut desc, at + 12, sum);
-            } else {
-                if features.csum_v2() {
-                    desc[at + 4..at + 6].copy_from_slice(&(sum as u16).to_be_bytes());
-                }
-                desc[at + 6..at + 8].copy_from_slice(&flags.to_be_bytes());
-            }
-            if features.is_64bit() {
-                put32(&mut desc, at + 8, (*block >> 32) as u32);
-            }
-            at += tag_bytes;
-            if i == 0 {
-                desc[at..at + UUID_BYTES].copy_from_slice(&journal.uuid);
-                at += UUID_BYTES;
-            }
-            logged.push(copy);
-        }
-        seal_tail(journal, &mut desc);
+    for chunk in copies.chunks(tags_per_descriptor(journal)) {
+        let (desc, logged) = descriptor_block(journal, sequence, chunk);
         crc_v1 = crc32_be(crc_v1, &desc);
         blocks.push((advance(&mut pos), desc));
         for copy in logged {
@@ -261,7 +201,96 @@ pub fn write_transaction(
         }
     }
 
-    let mut commit = header(bs, COMMIT_BLOCK, sequence);
+    let commit = commit_block(journal, sequence, time, crc_v1);
+    let commit_at = advance(&mut pos);
+    Ok(LoggedTransaction {
+        blocks,
+        commit: (commit_at, commit),
+        next: pos,
+    })
+}
+
+/// A revoke block of transaction `sequence` for `blocks` (which must fit:
+/// see [`records_per_revoke_block`]).
+pub(crate) fn revoke_block(journal: &Journal, sequence: u32, blocks: &[u64]) -> Vec<u8> {
+    let record = record_bytes(journal);
+    let mut b = header(journal.block_size, REVOKE_BLOCK, sequence);
+    let mut at = REVOKE_HEADER_BYTES;
+    for &block in blocks {
+        if record == 8 {
+            b[at..at + 8].copy_from_slice(&block.to_be_bytes());
+        } else {
+            put32(&mut b, at, block as u32);
+        }
+        at += record;
+    }
+    put32(&mut b, R_COUNT, at as u32);
+    seal_tail(journal, &mut b);
+    b
+}
+
+/// A descriptor block of transaction `sequence` tagging `copies` (which
+/// must fit: see [`tags_per_descriptor`]), and the copies as they go into
+/// the log after it (escaped where they start with the JBD2 magic).
+pub(crate) fn descriptor_block(
+    journal: &Journal,
+    sequence: u32,
+    copies: &[(u64, &[u8])],
+) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let features = journal.features;
+    let tag_bytes = features.tag_bytes();
+    let mut desc = header(journal.block_size, DESCRIPTOR_BLOCK, sequence);
+    let mut logged = Vec::with_capacity(copies.len());
+    let mut at = HEADER_BYTES;
+    for (i, (block, data)) in copies.iter().enumerate() {
+        let mut copy = data.to_vec();
+        let mut flags = 0u16;
+        if i > 0 {
+            flags |= FLAG_SAME_UUID;
+        }
+        if i + 1 == copies.len() {
+            flags |= FLAG_LAST_TAG;
+        }
+        if be32(&copy, 0) == JBD2_MAGIC {
+            copy[..4].fill(0);
+            flags |= FLAG_ESCAPE;
+        }
+        // The tag checksum covers the copy as it lies in the log.
+        let sum = crc32c(crc32c(journal.csum_seed, &sequence.to_be_bytes()), &copy);
+        put32(&mut desc, at, *block as u32);
+        if features.csum_v3() {
+            put32(&mut desc, at + 4, u32::from(flags));
+            put32(&mut desc, at + 12, sum);
+        } else {
+            if features.csum_v2() {
+                desc[at + 4..at + 6].copy_from_slice(&(sum as u16).to_be_bytes());
+            }
+            desc[at + 6..at + 8].copy_from_slice(&flags.to_be_bytes());
+        }
+        if features.is_64bit() {
+            put32(&mut desc, at + 8, (*block >> 32) as u32);
+        }
+        at += tag_bytes;
+        if i == 0 {
+            desc[at..at + UUID_BYTES].copy_from_slice(&journal.uuid);
+            at += UUID_BYTES;
+        }
+        logged.push(copy);
+    }
+    seal_tail(journal, &mut desc);
+    (desc, logged)
+}
+
+/// The commit block of transaction `sequence`; `crc_v1` is the CRC32 of
+/// its descriptor and copy blocks (used with checksum v1 only).
+pub(crate) fn commit_block(
+    journal: &Journal,
+    sequence: u32,
+    time: CommitTime,
+    crc_v1: u32,
+) -> Vec<u8> {
+    let features = journal.features;
+    let mut commit = header(journal.block_size, COMMIT_BLOCK, sequence);
     commit[C_COMMIT_SEC..C_COMMIT_SEC + 8].copy_from_slice(&time.sec.to_be_bytes());
     put32(&mut commit, C_COMMIT_NSEC, time.nsec);
     if features.checksum_v1() {
@@ -273,12 +302,7 @@ pub fn write_transaction(
         let sum = crc32c(journal.csum_seed, &commit);
         put32(&mut commit, C_CHKSUM, sum);
     }
-    let commit_at = advance(&mut pos);
-    Ok(LoggedTransaction {
-        blocks,
-        commit: (commit_at, commit),
-        next: pos,
-    })
+    commit
 }
 
 /// Rewrites the journal superblock `block` to say the log begins with

@@ -220,6 +220,15 @@ impl MetaCache {
         out
     }
 
+    /// Ends a commit that took `taken`: if it failed, they go back into
+    /// the running transaction; then clean blocks beyond the budget go.
+    pub fn end_commit(&self, taken: &[(u64, Vec<u8>)], ok: bool) {
+        if !ok {
+            self.mark_dirty(taken.iter().map(|(block, _)| *block));
+        }
+        self.trim();
+    }
+
     /// Evicts clean blocks beyond the memory budget, once a commit has
     /// written what it took home (or given it back).
     pub fn trim(&self) {

@@ -263,10 +263,7 @@ impl JournalLog {
         } else {
             self.write(cache, &keep, durability)
         };
-        if result.is_err() {
-            cache.mark_dirty(keep.iter().map(|(block, _)| *block));
-        }
-        cache.trim();
+        cache.end_commit(&keep, result.is_ok());
         result
     }
 

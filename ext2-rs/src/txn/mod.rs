@@ -22,6 +22,14 @@
 //! no freed block is reused while a crash could still bring back a pointer
 //! to it.
 //!
+//! A write into a hole of an extent file ([`Transactions::fill_hole`])
+//! allocates its blocks and writes its data at once, but links them into
+//! the file's tree only at the commit (or before the next change of that
+//! tree): the host's map of the file serves them meanwhile, and linking a
+//! transaction's worth in file order costs far less than one tree walk per
+//! write.  The commit links first, so the image never sees one without the
+//! other.
+//!
 //! [`open_read_write`] opens a filesystem this way; [`Transactions`] is
 //! the one way to change it.
 

@@ -181,10 +181,7 @@ impl Ordered {
         captured?;
         let mut taken = cache.take_dirty();
         let result = self.write(fs, cache, touched, &freed, &mut taken, durability);
-        if result.is_err() {
-            cache.mark_dirty(taken.iter().map(|(block, _)| *block));
-        }
-        cache.trim();
+        cache.end_commit(&taken, result.is_ok());
         result
     }
 

@@ -16,19 +16,12 @@ use std::ptr;
 
 use crate::error::{Error, Result};
 use crate::fs::{check, Filesystem, Ino};
+use crate::sb::{le16, le32};
 use crate::sys;
 
 const EXT3_EXT_MAGIC: u16 = 0xf30a;
 const HEADER_BYTES: usize = 12;
 const ENTRY_BYTES: usize = 12;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 
 /// The child block an index entry points at.
 pub(super) fn index_leaf(node: &[u8], i: usize) -> u64 {
