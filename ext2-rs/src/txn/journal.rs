@@ -227,6 +227,7 @@ impl JournalLog {
         fs: &mut Filesystem,
         cache: &MetaCache,
         touched: &Touched,
+        unlinked: &[(u64, u64)],
         durability: Durability,
     ) -> Result<()> {
         let idle = cache.dirty_len() == 0
@@ -240,7 +241,7 @@ impl JournalLog {
                 Durability::Recoverable => Ok(()),
             };
         }
-        capture(fs)?;
+        capture(fs, unlinked)?;
         let taken = cache.take_dirty();
         let mut keep = Vec::with_capacity(taken.len());
         for (block, data) in taken {

@@ -101,6 +101,8 @@ pub struct Transactions {
     frees_pending: bool,
     /// Writes into holes not linked into their trees yet ([`Self::fill_hole`]).
     pending: PendingLinks,
+    /// Transactions committed so far.
+    commits: u64,
     /// Blocks of group descriptors (each may change with a group).
     desc_blocks: u64,
 }
@@ -154,6 +156,7 @@ pub fn open_read_write(raw: Arc<dyn BlockDevice>) -> Result<(Filesystem, Transac
         since: None,
         frees_pending: false,
         pending: PendingLinks::default(),
+        commits: 0,
     };
     debug!(
         Topic::Journal,
@@ -189,6 +192,12 @@ impl Transactions {
         &self.cache
     }
 
+    /// How many commits have succeeded (each one transaction, or one
+    /// ordered write-out), counting those with nothing to write.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
     /// Whether anything awaits a commit.
     pub fn is_empty(&self) -> bool {
         self.cache.dirty_len() == 0 && self.touched.is_empty() && self.pending.is_empty()
@@ -199,20 +208,25 @@ impl Transactions {
         self.since.map(|t| t.elapsed())
     }
 
-    /// Blocks the running transaction will write, roughly: those written so
-    /// far, plus a bitmap and a descriptor block for each group whose
-    /// allocations changed, plus the superblock, plus the tree nodes the
-    /// links still pending will change (a node holds at least 84 extents,
-    /// and a split leaves it half full).
-    pub fn estimated_blocks(&self) -> u64 {
+    /// Blocks the running transaction writes as it stands: those written
+    /// so far, plus a bitmap and a descriptor block for each group whose
+    /// allocations changed, plus the superblock.
+    fn written_blocks(&self) -> u64 {
         let groups = self.touched.groups();
-        let links = self.pending.extents() as u64 / 32 + self.pending.inodes().len() as u64;
         self.cache.dirty_len() as u64
             + self.cache.change_len() as u64
             + groups
             + groups.min(self.desc_blocks)
-            + links
             + 1
+    }
+
+    /// Blocks the running transaction will write, roughly: as it stands,
+    /// plus the tree nodes its pending links will change (nodes hold at
+    /// least 84 extents, and links in file order share them).  Only a
+    /// trigger: a commit links no more than fits (see [`Self::commit`]).
+    pub fn estimated_blocks(&self) -> u64 {
+        let links = self.pending.extents() as u64 / 32 + 4 * self.pending.inode_count() as u64;
+        self.written_blocks() + links
     }
 
     /// Blocks a transaction should not outgrow: a quarter of the journal,
@@ -299,7 +313,7 @@ impl Transactions {
     /// a journal, a new home for every existing node a commit moves.
     fn reserve(&self) -> u64 {
         let mut reserve =
-            64 + self.pending.extents() as u64 / 16 + 8 * self.pending.inodes().len() as u64;
+            64 + self.pending.extents() as u64 / 16 + 8 * self.pending.inode_count() as u64;
         if let Mode::Ordered(_) = self.mode {
             reserve += self.cache.dirty_len() as u64;
         }
@@ -334,10 +348,26 @@ impl Transactions {
         ))
     }
 
-    /// Links what is pending for `ino` into its tree, as one change (see
-    /// [`Self::fill_hole`]); on failure it stays pending.
+    /// Links everything pending for `ino` into its tree (see
+    /// [`Self::fill_hole`]): as many changes as it takes, and, when that
+    /// is more than one transaction may hold, commits in between.
     pub fn link_pending(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<()> {
-        let Some(extents) = self.pending.take(ino) else {
+        while self.pending.has(ino) {
+            self.link_some(fs, ino)?;
+            if self.pending.has(ino) {
+                self.commit_once(fs, Durability::Recoverable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Links extents pending for `ino`, a batch per change, until none are
+    /// left or the running transaction holds as many blocks as it should;
+    /// what is not linked stays pending.
+    fn link_some(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<()> {
+        /// Extents per change: each may change a leaf (and split it).
+        const BATCH: usize = 64;
+        let Some(mut extents) = self.pending.take(ino) else {
             return Ok(());
         };
         // Not committing first: the blocks are allocated in this
@@ -352,26 +382,30 @@ impl Transactions {
         for &(start, count) in &freed {
             undo::apply(fs, start, count, 1);
         }
-        let count = extents.len();
-        let linked = self.run_change(fs, Some(ino), false, |fs| {
-            mapping::link_extents(fs, ino, &extents)
-        });
+        let mut linked = 0;
+        let mut result = Ok(());
+        while linked < extents.len() && self.written_blocks() < self.commit_threshold() {
+            let batch = &extents[linked..(linked + BATCH).min(extents.len())];
+            result = self.run_change(fs, Some(ino), false, |fs| {
+                mapping::link_extents(fs, ino, batch)
+            });
+            if result.is_err() {
+                break;
+            }
+            linked += batch.len();
+        }
         for &(start, count) in &freed {
             undo::apply(fs, start, count, -1);
         }
-        match linked {
-            Ok(()) => {
-                debug!(
-                    Topic::Map,
-                    "inode {ino}: {count} extents written into holes linked into its tree"
-                );
-                Ok(())
-            }
-            Err(e) => {
-                self.pending.put_back(ino, extents);
-                Err(e.in_context(format!("inode {ino}: linking blocks written into holes")))
-            }
+        let rest = extents.split_off(linked);
+        if !rest.is_empty() {
+            self.pending.put_back(ino, rest);
         }
+        debug!(
+            Topic::Map,
+            "inode {ino}: {linked} extents written into holes linked into its tree"
+        );
+        result.map_err(|e| e.in_context(format!("inode {ino}: linking blocks written into holes")))
     }
 
     /// The body of [`Self::change`]; `may_commit_first` lets it commit the
@@ -477,22 +511,49 @@ impl Transactions {
     /// Commits the running transaction as far as `durability` asks; with
     /// nothing to commit, flushes the device when `Home` is asked.  On
     /// failure everything stays in the running transaction, to be retried.
+    ///
+    /// Pending links (see [`Self::fill_hole`]) are made first, as many as
+    /// one transaction should hold; the blocks of those that do not fit are
+    /// left out of the bitmaps this commit writes (they are allocated in
+    /// memory only, and linked and committed by the next transaction).
+    /// `Home` commits as many transactions as it takes to link them all.
     pub fn commit(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
+        loop {
+            self.commit_once(fs, durability)?;
+            if self.pending.is_empty() || durability == Durability::Recoverable {
+                return Ok(());
+            }
+        }
+    }
+
+    fn commit_once(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
         let cache = self.cache.clone();
         let _remember = cache.remembering();
         for ino in self.pending.inodes() {
-            self.link_pending(fs, ino)?;
-        }
-        match &mut self.mode {
-            Mode::Journal(log) => log.commit(fs, &self.cache, &self.touched, durability)?,
-            Mode::Ordered(ordered) => {
-                ordered.commit(fs, &self.cache, &mut self.touched, &self.inodes, durability)?
+            if self.written_blocks() >= self.commit_threshold() {
+                break;
             }
+            self.link_some(fs, ino)?;
+        }
+        let unlinked = self.pending.block_runs();
+        match &mut self.mode {
+            Mode::Journal(log) => {
+                log.commit(fs, &self.cache, &self.touched, &unlinked, durability)?
+            }
+            Mode::Ordered(ordered) => ordered.commit(
+                fs,
+                &self.cache,
+                &mut self.touched,
+                &self.inodes,
+                &unlinked,
+                durability,
+            )?,
         }
         self.touched.clear();
         self.inodes.clear();
-        self.since = None;
         self.frees_pending = false;
+        self.since = (!self.pending.is_empty()).then(Instant::now);
+        self.commits += 1;
         Ok(())
     }
 
@@ -581,8 +642,17 @@ pub(crate) fn edit_superblock_on_disk(
 }
 
 /// Writes libext2fs's bitmaps, group descriptors and superblock (those that
-/// changed) into the cache, where the commit takes them.
-pub(crate) fn capture(fs: &mut Filesystem) -> Result<()> {
-    fs.flush()
-        .map_err(|e| e.in_context("writing the bitmaps and the superblock"))
+/// changed) into the cache, where the commit takes them, with the blocks
+/// of `unlinked` (allocated, not yet linked to a file) shown free.
+pub(crate) fn capture(fs: &mut Filesystem, unlinked: &[(u64, u64)]) -> Result<()> {
+    for &(start, count) in unlinked {
+        undo::apply(fs, start, count, -1);
+    }
+    let result = fs
+        .flush()
+        .map_err(|e| e.in_context("writing the bitmaps and the superblock"));
+    for &(start, count) in unlinked {
+        undo::apply(fs, start, count, 1);
+    }
+    result
 }

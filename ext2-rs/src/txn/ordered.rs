@@ -159,6 +159,7 @@ impl Ordered {
         cache: &MetaCache,
         touched: &mut Touched,
         inodes: &BTreeSet<Ino>,
+        unlinked: &[(u64, u64)],
         durability: Durability,
     ) -> Result<()> {
         if cache.dirty_len() == 0 && touched.is_empty() {
@@ -174,13 +175,13 @@ impl Ordered {
         for &(start, count) in &freed {
             undo::apply(fs, start, count, 1);
         }
-        let captured = capture(fs);
+        let captured = capture(fs, unlinked);
         for &(start, count) in &freed {
             undo::apply(fs, start, count, -1);
         }
         captured?;
         let mut taken = cache.take_dirty();
-        let result = self.write(fs, cache, touched, &freed, &mut taken, durability);
+        let result = self.write(fs, cache, touched, &freed, unlinked, &mut taken, durability);
         cache.end_commit(&taken, result.is_ok());
         result
     }
@@ -191,6 +192,7 @@ impl Ordered {
         cache: &MetaCache,
         touched: &Touched,
         freed: &[(u64, u64)],
+        unlinked: &[(u64, u64)],
         taken: &mut Vec<(u64, Vec<u8>)>,
         durability: Durability,
     ) -> Result<()> {
@@ -233,7 +235,7 @@ impl Ordered {
         if !freed.is_empty() {
             raw.flush()?;
             // The freed blocks, free on disk too.
-            capture(fs)?;
+            capture(fs, unlinked)?;
             let last = cache.take_dirty();
             taken.extend(last.iter().cloned());
             write_runs(raw.as_ref(), bs, &last)?;

@@ -32,6 +32,24 @@ impl PendingLinks {
         self.extents
     }
 
+    /// Whether `ino` has extents waiting.
+    pub fn has(&self, ino: Ino) -> bool {
+        self.by_inode.contains_key(&ino)
+    }
+
+    /// The image blocks of every extent waiting: (first block, count).
+    pub fn block_runs(&self) -> Vec<(u64, u64)> {
+        self.by_inode
+            .values()
+            .flat_map(|map| map.values().map(|&(p, n)| (p, n)))
+            .collect()
+    }
+
+    /// How many inodes have extents waiting.
+    pub fn inode_count(&self) -> usize {
+        self.by_inode.len()
+    }
+
     pub fn inodes(&self) -> Vec<Ino> {
         self.by_inode.keys().copied().collect()
     }

@@ -743,3 +743,38 @@ fn a_journal_with_fast_commits_is_left_alone() {
     std::fs::write(&path, &image).unwrap();
     sh("e2fsck", &["-fn", &path.to_string_lossy()]);
 }
+
+/// Writes into holes scattered over more leaves than one transaction may
+/// hold: the commit links what fits, leaves the blocks of the rest out of
+/// the bitmaps it writes, and the flush commits again until all are
+/// linked; every crash state in between is consistent.
+#[test]
+fn pending_links_spread_over_transactions() {
+    let bs = 1024u64;
+    // 24,000 one-block extents (every other block): ~290 leaves.
+    let pieces: Vec<(u64, Vec<u8>)> = (0..24_000u64)
+        .map(|i| (i * 2 * bs, bytes(i % 97, bs as usize)))
+        .collect();
+    let mut rig = Rig::new(
+        "spread",
+        &["-t", "ext4", "-b", "1024", "-J", "size=1"],
+        "64M",
+        vec![
+            spec("/f", 48_000 * bs, pieces),
+            spec("/other", 5000, vec![(0, bytes(7, 5000))]),
+        ],
+        &[],
+    );
+    let threshold = rig.tx.commit_threshold();
+    // One write into a hole of every leaf.
+    for i in 0..290u64 {
+        rig.write(0, (i * 166 + 1) * bs, &bytes(1000 + i, bs as usize));
+    }
+    let before = rig.tx.commits();
+    rig.flush();
+    assert!(
+        rig.tx.commits() - before >= 2,
+        "the flush should take several transactions (threshold {threshold} blocks)"
+    );
+    rig.judge_all(Recovery::JournalReplay, 11);
+}
