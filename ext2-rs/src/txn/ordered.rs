@@ -46,6 +46,16 @@ use crate::undo;
 /// Blocks a transaction should not outgrow (memory only: no log to fill).
 pub(crate) const MAX_TRANSACTION: u64 = 8192;
 
+/// What changed hands in a transaction, for ordering its writes.
+#[derive(Clone, Copy)]
+struct Allocations<'a> {
+    touched: &'a Touched,
+    /// In use at the last commit, free now: freed on disk last.
+    freed: &'a [(u64, u64)],
+    /// Allocated, not yet linked to a file: free on disk for now.
+    unlinked: &'a [(u64, u64)],
+}
+
 pub(crate) struct Ordered {
     /// Blocks holding allocation records: the primary superblock's block,
     /// the group descriptors, the block and inode bitmaps.
@@ -181,7 +191,12 @@ impl Ordered {
         }
         captured?;
         let mut taken = cache.take_dirty();
-        let result = self.write(fs, cache, touched, &freed, unlinked, &mut taken, durability);
+        let changes = Allocations {
+            touched,
+            freed: &freed,
+            unlinked,
+        };
+        let result = self.write(fs, cache, &changes, &mut taken, durability);
         cache.end_commit(&taken, result.is_ok());
         result
     }
@@ -190,12 +205,15 @@ impl Ordered {
         &mut self,
         fs: &mut Filesystem,
         cache: &MetaCache,
-        touched: &Touched,
-        freed: &[(u64, u64)],
-        unlinked: &[(u64, u64)],
+        changes: &Allocations<'_>,
         taken: &mut Vec<(u64, Vec<u8>)>,
         durability: Durability,
     ) -> Result<()> {
+        let Allocations {
+            touched,
+            freed,
+            unlinked,
+        } = *changes;
         let raw = cache.raw();
         let bs = cache.block_size();
         let (mut records, mut new, mut old) = (Vec::new(), Vec::new(), Vec::new());
