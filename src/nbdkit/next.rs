@@ -86,6 +86,8 @@ struct State {
     /// may come while connections still exist).  Requests hold the state
     /// shared, so a context is never closed or replaced under one.
     current: Option<(RawNext, Capabilities)>,
+    /// Whether the current context was opened read-only.
+    readonly: bool,
     /// Contexts [`Plugin::reopen`] replaced.  Connections prepared before may
     /// still have one attached (nbdkit calls through it for what the filter
     /// leaves to the plugin), so they are closed only with the plugin.
@@ -218,6 +220,7 @@ impl Plugin {
         Ok(Plugin {
             state: RwLock::new(State {
                 current: Some(current),
+                readonly,
                 retired: Vec::new(),
             }),
             gate: serialize.then(|| Mutex::new(())),
@@ -226,14 +229,19 @@ impl Plugin {
 
     /// Replaces the context by a new one on `backend` (read-write unless
     /// `readonly`), once requests in flight have finished; requests made
-    /// meanwhile wait.  On failure the old context stays.
+    /// meanwhile wait.  On failure the old context stays; nothing changes
+    /// when the context is already opened that way.
     pub fn reopen(&self, backend: Backend, readonly: bool) -> Result<(), Errno> {
+        if self.state.read().readonly == readonly {
+            return Ok(());
+        }
         let fresh = open_context(backend, readonly)?;
         let mut state = self.state.write();
         match state.current.as_mut() {
             Some(current) => {
                 let old = std::mem::replace(current, fresh);
                 state.retired.push(old.0);
+                state.readonly = readonly;
                 Ok(())
             }
             None => {
