@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Benchmark the ext2filter nbdkit filter against Debian's C ext2 filter and
+"""Benchmark the ext2filter nbdkit filter against nbdkit's C ext2 filters (Debian's, and that
+of $EXT2FILTER_NBDKIT when it names another nbdkit) and
 against the raw file plugin serving the same bytes as a plain file.
 
 Run with /usr/bin/python3 (Debian's Python, the only one with the `nbd`

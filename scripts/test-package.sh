@@ -34,7 +34,8 @@ $files"
 # Serve a file from an image with the installed filter; compare the bytes.
 mkdir -p "$work/root/disks"
 head -c 3000001 /dev/urandom > "$work/root/disks/f"
-mke2fs -q -F -t ext4 -d "$work/root" "$work/fs.img" 32M
+truncate -s 32M "$work/fs.img"
+mke2fs -q -F -t ext4 -d "$work/root" "$work/fs.img"
 nbdkit -U - --filter=ext2rs file "$work/fs.img" ext2file=/disks/f \
   --run "nbdcopy \"\$uri\" $work/out"
 cmp "$work/root/disks/f" "$work/out" || fail "the served bytes differ from the file"

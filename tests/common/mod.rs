@@ -1164,7 +1164,37 @@ impl Server {
             }
             thread::sleep(Duration::from_millis(5));
         }
+        server.wait_for_greeting(started, limit, &description);
         server
+    }
+
+    /// Waits until nbdkit greets a connection: it listens a moment after the socket
+    /// appears, and accepts only once `.after_fork` (where the filter opens the image)
+    /// is done. The probe reads the greeting before closing, which nbdkit does not log.
+    fn wait_for_greeting(&mut self, started: Instant, limit: Duration, description: &str) {
+        loop {
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.socket) {
+                let _ = stream.set_read_timeout(Some(limit));
+                let mut magic = [0u8; 8];
+                if stream.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
+                    return;
+                }
+            }
+            if !self.is_running() {
+                panic!(
+                    "nbdkit stopped at start: {description}\n{}{}",
+                    self.log(),
+                    self.valgrind_report()
+                );
+            }
+            if started.elapsed() > limit {
+                panic!(
+                    "nbdkit did not greet a connection in {limit:?}: {description}\n{}",
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn socket(&self) -> &Path {
