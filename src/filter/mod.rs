@@ -112,8 +112,8 @@ struct Started {
     /// Whether the first writable connection's re-open has settled; held
     /// while it runs, so that other writable connections wait for it.
     reopened: Mutex<bool>,
-    /// Whether a read-only connection was told why the journal stays
-    /// unwritten.
+    /// Whether the log says why the journal stays unwritten (told once, by
+    /// the first read-only connection or the re-open).
     told_read_only: AtomicBool,
 }
 
@@ -162,6 +162,9 @@ impl Started {
         if !*settled {
             opening::reopen_writable(&self.shared, backend, journal)?;
             *settled = true;
+            // It said why, if the image stays read-only: a read-only
+            // connection has nothing to add.
+            self.told_read_only.store(true, Ordering::Relaxed);
         }
         Ok(())
     }
