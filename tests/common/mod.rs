@@ -1052,6 +1052,23 @@ pub fn nbdkit_query(options: &[&str], plugin_args: &[&str]) -> CmdOutput {
     output
 }
 
+/// Waits up to `limit` for `child` to exit: its status, or `None` once it has been
+/// killed for taking longer.
+pub fn wait_or_kill(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// How long a server that should stop at start may take to do so.
 pub fn start_failure_timeout() -> Duration {
     if valgrind_enabled() {
@@ -1267,20 +1284,11 @@ impl Server {
         } else {
             Duration::from_secs(60)
         };
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
-                    self.log()
-                ));
-            }
-            thread::sleep(Duration::from_millis(5));
+        let Some(status) = wait_or_kill(&mut child, limit) else {
+            return Err(format!(
+                "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
+                self.log()
+            ));
         };
         self.valgrind_logs.check()?;
         if status.success() {

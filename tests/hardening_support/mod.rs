@@ -610,22 +610,13 @@ impl Srv {
     fn stopped_at_start(&mut self) -> Result<String, String> {
         let limit = Duration::from_secs(if valgrind_enabled() { 600 } else { 30 });
         let mut child = self.child.take().ok_or("the server was already stopped")?;
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "nbdkit neither served nor stopped within {limit:?}: {}\n{}",
-                    self.description,
-                    tail(&self.log(), 6000)
-                ));
-            }
-            thread::sleep(Duration::from_millis(2));
-        };
+        let status = common::wait_or_kill(&mut child, limit).ok_or_else(|| {
+            format!(
+                "nbdkit neither served nor stopped within {limit:?}: {}\n{}",
+                self.description,
+                tail(&self.log(), 6000)
+            )
+        })?;
         let log = self.log();
         if status.code() != Some(1) || !log.contains("error:") {
             return Err(format!(
@@ -721,21 +712,12 @@ impl Srv {
             return Err("server already stopped".into());
         };
         let _ = run("kill", &["-TERM", &child.id().to_string()]);
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return Ok(status);
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
-                    tail(&self.log(), 6000)
-                ));
-            }
-            thread::sleep(Duration::from_millis(2));
-        }
+        common::wait_or_kill(&mut child, limit).ok_or_else(|| {
+            format!(
+                "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
+                tail(&self.log(), 6000)
+            )
+        })
     }
 
     /// Stops the server with SIGTERM (it closes the filesystem and the plugin): `Err`
