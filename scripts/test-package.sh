@@ -11,6 +11,12 @@ pkg=nbdkit-ext2rs-filter
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 fail() { echo "test-package: FAILED: $*" >&2; exit 1; }
 
+# man finds manual pages only with man-db (not on minimal images).
+if ! dpkg-query -W -f='${Status}' man-db 2>/dev/null | grep -q "install ok installed"; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq man-db >/dev/null
+fi
+
 scripts/package-deb.sh
 debs=(target/debian/"$pkg"_*.deb)
 [ ${#debs[@]} = 1 ] && [ -f "${debs[0]}" ] || fail "expected one package, found: ${debs[*]}"
@@ -41,7 +47,9 @@ nbdkit -U - --filter=ext2rs file "$work/fs.img" ext2file=/disks/f \
 cmp "$work/root/disks/f" "$work/out" || fail "the served bytes differ from the file"
 
 # The manual page.
-page="$(man -w "$pkg")" || fail "man finds no $pkg page"
+page="$(man -w "$pkg")" ||
+  fail "man finds no $pkg page$(grep -rs 'path-exclude.*/usr/share/man' /etc/dpkg/dpkg.cfg.d/ >/dev/null &&
+    echo " (this machine's dpkg excludes /usr/share/man: see /etc/dpkg/dpkg.cfg.d)")"
 case "$page" in
   /usr/share/man/man1/"$pkg".1.gz) ;;
   *) fail "man found $page, not the package's page" ;;
