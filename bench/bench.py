@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Benchmark the ext2filter nbdkit filter against Debian's C ext2 filter and
+"""Benchmark the ext2filter nbdkit filter against nbdkit's C ext2 filters (Debian's, and that
+of $EXT2FILTER_NBDKIT when it names another nbdkit) and
 against the raw file plugin serving the same bytes as a plain file.
 
 Run with /usr/bin/python3 (Debian's Python, the only one with the `nbd`
@@ -35,8 +36,23 @@ INNER = "/data.bin"          # path of the served file inside every image
 MiB = 1 << 20
 GiB = 1 << 30
 
-CANDIDATES = ("ours", "c", "raw")
-CAND_LABEL = {"ours": "ours (Rust)", "c": "C --filter=ext2", "raw": "raw file plugin"}
+# The nbdkit serving ours, raw and "cnew" ($EXT2FILTER_NBDKIT, as for the tests; our
+# filter must be built against its headers).  Debian's C filter ("c") always runs on
+# Debian's nbdkit; when EXT2FILTER_NBDKIT names another nbdkit (e.g. upstream 1.45.2),
+# "cnew" is that nbdkit's own C filter.
+DEBIAN_NBDKIT = "nbdkit"
+NBDKIT = os.environ.get("EXT2FILTER_NBDKIT") or DEBIAN_NBDKIT
+OTHER_NBDKIT = os.path.realpath(shutil.which(NBDKIT) or NBDKIT) != \
+    os.path.realpath(shutil.which(DEBIAN_NBDKIT) or DEBIAN_NBDKIT)
+
+CANDIDATES = ("ours", "c", "cnew", "raw")
+CAND_LABEL = {"ours": "ours (Rust)", "c": "C --filter=ext2", "cnew": "C --filter=ext2",
+              "raw": "raw file plugin"}
+
+
+def nbdkit_version(nbdkit):
+    r = subprocess.run([nbdkit, "--version"], stdout=subprocess.PIPE, text=True)
+    return r.stdout.strip().replace("nbdkit ", "")
 
 # Scenario table: key -> (number, title, kind)
 SCENARIOS = [
@@ -216,7 +232,8 @@ class Server:
         if os.path.exists(sock):
             os.unlink(sock)
         self.logf = open(logpath, "wb")
-        full = ["nbdkit", "-f", "--exit-with-parent", "-U", sock] + argv
+        # argv[0] is the nbdkit to run (see Bench.server_args).
+        full = [argv[0], "-f", "--exit-with-parent", "-U", sock] + argv[1:]
         self.argv = full
         self.proc = subprocess.Popen(full, stdin=subprocess.DEVNULL,
                                      stdout=self.logf, stderr=subprocess.STDOUT)
@@ -367,12 +384,12 @@ class Bench:
     def server_args(self, cand, fs_img, plain_img, under=(), params=()):
         under, params = list(under), list(params)
         if cand == "ours":
-            return ["--filter=" + self.a.filter] + under + ["file", fs_img] + params + \
-                   ["ext2file=" + INNER]
-        if cand == "c":
-            return ["--filter=ext2"] + under + ["file", fs_img] + params + \
-                   ["ext2file=" + INNER]
-        return under + ["file", plain_img] + params
+            return [NBDKIT, "--filter=" + self.a.filter] + under + ["file", fs_img] + \
+                   params + ["ext2file=" + INNER]
+        if cand in ("c", "cnew"):
+            return [DEBIAN_NBDKIT if cand == "c" else NBDKIT, "--filter=ext2"] + under + \
+                   ["file", fs_img] + params + ["ext2file=" + INNER]
+        return [NBDKIT] + under + ["file", plain_img] + params
 
     def start(self, argv, tag):
         srv = Server(argv, self.sock, os.path.join(self.rundir, "nbdkit-%s.log" % tag))
@@ -747,8 +764,10 @@ def machine_facts(args):
     except OSError:
         pass
     facts.append(("kernel", platform.release()))
-    v = subprocess.run(["nbdkit", "--version"], stdout=subprocess.PIPE, text=True).stdout
-    facts.append(("nbdkit", v.strip()))
+    facts.append(("nbdkit", "%s (%s)" % (nbdkit_version(NBDKIT), NBDKIT)))
+    if OTHER_NBDKIT and "c" in args.candidates:
+        facts.append(("nbdkit for C", "%s (%s, Debian's C filter)"
+                      % (nbdkit_version(DEBIAN_NBDKIT), DEBIAN_NBDKIT)))
     v = subprocess.run(["nbdcopy", "--version"], stdout=subprocess.PIPE, text=True).stdout
     facts.append(("nbdcopy", v.splitlines()[0].strip() if v else "?"))
     if "ours" in args.candidates:
@@ -784,23 +803,27 @@ def preflight(args):
                         "in %s, pass --filter PATH, or leave it out with --candidates c,raw"
                         % (args.filter, REPO))
     elif "ours" in args.candidates:
-        r = subprocess.run(["nbdkit", "--filter=" + args.filter, "null", "--dump-plugin"],
+        r = subprocess.run([NBDKIT, "--filter=" + args.filter, "null", "--dump-plugin"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if r.returncode != 0:
             problems.append("nbdkit cannot load our filter %s:\n  %s" % (
                 args.filter, r.stderr.strip().replace("\n", "\n  ")))
-    filterdir = ""
-    r = subprocess.run(["nbdkit", "--dump-config"], stdout=subprocess.PIPE, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith("filterdir="):
-            filterdir = line.split("=", 1)[1]
-    need = ["delay"] if "delay" in args.scenarios else []
-    if "c" in args.candidates:
-        need.append("ext2")
-    for f in need:
-        if not os.path.exists(os.path.join(filterdir, "nbdkit-%s-filter.so" % f)):
-            problems.append("nbdkit filter %r not installed in %s (apt-get install nbdkit)"
-                            % (f, filterdir))
+    needs = {}
+    for cand in args.candidates:
+        nbdkit = DEBIAN_NBDKIT if cand == "c" else NBDKIT
+        need = needs.setdefault(nbdkit, set(["delay"] if "delay" in args.scenarios else []))
+        if cand in ("c", "cnew"):
+            need.add("ext2")
+    for nbdkit, need in sorted(needs.items()):
+        filterdir = ""
+        r = subprocess.run([nbdkit, "--dump-config"], stdout=subprocess.PIPE, text=True)
+        for line in r.stdout.splitlines():
+            if line.startswith("filterdir="):
+                filterdir = line.split("=", 1)[1]
+        for f in sorted(need):
+            if not os.path.exists(os.path.join(filterdir, "nbdkit-%s-filter.so" % f)):
+                problems.append("nbdkit filter %r not installed in %s (apt-get install nbdkit)"
+                                % (f, filterdir))
     if "rand4k" in args.scenarios:
         r = subprocess.run([args.python, "-c", "import nbd"], stderr=subprocess.DEVNULL)
         if r.returncode != 0:
@@ -818,7 +841,9 @@ def parse_args(argv):
     ap.add_argument("--scenarios", default="all",
                     help="comma list of %s or numbers 1-6 (default all)"
                     % ",".join(s[0] for s in SCENARIOS))
-    ap.add_argument("--candidates", default="ours,c,raw", help="subset of ours,c,raw")
+    ap.add_argument("--candidates", default="ours,c,cnew,raw" if OTHER_NBDKIT else "ours,c,raw",
+                    help="subset of ours,c,raw, and cnew (the C filter of "
+                         "$EXT2FILTER_NBDKIT) when that is not Debian's nbdkit")
     ap.add_argument("--size", type=int, default=None, help="file size in MiB (default 256)")
     ap.add_argument("--delay-size", type=int, default=None,
                     help="file size in MiB for the 1 ms delay scenario (default 32)")
@@ -847,8 +872,9 @@ def parse_args(argv):
     a.filter = os.path.abspath(a.filter)
     cands = [c.strip() for c in a.candidates.split(",") if c.strip()]
     for c in cands:
-        if c not in CANDIDATES:
-            ap.error("unknown candidate %r (choose from ours,c,raw)" % c)
+        if c not in CANDIDATES or (c == "cnew" and not OTHER_NBDKIT):
+            ap.error("unknown candidate %r (choose from ours,c,raw%s)"
+                     % (c, ",cnew" if OTHER_NBDKIT else ""))
     a.candidates = [c for c in CANDIDATES if c in cands]
     if a.scenarios == "all":
         a.scenarios = [s[0] for s in SCENARIOS]
@@ -871,6 +897,9 @@ def main(argv):
     if argv and argv[0] == "--randread-client":
         return randread_client(argv[1:])
     a = parse_args(argv)
+    if OTHER_NBDKIT:
+        CAND_LABEL["c"] = "C --filter=ext2, nbdkit %s" % nbdkit_version(DEBIAN_NBDKIT)
+        CAND_LABEL["cnew"] = "C --filter=ext2, nbdkit %s" % nbdkit_version(NBDKIT)
     problems = preflight(a)
     if problems:
         for p in problems:

@@ -6,6 +6,7 @@
 //! An image with a replay is never written: it is served read-only.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -20,6 +21,9 @@ use crate::nbdkit::Plugin;
 pub struct Image {
     plugin: Arc<Plugin>,
     replay: Option<(Replay, u64)>,
+    /// Set once the replay is written into the image (`ext2journal=replay`):
+    /// the plugin then holds what it stood in for.
+    replay_written: AtomicBool,
     /// libext2fs's writes held back during a metadata change, and any that
     /// failed to reach the plugin since; see [`Image::begin_changes`].
     pending: Mutex<Pending>,
@@ -38,6 +42,7 @@ impl Image {
         Image {
             plugin,
             replay: None,
+            replay_written: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
         }
     }
@@ -48,6 +53,7 @@ impl Image {
         Image {
             plugin,
             replay: Some((replay, block_size)),
+            replay_written: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
         }
     }
@@ -56,8 +62,26 @@ impl Image {
         &self.plugin
     }
 
+    /// The journal replay reads see, until it is written into the image.
+    fn overlay(&self) -> Option<&(Replay, u64)> {
+        self.replay
+            .as_ref()
+            .filter(|_| !self.replay_written.load(Ordering::Acquire))
+    }
+
     pub fn replaying(&self) -> bool {
-        self.replay.is_some()
+        self.overlay().is_some()
+    }
+
+    /// The replay reads see, while they see one.
+    pub fn replay(&self) -> Option<&Replay> {
+        self.overlay().map(|(replay, _)| replay)
+    }
+
+    /// Says the replay is now in the image: reads go to the plugin, and
+    /// writes are allowed.
+    pub fn replay_is_written(&self) {
+        self.replay_written.store(true, Ordering::Release);
     }
 
     pub fn size(&self) -> u64 {
@@ -65,7 +89,7 @@ impl Image {
     }
 
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        let Some((replay, bs)) = &self.replay else {
+        let Some((replay, bs)) = self.overlay() else {
             return self.plugin.pread(buf, offset);
         };
         // Walk the request a block at a time, sending runs of blocks that the
@@ -107,7 +131,7 @@ impl Image {
     }
 
     fn refuse_write(&self) -> Result<(), Errno> {
-        if self.replay.is_some() {
+        if self.replaying() {
             nbd_error!("the image's journal is replayed in memory only: it is served read-only");
             return Err(Errno::EROFS);
         }

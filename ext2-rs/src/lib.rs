@@ -51,3 +51,19 @@ pub fn unload() {
     // SAFETY: the table registered by `load`; com_err frees its list node.
     unsafe { sys::remove_error_table(&sys::et_ext2_error_table) };
 }
+
+/// The version of the libext2fs this process runs with, e.g. `1.47.0`.
+pub fn library_version() -> String {
+    let mut version: *const std::ffi::c_char = std::ptr::null();
+    let mut date: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: two valid out-pointers; the library stores pointers to its
+    // static strings there.
+    unsafe { sys::ext2fs_get_library_version(&mut version, &mut date) };
+    if version.is_null() {
+        return String::from("unknown");
+    }
+    // SAFETY: non-null, pointing to a static NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(version) }
+        .to_string_lossy()
+        .into_owned()
+}

@@ -52,6 +52,21 @@ pub const DEFAULT_MAX_EXPORTS: usize = 1000;
 
 pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.";
 
+/// The parameters that are ours; nbdkit hands every other one to the plugin.
+pub const KEYS: &[&str] = &["ext2file", "ext2exports", "ext2default", "ext2journal"];
+
+/// Whether `key` is one of our parameters.
+pub fn is_ours(key: &str) -> bool {
+    KEYS.contains(&key)
+}
+
+/// The message for a parameter of ours whose value is not UTF-8: paths and
+/// modes are compared as text, and "repairing" the bytes could name
+/// another file.
+pub fn not_utf8(key: &str) -> String {
+    format!("{key} parameter is not valid UTF-8")
+}
+
 /// Collects parameters as nbdkit hands them over.
 #[derive(Debug, Default)]
 pub struct ConfigBuilder {
@@ -291,6 +306,21 @@ mod tests {
     fn other_keys_go_to_the_plugin() {
         let mut b = ConfigBuilder::default();
         assert_eq!(b.set("file", "fs.img"), Ok(false));
+        assert!(!is_ours("file"));
+    }
+
+    #[test]
+    fn every_key_of_ours_is_taken() {
+        for key in KEYS {
+            assert!(is_ours(key));
+            let value = if *key == "ext2exports" { "1" } else { "/a" };
+            let value = if *key == "ext2journal" {
+                "memory"
+            } else {
+                value
+            };
+            assert_eq!(ConfigBuilder::default().set(key, value), Ok(true), "{key}");
+        }
     }
 
     #[test]

@@ -6,12 +6,12 @@
 //! file's map lock at most, never under the filesystem lock.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::filter::config::JournalMode;
 use crate::filter::file::ServedFile;
 use crate::filter::opening;
 use crate::image::Image;
@@ -19,7 +19,7 @@ use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_erro
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::FileMap;
-use ext2_rs::{mapping, Access, Filesystem, Ino};
+use ext2_rs::{mapping, Filesystem, Ino};
 
 pub struct Shared {
     /// Where file data and metadata are read and written.
@@ -33,21 +33,23 @@ pub struct Shared {
     alloc_gate: RwLock<()>,
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
     pub block_size: u32,
-    pub access: Access,
+    /// Read-only from the start until the first writable connection has
+    /// re-opened the filesystem read-write ([`opening::reopen_writable`]).
+    writable: AtomicBool,
 }
 
 impl Shared {
-    /// Opens the filesystem over `plugin`, read-write if `want_write` and
-    /// the image allows it (see [`opening::open_filesystem`]).
-    pub fn open(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Shared> {
-        let (image, fs, access) = opening::open_filesystem(plugin, want_write, journal)?;
+    /// Opens the filesystem over `plugin` read-only, an unclean journal
+    /// replayed in memory (see [`opening::open_read_only`]).
+    pub fn open(plugin: Plugin) -> Result<Shared> {
+        let (image, fs) = opening::open_read_only(plugin)?;
         Ok(Shared {
             block_size: fs.block_size(),
             image,
             fs: Mutex::new(Some(fs)),
             alloc_gate: RwLock::new(()),
             files: Mutex::new(HashMap::new()),
-            access,
+            writable: AtomicBool::new(false),
         })
     }
 
@@ -56,7 +58,12 @@ impl Shared {
     }
 
     pub fn writable(&self) -> bool {
-        self.access == Access::ReadWrite
+        self.writable.load(Ordering::Acquire)
+    }
+
+    /// Says the filesystem now in the lock is open read-write.
+    pub fn now_writable(&self) {
+        self.writable.store(true, Ordering::Release);
     }
 
     /// Takes the libext2fs lock.
