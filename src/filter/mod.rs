@@ -4,6 +4,7 @@
 //! nothing here touches a raw pointer.
 
 mod change;
+mod coalesce;
 pub mod config;
 pub mod exports;
 pub mod file;
@@ -95,7 +96,13 @@ fn shared(backend: Backend, readonly: bool) -> Result<Arc<Shared>> {
         return Ok(shared.clone());
     }
     let plugin = Plugin::open(backend, readonly, SERIALIZE_PLUGIN.load(Ordering::Relaxed))?;
-    let shared = Arc::new(Shared::open(plugin, !readonly, current_config().journal)?);
+    let config = current_config();
+    let shared = Arc::new(Shared::open(
+        plugin,
+        !readonly,
+        config.journal,
+        config.map_cache,
+    )?);
     *slot = Some(shared.clone());
     Ok(shared)
 }
@@ -207,6 +214,6 @@ impl Connection {
     }
 
     pub fn status(&self, offset: u64, len: u64) -> Result<Vec<(u64, Status)>> {
-        Ok(self.file()?.status(offset, len))
+        self.file()?.status(offset, len)
     }
 }
