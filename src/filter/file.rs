@@ -17,6 +17,7 @@ use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::filter::coalesce;
 use crate::filter::shared::Shared;
+use crate::pool;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::{Content, FileMap, Piece};
 use ext2_rs::lazy_map::LazyMap;
@@ -273,25 +274,30 @@ impl ServedFile {
     }
 }
 
+/// A read may span a gap this large in the image between two runs of the
+/// file's data (see `filter::coalesce`).
+const READ_GAP: u64 = 16 << 10;
+
 /// Reads a request's pieces into `buf` (the request at `offset`): each run
-/// of pieces contiguous in the image in one plugin request, holes and
-/// unwritten blocks as zeroes.
+/// of pieces contiguous in the image in one plugin request, several at once
+/// when the plugin allows; holes and unwritten blocks as zeroes.
 fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -> Result<()> {
-    let runs = coalesce::runs(pieces, offset);
-    // Zero what no run covers.
-    let mut covered = 0usize;
-    for run in &runs {
-        buf[covered..run.span.start].fill(0);
-        covered = run.span.end;
-    }
-    buf[covered..].fill(0);
+    let runs = coalesce::runs(pieces, offset, READ_GAP);
+    // Zero what no run covers, and give each run its part of the buffer.
+    let mut jobs: Vec<(&coalesce::Run, &mut [u8])> = Vec::with_capacity(runs.len());
     let mut rest = buf;
     let mut at = 0usize;
     for run in &runs {
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(run.span.start - at);
+        let (gap, tail) = std::mem::take(&mut rest).split_at_mut(run.span.start - at);
+        gap.fill(0);
         let (dst, tail) = tail.split_at_mut(run.span.len());
         rest = tail;
         at = run.span.end;
+        jobs.push((run, dst));
+    }
+    rest.fill(0);
+    let parallel = shared.plugin().parallel();
+    pool::run_all(parallel, jobs, &|(run, dst)| -> Result<()> {
         if run.is_direct() {
             shared.image.pread(dst, run.image_offset)?;
         } else {
@@ -299,13 +305,15 @@ fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -
             shared.image.pread(&mut image, run.image_offset)?;
             coalesce::scatter(run, pieces, offset, &image, dst);
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .into_iter()
+    .collect()
 }
 
 /// Writes the data pieces of a request (`data`, at `offset`): each run of
-/// pieces contiguous in the image in one plugin request.  Other pieces are
-/// left to the caller.
+/// pieces contiguous in the image in one plugin request, several at once
+/// when the plugin allows.  Other pieces are left to the caller.
 fn write_pieces(
     shared: &Shared,
     pieces: &[Piece],
@@ -313,7 +321,9 @@ fn write_pieces(
     offset: u64,
     fua: bool,
 ) -> Result<()> {
-    for run in coalesce::runs(pieces, offset) {
+    let runs = coalesce::runs(pieces, offset, 0);
+    let parallel = shared.plugin().parallel();
+    pool::run_all(parallel, runs, &|run| -> Result<()> {
         let from = &data[run.span.clone()];
         if run.is_direct() {
             shared.image.pwrite(from, run.image_offset, fua)?;
@@ -321,8 +331,10 @@ fn write_pieces(
             let image = coalesce::gather(&run, pieces, offset, from);
             shared.image.pwrite(&image, run.image_offset, fua)?;
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .into_iter()
+    .collect()
 }
 
 /// The whole file blocks inside `[offset, offset + len)` of a file of

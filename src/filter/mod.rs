@@ -112,6 +112,7 @@ pub fn cleanup() {
     if let Some(shared) = SHARED.lock().take() {
         shared.shutdown();
     }
+    crate::pool::shutdown();
 }
 
 /// Per-connection state: which file, on which shared filesystem.

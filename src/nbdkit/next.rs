@@ -169,6 +169,11 @@ impl Plugin {
         self.raw
     }
 
+    /// Whether the plugin takes parallel requests on the shared context.
+    pub fn parallel(&self) -> bool {
+        self.gate.is_none()
+    }
+
     pub fn capabilities(&self) -> &Capabilities {
         &self.caps
     }
