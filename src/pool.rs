@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use parking_lot::Mutex;
 
 /// Worker threads: plugin calls mostly wait, so more than the cores.
-const WORKERS: usize = 16;
+pub const WORKERS: usize = 32;
 /// Items of one request in flight at once, the caller included.
 pub const FAN_OUT: usize = 8;
 
@@ -64,6 +64,23 @@ pub fn shutdown() {
     }
 }
 
+/// Runs `job` on a worker later (background work such as reading map
+/// blocks ahead); runs it here if no worker can be started.
+pub fn spawn(job: Box<dyn FnOnce() + Send>) {
+    let mut workers = WORKERS_RUNNING.lock();
+    if workers.is_none() {
+        *workers = start();
+    }
+    let unsent = match workers.as_ref() {
+        Some(w) => w.jobs.send(job).err().map(|e| e.0),
+        None => Some(job),
+    };
+    drop(workers);
+    if let Some(job) = unsent {
+        job();
+    }
+}
+
 /// Counts helpers still running; the caller waits for zero.
 struct Pending {
     count: std::sync::Mutex<usize>,
@@ -97,11 +114,12 @@ impl Drop for WaitOnDrop<'_> {
     }
 }
 
-/// Runs `work` on every item, up to [`FAN_OUT`] at once when `parallel`,
-/// and returns the results in the items' order.  Without `parallel`, or
-/// with one item, everything runs on the calling thread.
+/// Runs `work` on every item, up to `limit` at once when `parallel`, and
+/// returns the results in the items' order.  Without `parallel`, or with
+/// one item, everything runs on the calling thread.
 pub fn run_all<T: Send, R: Send>(
     parallel: bool,
+    limit: usize,
     items: Vec<T>,
     work: &(dyn Fn(T) -> R + Sync),
 ) -> Vec<R> {
@@ -118,7 +136,7 @@ pub fn run_all<T: Send, R: Send>(
         let r = work(item);
         results.lock()[i] = Some(r);
     };
-    let helpers = (n - 1).min(FAN_OUT - 1);
+    let helpers = (n - 1).min(limit.max(1) - 1);
     let pending = Pending {
         count: std::sync::Mutex::new(0),
         done: Condvar::new(),
@@ -171,7 +189,7 @@ mod tests {
         let mut buffers = vec![vec![0u8; 4]; 8];
         let items: Vec<(usize, &mut Vec<u8>)> = buffers.iter_mut().enumerate().collect();
         let start = Instant::now();
-        let results = run_all(true, items, &|(i, buf): (usize, &mut Vec<u8>)| {
+        let results = run_all(true, FAN_OUT, items, &|(i, buf): (usize, &mut Vec<u8>)| {
             std::thread::sleep(Duration::from_millis(50));
             buf.fill(i as u8);
             i * 2
@@ -186,7 +204,7 @@ mod tests {
     #[test]
     fn without_parallel_everything_runs_here_in_order() {
         let me = std::thread::current().id();
-        let results = run_all(false, vec![1, 2, 3], &|i| {
+        let results = run_all(false, FAN_OUT, vec![1, 2, 3], &|i| {
             assert_eq!(std::thread::current().id(), me);
             i + 1
         });

@@ -297,7 +297,7 @@ fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -
     }
     rest.fill(0);
     let parallel = shared.plugin().parallel();
-    pool::run_all(parallel, jobs, &|(run, dst)| -> Result<()> {
+    pool::run_all(parallel, pool::FAN_OUT, jobs, &|(run, dst)| -> Result<()> {
         if run.is_direct() {
             shared.image.pread(dst, run.image_offset)?;
         } else {
@@ -323,7 +323,7 @@ fn write_pieces(
 ) -> Result<()> {
     let runs = coalesce::runs(pieces, offset, 0);
     let parallel = shared.plugin().parallel();
-    pool::run_all(parallel, runs, &|run| -> Result<()> {
+    pool::run_all(parallel, pool::FAN_OUT, runs, &|run| -> Result<()> {
         let from = &data[run.span.clone()];
         if run.is_direct() {
             shared.image.pwrite(from, run.image_offset, fua)?;

@@ -50,7 +50,8 @@ impl Shared {
     ) -> Result<Shared> {
         let (image, fs, access) = opening::open_filesystem(plugin, want_write, journal)?;
         Ok(Shared {
-            map_source: MapSource::new(&fs, image.clone(), map_cache),
+            map_source: MapSource::new(&fs, image.clone(), map_cache)
+                .with_background(Arc::new(crate::pool::spawn)),
             block_size: fs.block_size(),
             image,
             fs: Mutex::new(Some(fs)),

@@ -6,7 +6,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use std::collections::HashSet;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::lazy_map::extent_node::ExtentNode;
 
@@ -65,6 +68,9 @@ pub struct CacheStats {
 pub struct MapCache {
     budget: usize,
     table: RwLock<Table>,
+    /// Blocks some request or read-ahead is reading now.
+    loading: Mutex<HashSet<NodeKey>>,
+    loaded: Condvar,
     hits: AtomicU64,
     misses: AtomicU64,
     inserted: AtomicU64,
@@ -77,6 +83,8 @@ impl MapCache {
         MapCache {
             budget,
             table: RwLock::new(Table::default()),
+            loading: Mutex::new(HashSet::new()),
+            loaded: Condvar::new(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             inserted: AtomicU64::new(0),
@@ -107,6 +115,38 @@ impl MapCache {
 
     pub fn contains(&self, key: &NodeKey) -> bool {
         self.table.read().slots.contains_key(key)
+    }
+
+    /// Cached, or being read.
+    pub fn known(&self, key: &NodeKey) -> bool {
+        self.contains(key) || self.loading.lock().contains(key)
+    }
+
+    /// Claims `key` for reading: `false` if it is cached or someone else
+    /// is reading it.  The claimer calls [`MapCache::release`] when done.
+    pub fn claim(&self, key: NodeKey) -> bool {
+        let mut loading = self.loading.lock();
+        if self.contains(&key) {
+            return false;
+        }
+        loading.insert(key)
+    }
+
+    pub fn release(&self, key: &NodeKey) {
+        self.loading.lock().remove(key);
+        self.loaded.notify_all();
+    }
+
+    /// Waits while someone reads `key` (at most a few seconds: a reader
+    /// that is stuck must not hold others forever; they read it then).
+    pub fn wait_for(&self, key: &NodeKey) {
+        let mut loading = self.loading.lock();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while loading.contains(key) {
+            if self.loaded.wait_until(&mut loading, deadline).timed_out() {
+                break;
+            }
+        }
     }
 
     /// Adds a node (replacing any with the same key), then evicts until the

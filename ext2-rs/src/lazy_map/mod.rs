@@ -34,21 +34,23 @@ use crate::error::{Errno, Error, Result};
 use crate::extent_map::{pieces_in, Extent, FileMap, Piece};
 use crate::fs::{Filesystem, Ino};
 
-/// Parses a map block's bytes (at an image block), or says what is wrong.
-type ParseNode<'a> = dyn Fn(&[u8], u64) -> std::result::Result<Node, String> + 'a;
-
 /// Map blocks read ahead of a reader that walks a file in order.
-const READ_AHEAD_NODES: usize = 32;
+const READ_AHEAD_NODES: usize = 128;
 /// The largest run of adjacent map blocks read as one request.
 const MAX_BATCH_BYTES: u64 = 1 << 20;
 
+/// Runs a job on another thread, later (the host's worker pool).
+pub type Spawn = dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync;
+
 /// Where every file's map blocks come from: the device libext2fs reads,
-/// the filesystem's geometry, and the shared cache.
+/// the filesystem's geometry, the shared cache, and (if the host has one)
+/// a way to read ahead in the background.
 #[derive(Clone)]
 pub struct MapSource {
     pub device: Arc<dyn BlockDevice>,
     pub geometry: Arc<Geometry>,
     pub cache: Arc<MapCache>,
+    pub background: Option<Arc<Spawn>>,
 }
 
 impl MapSource {
@@ -59,7 +61,138 @@ impl MapSource {
             device,
             geometry: Arc::new(Geometry::new(fs)),
             cache: Arc::new(MapCache::new(cache_bytes)),
+            background: None,
         }
+    }
+
+    /// Map blocks are read ahead with `spawn` rather than by the request
+    /// that finds them missing.
+    pub fn with_background(mut self, spawn: Arc<Spawn>) -> MapSource {
+        self.background = Some(spawn);
+        self
+    }
+}
+
+/// What kind of map block is expected at a place in the tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    /// An extent tree node of this depth.
+    Extents(u16),
+    /// An indirect block.
+    Pointers,
+}
+
+/// Reads, checks, parses and caches map blocks of one version of one
+/// file's map; cheap to clone, so a background job can own one.
+#[derive(Clone)]
+struct Reader {
+    source: MapSource,
+    name: Arc<str>,
+    map: u64,
+    epoch: u64,
+    csum_seed: Option<u32>,
+}
+
+impl Reader {
+    fn key(&self, block: u64) -> NodeKey {
+        NodeKey {
+            map: self.map,
+            epoch: self.epoch,
+            block,
+        }
+    }
+
+    fn damaged(&self, why: impl std::fmt::Display) -> Error {
+        Error::other(
+            Errno::EIO,
+            format!("{}: {why}: the image is damaged", self.name),
+        )
+    }
+
+    fn parse(&self, bytes: &[u8], block: u64, shape: Shape) -> std::result::Result<Node, String> {
+        let geometry = &self.source.geometry;
+        match shape {
+            Shape::Extents(depth) => ExtentNode::parse(
+                bytes,
+                Place::Block {
+                    block,
+                    csum_seed: self.csum_seed,
+                },
+                Some(depth),
+                geometry,
+            )
+            .map(Node::Extents),
+            Shape::Pointers => {
+                let pointers: Box<[u32]> = bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                for (i, &p) in pointers.iter().enumerate() {
+                    if p != 0 {
+                        if let Some(why) = geometry.bad_blocks(u64::from(p), 1) {
+                            return Err(format!(
+                                "indirect block {block}: pointer {i} ({p}) points at {why}"
+                            ));
+                        }
+                    }
+                }
+                Ok(Node::Pointers(pointers))
+            }
+        }
+    }
+
+    /// Reads and parses `blocks`, adjacent ones in one request each, the
+    /// requests together; caches the good ones.  Each block's outcome is
+    /// returned (a failure matters only to a caller that needs that block).
+    fn read_nodes(&self, blocks: &[u64], shape: Shape) -> Vec<(u64, Result<Arc<Node>>)> {
+        let bs = self.source.geometry.block_size;
+        let mut sorted = blocks.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let max_run = (MAX_BATCH_BYTES / bs).max(1);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &b in &sorted {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == b && *len < max_run => *len += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        let mut buffers: Vec<Vec<u8>> = runs
+            .iter()
+            .map(|&(_, len)| vec![0u8; (len * bs) as usize])
+            .collect();
+        let mut requests: Vec<(u64, &mut [u8])> = runs
+            .iter()
+            .zip(buffers.iter_mut())
+            .map(|(&(start, _), buf)| (start * bs, buf.as_mut_slice()))
+            .collect();
+        let outcomes = self.source.device.read_many(&mut requests);
+        drop(requests);
+        let mut out = Vec::with_capacity(sorted.len());
+        for ((&(start, len), buf), outcome) in runs.iter().zip(&buffers).zip(outcomes) {
+            for i in 0..len {
+                let block = start + i;
+                let result = match outcome {
+                    Err(errno) => Err(Error::other(
+                        errno,
+                        format!("{}: reading map block {block} failed", self.name),
+                    )),
+                    Ok(()) => {
+                        let bytes = &buf[(i * bs) as usize..((i + 1) * bs) as usize];
+                        match self.parse(bytes, block, shape) {
+                            Ok(node) => {
+                                let node = Arc::new(node);
+                                self.source.cache.insert(self.key(block), node.clone());
+                                Ok(node)
+                            }
+                            Err(why) => Err(self.damaged(why)),
+                        }
+                    }
+                };
+                out.push((block, result));
+            }
+        }
+        out
     }
 }
 
@@ -76,7 +209,7 @@ pub struct LazyMap {
     epoch: u64,
     ino: Ino,
     /// How messages name the file.
-    name: String,
+    name: Arc<str>,
     inode_offset: u64,
     source: MapSource,
     root: Root,
@@ -103,7 +236,7 @@ impl LazyMap {
             id: NEXT_MAP_ID.fetch_add(1, Ordering::Relaxed),
             epoch: 0,
             ino,
-            name: name.to_string(),
+            name: Arc::from(name),
             inode_offset,
             source,
             root: Root::Inline,
@@ -262,120 +395,114 @@ impl LazyMap {
         FileMap::new(self.block_size() as u32, clipped).map_err(|why| self.damaged(why))
     }
 
-    fn key(&self, block: u64) -> NodeKey {
-        NodeKey {
+    fn reader(&self) -> Reader {
+        Reader {
+            source: self.source.clone(),
+            name: self.name.clone(),
             map: self.id,
             epoch: self.epoch,
-            block,
+            csum_seed: self.csum_seed,
         }
     }
 
     /// The nodes at `blocks` (children of one parent, in file order),
-    /// reading those not cached: adjacent ones in one request each, and,
-    /// when the reader walks the file in order (the sibling before the
-    /// first missing one is cached), `ahead` more after them.
+    /// reading those neither cached nor being read (adjacent ones in one
+    /// request each) and waiting for those being read.  When the reader
+    /// walks the file in order (the sibling `before` the first one is
+    /// cached, or it needs several), the siblings `ahead` are read ahead,
+    /// in the background when the host can.
     fn load_children(
         &self,
         blocks: &[u64],
         ahead: &[u64],
-        parse: &ParseNode,
+        shape: Shape,
         before: Option<u64>,
     ) -> Result<Vec<Arc<Node>>> {
+        let reader = self.reader();
         let cache = &self.source.cache;
         let mut found: Vec<Option<Arc<Node>>> =
-            blocks.iter().map(|&b| cache.get(&self.key(b))).collect();
-        if found.iter().all(Option::is_some) {
-            return Ok(found.into_iter().flatten().collect());
-        }
-        let mut wanted: Vec<u64> = blocks
-            .iter()
-            .zip(&found)
-            .filter(|(_, n)| n.is_none())
-            .map(|(&b, _)| b)
-            .collect();
-        let first_missing = found.iter().position(Option::is_none).unwrap_or(0);
-        let in_order = match first_missing {
-            0 => before.is_some_and(|b| cache.contains(&self.key(b))),
-            i => found[i - 1].is_some(),
-        } || wanted.len() > 1;
-        if in_order {
-            wanted.extend(
-                ahead
-                    .iter()
-                    .take(READ_AHEAD_NODES)
-                    .filter(|&&b| !cache.contains(&self.key(b))),
-            );
-        }
-        let mut loaded = self.read_nodes(&wanted, parse);
-        for (slot, &block) in found.iter_mut().zip(blocks) {
+            blocks.iter().map(|&b| cache.get(&reader.key(b))).collect();
+        let in_order = blocks.len() > 1
+            || before.is_some_and(|b| cache.contains(&reader.key(b)))
+            || ahead.first().is_some_and(|&b| cache.known(&reader.key(b)));
+        let mut mine: Vec<u64> = Vec::new();
+        let mut theirs: Vec<u64> = Vec::new();
+        for (slot, &b) in found.iter().zip(blocks) {
             if slot.is_none() {
-                let Some(at) = loaded.iter().position(|(b, _)| *b == block) else {
-                    return Err(Error::other(Errno::EIO, "a map block was not read"));
-                };
-                match &loaded[at].1 {
-                    Ok(node) => *slot = Some(node.clone()),
-                    Err(_) => {
-                        let (_, failed) = loaded.swap_remove(at);
-                        return failed.map(|_| Vec::new());
+                if cache.claim(reader.key(b)) {
+                    mine.push(b);
+                } else {
+                    theirs.push(b);
+                }
+            }
+        }
+        let mut read_ahead: Vec<u64> = Vec::new();
+        if in_order {
+            let window = &ahead[..ahead.len().min(READ_AHEAD_NODES)];
+            let unknown = window
+                .iter()
+                .filter(|&&b| !cache.known(&reader.key(b)))
+                .count();
+            // Read ahead once half the window is used up (or on a miss).
+            if unknown > 0 && (unknown * 2 >= window.len() || !mine.is_empty()) {
+                read_ahead = window
+                    .iter()
+                    .copied()
+                    .filter(|&b| cache.claim(reader.key(b)))
+                    .collect();
+            }
+        }
+        match (&self.source.background, read_ahead.is_empty()) {
+            (Some(spawn), false) => {
+                let behind = reader.clone();
+                let blocks = std::mem::take(&mut read_ahead);
+                spawn(Box::new(move || {
+                    behind.read_nodes(&blocks, shape);
+                    for b in blocks {
+                        behind.source.cache.release(&behind.key(b));
                     }
+                }));
+            }
+            _ => mine.append(&mut read_ahead),
+        }
+        let mut loaded = if mine.is_empty() {
+            Vec::new()
+        } else {
+            let loaded = reader.read_nodes(&mine, shape);
+            for &b in &mine {
+                cache.release(&reader.key(b));
+            }
+            loaded
+        };
+        // Blocks another request is reading: wait, then take them from the
+        // cache, or read them here if that failed (or they were evicted).
+        for &b in &theirs {
+            cache.wait_for(&reader.key(b));
+        }
+        for (slot, &block) in found.iter_mut().zip(blocks) {
+            if slot.is_some() {
+                continue;
+            }
+            if let Some(node) = cache.get(&reader.key(block)) {
+                *slot = Some(node);
+                continue;
+            }
+            let at = match loaded.iter().position(|(b, _)| *b == block) {
+                Some(at) => at,
+                None => {
+                    loaded.extend(reader.read_nodes(&[block], shape));
+                    loaded.len() - 1
+                }
+            };
+            match &loaded[at].1 {
+                Ok(node) => *slot = Some(node.clone()),
+                Err(_) => {
+                    let (_, failed) = loaded.swap_remove(at);
+                    return failed.map(|_| Vec::new());
                 }
             }
         }
         Ok(found.into_iter().flatten().collect())
-    }
-
-    /// Reads and parses `blocks`, adjacent ones in one request each; caches
-    /// the good ones.  Each block's outcome is returned (a failure matters
-    /// only to a caller that needs that block).
-    fn read_nodes(&self, blocks: &[u64], parse: &ParseNode) -> Vec<(u64, Result<Arc<Node>>)> {
-        let bs = self.block_size();
-        let mut sorted = blocks.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let max_run = (MAX_BATCH_BYTES / bs).max(1);
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for &b in &sorted {
-            match runs.last_mut() {
-                Some((start, len)) if *start + *len == b && *len < max_run => *len += 1,
-                _ => runs.push((b, 1)),
-            }
-        }
-        let mut buffers: Vec<Vec<u8>> = runs
-            .iter()
-            .map(|&(_, len)| vec![0u8; (len * bs) as usize])
-            .collect();
-        let mut requests: Vec<(u64, &mut [u8])> = runs
-            .iter()
-            .zip(buffers.iter_mut())
-            .map(|(&(start, _), buf)| (start * bs, buf.as_mut_slice()))
-            .collect();
-        let outcomes = self.source.device.read_many(&mut requests);
-        drop(requests);
-        let mut out = Vec::with_capacity(sorted.len());
-        for ((&(start, len), buf), outcome) in runs.iter().zip(&buffers).zip(outcomes) {
-            for i in 0..len {
-                let block = start + i;
-                let result = match outcome {
-                    Err(errno) => Err(Error::other(
-                        errno,
-                        format!("{}: reading map block {block} failed", self.name),
-                    )),
-                    Ok(()) => {
-                        let bytes = &buf[(i * bs) as usize..((i + 1) * bs) as usize];
-                        match parse(bytes, block) {
-                            Ok(node) => {
-                                let node = Arc::new(node);
-                                self.source.cache.insert(self.key(block), node.clone());
-                                Ok(node)
-                            }
-                            Err(why) => Err(self.damaged(why)),
-                        }
-                    }
-                };
-                out.push((block, result));
-            }
-        }
-        out
     }
 
     fn collect_extents(
@@ -407,19 +534,9 @@ impl LazyMap {
                 let blocks: Vec<u64> = entries[first..last].iter().map(|e| e.child).collect();
                 let ahead: Vec<u64> = entries[last..].iter().map(|e| e.child).collect();
                 let before = first.checked_sub(1).map(|i| entries[i].child);
-                let geometry = &self.source.geometry;
                 let child_depth = depth - 1;
-                let csum_seed = self.csum_seed();
-                let parse = |bytes: &[u8], block: u64| {
-                    ExtentNode::parse(
-                        bytes,
-                        Place::Block { block, csum_seed },
-                        Some(child_depth),
-                        geometry,
-                    )
-                    .map(Node::Extents)
-                };
-                let children = self.load_children(&blocks, &ahead, &parse, before)?;
+                let children =
+                    self.load_children(&blocks, &ahead, Shape::Extents(child_depth), before)?;
                 for (i, child) in (first..last).zip(children) {
                     let start = entries[i].logical;
                     let end = entries.get(i + 1).map_or(bounds.end, |e| e.logical);
@@ -449,11 +566,6 @@ impl LazyMap {
         }
     }
 
-    /// The inode's checksum seed, for its extent blocks.
-    fn csum_seed(&self) -> Option<u32> {
-        self.csum_seed
-    }
-
     fn collect_pointers(
         &self,
         root: &[u32; 15],
@@ -470,31 +582,13 @@ impl LazyMap {
             let end = base.saturating_add(span);
             if want.start < end && base < want.end && root[11 + level as usize] != 0 {
                 let top = u64::from(root[11 + level as usize]);
-                let node =
-                    self.load_children(&[top], &[], &|b, blk| self.parse_pointers(b, blk), None)?;
+                let node = self.load_children(&[top], &[], Shape::Pointers, None)?;
                 self.walk_pointers(&node[0], level, base, want, out)?;
             }
             base = end;
             span = span.saturating_mul(per_block);
         }
         Ok(())
-    }
-
-    fn parse_pointers(&self, bytes: &[u8], block: u64) -> std::result::Result<Node, String> {
-        let pointers: Box<[u32]> = bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        for (i, &p) in pointers.iter().enumerate() {
-            if p != 0 {
-                if let Some(why) = self.source.geometry.bad_blocks(u64::from(p), 1) {
-                    return Err(format!(
-                        "indirect block {block}: pointer {i} ({p}) points at {why}"
-                    ));
-                }
-            }
-        }
-        Ok(Node::Pointers(pointers))
     }
 
     /// Walks an indirect block at `level` (1: it points at data) whose
@@ -539,12 +633,7 @@ impl LazyMap {
             .rev()
             .find(|&&p| p != 0)
             .map(|&p| u64::from(p));
-        let children = self.load_children(
-            &blocks,
-            &ahead,
-            &|b, blk| self.parse_pointers(b, blk),
-            before,
-        )?;
+        let children = self.load_children(&blocks, &ahead, Shape::Pointers, before)?;
         for (&(i, _), child) in used.iter().zip(children) {
             self.walk_pointers(&child, level - 1, base + i as u64 * child_span, want, out)?;
         }
