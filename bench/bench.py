@@ -770,7 +770,7 @@ def conn_rate_client(argv):
         h.connect_unix(sock)
         h.pread(1, 0)
         h.shutdown()
-        h.close()
+        del h
     print(json.dumps({"rate": count / (time.perf_counter() - t0)}))
     return 0
 

@@ -282,6 +282,14 @@ const READ_GAP: u64 = 16 << 10;
 /// of pieces contiguous in the image in one plugin request, several at once
 /// when the plugin allows; holes and unwritten blocks as zeroes.
 fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -> Result<()> {
+    if let [Piece {
+        content: Content::Data { image_offset },
+        ..
+    }] = pieces
+    {
+        // The common case, with nothing to group or allocate.
+        return Ok(shared.image.pread(buf, *image_offset)?);
+    }
     let runs = coalesce::runs(pieces, offset, READ_GAP);
     // Zero what no run covers, and give each run its part of the buffer.
     let mut jobs: Vec<(&coalesce::Run, &mut [u8])> = Vec::with_capacity(runs.len());
