@@ -25,6 +25,23 @@ fn holes_of(file: &SparseFile, block_size: u32) -> Vec<(u64, u64)> {
     file.pieces.iter().map(|(at, _)| (at + bs, bs)).collect()
 }
 
+/// A server for `file` of `image` whose map cache holds `cache`.
+fn serve(
+    dir: &TestDir,
+    options: &[&str],
+    image: &std::path::Path,
+    file: &str,
+    cache: &str,
+) -> Server {
+    let ext2file = format!("ext2file={file}");
+    let cache = format!("ext2mapcache={cache}");
+    Server::start(
+        dir,
+        options,
+        &["file", image.to_str().unwrap(), &ext2file, &cache],
+    )
+}
+
 fn check_layout(name: &str, fs: FsType, block_size: u32, extra: &[&str], blocks: u64) {
     let dir = TestDir::new(name);
     let file = every_other_block(block_size, blocks, seed_from(name));
@@ -38,16 +55,7 @@ fn check_layout(name: &str, fs: FsType, block_size: u32, extra: &[&str], blocks:
     let image = builder.build(&dir, "fs.img");
     let expected = debugfs_dump(&image, "/f");
     assert_bytes_eq(&expected, &file.contents(), "test premise: debugfs dump");
-    let server = Server::start(
-        &dir,
-        &["-r"],
-        &[
-            "file",
-            image.to_str().unwrap(),
-            "ext2file=/f",
-            "ext2mapcache=4K",
-        ],
-    );
+    let server = serve(&dir, &["-r"], &image, "/f", "4K");
     let got = nbdcopy_read(&server.uri(), &dir, &["--no-extents"]);
     assert_bytes_eq(&got, &expected, &format!("{name}: nbdcopy"));
     // Small reads spread over the file, each alone.
@@ -100,16 +108,7 @@ fn ext4_depth_3_with_eviction() {
         stat.lines().any(|l| l.trim_start().starts_with("3/ 3")),
         "test premise: a depth-3 tree"
     );
-    let server = Server::start(
-        &dir,
-        &["-r"],
-        &[
-            "file",
-            image.to_str().unwrap(),
-            "ext2file=/f",
-            "ext2mapcache=4K",
-        ],
-    );
+    let server = serve(&dir, &["-r"], &image, "/f", "4K");
     let got = nbdcopy_read(&server.uri(), &dir, &["--no-extents"]);
     assert_bytes_eq(&got, &file.contents(), name);
 }
@@ -130,16 +129,7 @@ fn unwritten_extents_with_eviction() {
     let dir = TestDir::new("lazy_unwritten");
     let image = unwritten_extent_image(&dir);
     let expected = debugfs_dump(&image, "/prealloc");
-    let server = Server::start(
-        &dir,
-        &[],
-        &[
-            "file",
-            image.to_str().unwrap(),
-            "ext2file=/prealloc",
-            "ext2mapcache=0",
-        ],
-    );
+    let server = serve(&dir, &[], &image, "/prealloc", "0");
     let got = nbdcopy_read(&server.uri(), &dir, &["--no-extents"]);
     assert_bytes_eq(&got, &expected, "unwritten extents");
     let extents = nbd_block_status(&server.uri());
@@ -163,16 +153,7 @@ fn parallel_writers_with_eviction() {
         .size(64 * MIB)
         .sparse_file("/f", &file)
         .build(&dir, "fs.img");
-    let mut server = Server::start(
-        &dir,
-        &[],
-        &[
-            "file",
-            image.to_str().unwrap(),
-            "ext2file=/f",
-            "ext2mapcache=4K",
-        ],
-    );
+    let mut server = serve(&dir, &[], &image, "/f", "4K");
     let mut expected = file.contents();
     let mut per_client: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); 4];
     for (i, hole) in (1..4000u64).step_by(2).enumerate() {

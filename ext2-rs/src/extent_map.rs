@@ -52,6 +52,26 @@ pub struct Piece {
     pub content: Content,
 }
 
+impl Piece {
+    /// `len` bytes of written data at `image_offset`.
+    pub fn data(file_offset: u64, len: u64, image_offset: u64) -> Piece {
+        Piece {
+            file_offset,
+            len,
+            content: Content::Data { image_offset },
+        }
+    }
+
+    /// `len` bytes of hole.
+    pub fn hole(file_offset: u64, len: u64) -> Piece {
+        Piece {
+            file_offset,
+            len,
+            content: Content::Hole,
+        }
+    }
+}
+
 /// The block map of one file, sorted by logical block, without overlaps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileMap {
@@ -250,19 +270,11 @@ mod tests {
     }
 
     fn data(file_offset: u64, len: u64, image_offset: u64) -> Piece {
-        Piece {
-            file_offset,
-            len,
-            content: Content::Data { image_offset },
-        }
+        Piece::data(file_offset, len, image_offset)
     }
 
     fn hole(file_offset: u64, len: u64) -> Piece {
-        Piece {
-            file_offset,
-            len,
-            content: Content::Hole,
-        }
+        Piece::hole(file_offset, len)
     }
 
     #[test]

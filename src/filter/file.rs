@@ -390,11 +390,7 @@ mod tests {
     use super::*;
 
     fn data(file_offset: u64, len: u64, image_offset: u64) -> Piece {
-        Piece {
-            file_offset,
-            len,
-            content: Content::Data { image_offset },
-        }
+        Piece::data(file_offset, len, image_offset)
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use crate::extent_map::Extent;
 use crate::jbd2::crc::crc32c;
 use crate::lazy_map::geometry::{Geometry, MAX_EXTENT_DEPTH};
+use crate::lazy_map::{le16, le32};
 
 const MAGIC: u16 = 0xf30a;
 const HEADER: usize = 12;
@@ -31,14 +32,6 @@ pub enum ExtentNode {
         depth: u16,
         entries: Vec<IndexEntry>,
     },
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 /// Where a node lives: in the inode (the root) or in a block of its own.

@@ -4,6 +4,7 @@
 
 use crate::jbd2::crc::crc32c;
 use crate::lazy_map::geometry::Geometry;
+use crate::lazy_map::{le16, le32};
 
 const I_FLAGS: usize = 0x20;
 const I_BLOCK: usize = 0x28;
@@ -33,14 +34,6 @@ pub struct RawInode {
     /// The seed of the inode's metadata checksums (extent blocks), with
     /// `metadata_csum`.
     pub csum_seed: Option<u32>,
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 /// The inode's checksum as the kernel computes it (`ext4_inode_csum`), and

@@ -34,6 +34,16 @@ use crate::error::{Errno, Error, Result};
 use crate::extent_map::{pieces_in, Extent, FileMap, Piece};
 use crate::fs::{Filesystem, Ino};
 
+/// A little-endian u16 at `at` of `b`.
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// A little-endian u32 at `at` of `b`.
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 /// Map blocks read ahead of a reader that walks a file in order.
 const READ_AHEAD_NODES: usize = 128;
 /// The largest run of adjacent map blocks read as one request.
@@ -123,10 +133,8 @@ impl Reader {
             )
             .map(Node::Extents),
             Shape::Pointers => {
-                let pointers: Box<[u32]> = bytes
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let pointers: Box<[u32]> =
+                    (0..bytes.len() / 4).map(|i| le32(bytes, i * 4)).collect();
                 for (i, &p) in pointers.iter().enumerate() {
                     if p != 0 {
                         if let Some(why) = geometry.bad_blocks(u64::from(p), 1) {
