@@ -262,4 +262,13 @@ impl BlockDevice for Image {
     fn flush(&self) -> Result<(), Errno> {
         Image::flush(self)
     }
+
+    /// Map blocks read together: in parallel when the plugin allows.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        let items: Vec<&mut (u64, &mut [u8])> = reads.iter_mut().collect();
+        let limit = crate::pool::WORKERS;
+        crate::pool::run_all(self.plugin.parallel(), limit, items, &|read| {
+            self.metadata_pread(read.1, read.0)
+        })
+    }
 }

@@ -12,6 +12,9 @@
 //!   failed change in the library's memory, and reading and changing where
 //!   a file's blocks live.
 //! - [`extent_map`]: a file's block map, pure Rust.
+//! - [`lazy_map`]: a served file's block map read lazily from the device,
+//!   without the library, checked as the kernel checks it, with a shared
+//!   bounded cache.
 //! - [`jbd2`]: the JBD2 journal format: parsing and recovery.
 //!
 //! libext2fs is not thread-safe, not even for reads: a [`Filesystem`] is
@@ -26,6 +29,7 @@ pub mod ffi;
 pub mod fs;
 pub mod io;
 pub mod jbd2;
+pub mod lazy_map;
 pub mod log;
 pub mod mapping;
 pub mod reserved;

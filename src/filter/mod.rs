@@ -4,6 +4,7 @@
 //! nothing here touches a raw pointer.
 
 mod change;
+mod coalesce;
 pub mod config;
 pub mod exports;
 pub mod file;
@@ -123,7 +124,7 @@ struct Started {
 pub fn after_fork(backend: Backend) -> Result<()> {
     let config = current_config();
     let plugin = Plugin::open(backend, true, SERIALIZE_PLUGIN.load(Ordering::Relaxed))?;
-    let shared = Arc::new(Shared::open(plugin)?);
+    let shared = Arc::new(Shared::open(plugin, config.map_cache)?);
     let file = match &config.target {
         Target::File(path) => Some(shared.open_file(path)?),
         Target::ExportName => None,
@@ -175,6 +176,7 @@ pub fn cleanup() {
     if let Some(started) = STARTED.lock().take() {
         started.shared.shutdown();
     }
+    crate::pool::shutdown();
 }
 
 /// Per-connection state: which file, on which shared filesystem.
@@ -280,6 +282,6 @@ impl Connection {
     }
 
     pub fn status(&self, offset: u64, len: u64) -> Result<Vec<(u64, Status)>> {
-        Ok(self.file()?.status(offset, len))
+        self.file()?.status(offset, len)
     }
 }

@@ -18,8 +18,8 @@ use crate::image::Image;
 use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
-use ext2_rs::extent_map::FileMap;
-use ext2_rs::{mapping, Filesystem, Ino};
+use ext2_rs::lazy_map::{LazyMap, MapSource};
+use ext2_rs::{Filesystem, Ino};
 
 pub struct Shared {
     /// Where file data and metadata are read and written.
@@ -32,6 +32,8 @@ pub struct Shared {
     /// that no file owns yet.
     alloc_gate: RwLock<()>,
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
+    /// Where served files' maps are read from, and their shared cache.
+    map_source: MapSource,
     pub block_size: u32,
     /// Read-only from the start until the first writable connection has
     /// re-opened the filesystem read-write ([`opening::reopen_writable`]).
@@ -40,10 +42,13 @@ pub struct Shared {
 
 impl Shared {
     /// Opens the filesystem over `plugin` read-only, an unclean journal
-    /// replayed in memory (see [`opening::open_read_only`]).
-    pub fn open(plugin: Plugin) -> Result<Shared> {
+    /// replayed in memory (see [`opening::open_read_only`]); files' maps
+    /// share a cache of about `map_cache` bytes.
+    pub fn open(plugin: Plugin, map_cache: usize) -> Result<Shared> {
         let (image, fs) = opening::open_read_only(plugin)?;
         Ok(Shared {
+            map_source: MapSource::new(&fs, image.clone(), map_cache)
+                .with_background(Arc::new(crate::pool::spawn)),
             block_size: fs.block_size(),
             image,
             fs: Mutex::new(Some(fs)),
@@ -102,8 +107,8 @@ impl Shared {
         self.alloc_gate.read()
     }
 
-    /// The shared state of the file at `path`, building its block map the
-    /// first time any connection opens it.
+    /// The shared state of the file at `path`, reading its inode the first
+    /// time any connection opens it.
     pub fn open_file(&self, path: &str) -> Result<Arc<ServedFile>> {
         let lookup = crate::filter::config::lookup_path(path)
             .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
@@ -128,19 +133,14 @@ impl Shared {
                 format!("{path}: must be a regular file in the disk image"),
             ));
         }
-        let extents = mapping::read_map(&mut fs, ino, info.layout)
-            .map_err(|e| e.in_context(path.to_string()))?;
-        let count = extents.len();
-        let map = FileMap::new(fs.block_size(), extents).map_err(|msg| {
-            Error::other(Errno::EIO, format!("{path}: {msg}: the image is damaged"))
-        })?;
+        // Only the inode is read: map blocks are read as requests need them.
+        let map = LazyMap::open(&mut fs, self.map_source.clone(), ino, path)?;
         nbd_debug!(
             ext2_debug_map,
-            "{path}: inode {ino}, {} bytes, {:?}, {count} extents in {} runs ({} bytes of map)",
+            "{path}: inode {ino}, {} bytes, {:?}, map read lazily ({:?})",
             info.size,
             info.layout,
-            map.extents().len(),
-            map.memory()
+            self.map_source.cache.stats()
         );
         let cluster_ratio = fs.cluster_ratio();
         drop(fs);

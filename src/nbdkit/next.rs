@@ -292,6 +292,11 @@ impl Plugin {
             .unwrap_or_default()
     }
 
+    /// Whether the plugin takes parallel requests on the shared context.
+    pub fn parallel(&self) -> bool {
+        self.gate.is_none()
+    }
+
     pub fn size(&self) -> u64 {
         self.capabilities().size
     }
