@@ -78,7 +78,13 @@ pub const DEFAULT_MAX_EXPORTS: usize = 1000;
 pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.\next2mapcache=<SIZE>  Memory for files' map blocks (default 16M).";
 
 /// The parameters that are ours; nbdkit hands every other one to the plugin.
-pub const KEYS: &[&str] = &["ext2file", "ext2exports", "ext2default", "ext2journal"];
+pub const KEYS: &[&str] = &[
+    "ext2file",
+    "ext2exports",
+    "ext2default",
+    "ext2journal",
+    "ext2mapcache",
+];
 
 /// Whether `key` is one of our parameters.
 pub fn is_ours(key: &str) -> bool {
@@ -194,6 +200,18 @@ pub fn lookup_path(path: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A parameter the help text names but `is_ours` does not know would
+    /// reach the plugin as "unknown parameter".
+    #[test]
+    fn every_parameter_in_the_help_is_ours() {
+        let named: Vec<&str> = HELP
+            .lines()
+            .filter_map(|line| line.split_once('=').map(|(key, _)| key))
+            .filter(|key| key.starts_with("ext2") && !key.contains(' '))
+            .collect();
+        assert_eq!(named, KEYS);
+    }
 
     fn build(params: &[(&str, &str)]) -> Result<Config, String> {
         let mut b = ConfigBuilder::default();
@@ -345,11 +363,11 @@ mod tests {
     fn every_key_of_ours_is_taken() {
         for key in KEYS {
             assert!(is_ours(key));
-            let value = if *key == "ext2exports" { "1" } else { "/a" };
-            let value = if *key == "ext2journal" {
-                "memory"
-            } else {
-                value
+            let value = match *key {
+                "ext2exports" => "1",
+                "ext2journal" => "memory",
+                "ext2mapcache" => "1M",
+                _ => "/a",
             };
             assert_eq!(ConfigBuilder::default().set(key, value), Ok(true), "{key}");
         }
