@@ -7,7 +7,8 @@
 //! An image with a replay is never written: it is served read-only.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use ext2_rs::error::Errno;
 use ext2_rs::jbd2::{Replay, JBD2_MAGIC};
@@ -19,6 +20,9 @@ use crate::nbdkit::Plugin;
 pub struct Image {
     plugin: Arc<Plugin>,
     replay: Option<(Replay, u64)>,
+    /// Set once the replay is written into the image (`ext2journal=replay`):
+    /// the plugin then holds what it stood in for.
+    replay_written: AtomicBool,
 }
 
 impl Image {
@@ -26,6 +30,7 @@ impl Image {
         Image {
             plugin,
             replay: None,
+            replay_written: AtomicBool::new(false),
         }
     }
 
@@ -35,6 +40,7 @@ impl Image {
         Image {
             plugin,
             replay: Some((replay, block_size)),
+            replay_written: AtomicBool::new(false),
         }
     }
 
@@ -42,8 +48,32 @@ impl Image {
         &self.plugin
     }
 
+    /// The journal replay reads see, until it is written into the image.
+    fn overlay(&self) -> Option<&(Replay, u64)> {
+        self.replay
+            .as_ref()
+            .filter(|_| !self.replay_written.load(Ordering::Acquire))
+    }
+
     pub fn replaying(&self) -> bool {
-        self.replay.is_some()
+        self.overlay().is_some()
+    }
+
+    /// The replay reads see, while they see one.
+    pub fn replay(&self) -> Option<&Replay> {
+        self.overlay().map(|(replay, _)| replay)
+    }
+
+    /// Whether the image was opened with a replay that is now written
+    /// into it.
+    pub fn replay_was_written(&self) -> bool {
+        self.replay.is_some() && !self.replaying()
+    }
+
+    /// Says the replay is now in the image: reads go to the plugin, and
+    /// writes are allowed.
+    pub fn replay_is_written(&self) {
+        self.replay_written.store(true, Ordering::Release);
     }
 
     pub fn size(&self) -> u64 {
@@ -51,7 +81,7 @@ impl Image {
     }
 
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        let Some((replay, bs)) = &self.replay else {
+        let Some((replay, bs)) = self.overlay() else {
             return self.plugin.pread(buf, offset);
         };
         // Walk the request a block at a time, sending runs of blocks that the
@@ -93,7 +123,7 @@ impl Image {
     }
 
     fn refuse_write(&self) -> Result<(), Errno> {
-        if self.replay.is_some() {
+        if self.replaying() {
             nbd_error!("the image's journal is replayed in memory only: it is served read-only");
             return Err(Errno::EROFS);
         }
@@ -137,5 +167,73 @@ impl BlockDevice for Image {
 
     fn flush(&self) -> Result<(), Errno> {
         Image::flush(self)
+    }
+
+    /// Map blocks read together: in parallel when the plugin allows.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        let items: Vec<&mut (u64, &mut [u8])> = reads.iter_mut().collect();
+        let limit = crate::pool::WORKERS;
+        crate::pool::run_all(self.plugin.parallel(), limit, items, &|read| {
+            self.pread(read.1, read.0)
+        })
+    }
+}
+
+/// What served files' maps are read through (`ext2_rs::lazy_map`): the
+/// image while the filesystem is read-only; once it is open read-write,
+/// the metadata cache of its transactions over the image, which holds the
+/// metadata not yet written home (a map read from the image alone would
+/// miss it).
+pub struct MapDevice {
+    image: Arc<Image>,
+    metadata: OnceLock<Arc<dyn BlockDevice>>,
+}
+
+impl MapDevice {
+    pub fn new(image: Arc<Image>) -> MapDevice {
+        MapDevice {
+            image,
+            metadata: OnceLock::new(),
+        }
+    }
+
+    /// From now on, maps are read through `metadata` (set once: the
+    /// filesystem is opened read-write once).
+    pub fn read_through(&self, metadata: Arc<dyn BlockDevice>) {
+        let _ = self.metadata.set(metadata);
+    }
+
+    fn device(&self) -> &dyn BlockDevice {
+        match self.metadata.get() {
+            Some(metadata) => metadata.as_ref(),
+            None => self.image.as_ref(),
+        }
+    }
+}
+
+/// Reads only: maps are never written through here.
+impl BlockDevice for MapDevice {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.device().read_at(buf, offset)
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<(), Errno> {
+        Err(Errno::EROFS)
+    }
+
+    fn zero_at(&self, _len: u64, _offset: u64) -> Result<(), Errno> {
+        Err(Errno::EROFS)
+    }
+
+    fn flush(&self) -> Result<(), Errno> {
+        Ok(())
+    }
+
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        self.device().read_many(reads)
     }
 }

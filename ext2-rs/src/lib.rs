@@ -12,13 +12,21 @@
 //!   failed change in the library's memory, and reading and changing where
 //!   a file's blocks live.
 //! - [`extent_map`]: a file's block map, pure Rust.
-//! - [`jbd2`]: the JBD2 journal format: parsing and recovery.
+//! - [`lazy_map`]: a served file's block map read lazily from the device,
+//!   without the library, checked as the kernel checks it, with a shared
+//!   bounded cache.
+//! - [`jbd2`]: the JBD2 journal format: parsing, recovery and writing.
+//! - [`sb`], [`txn`]: the superblock's raw fields, and crash-consistent
+//!   metadata changes (journalled, or ordered without a journal) through a
+//!   metadata cache libext2fs reads and writes.
+//! - [`testing`], [`crash`]: an in-memory device for tests, and crash
+//!   states of recorded writes with their judge (`e2fsck`, the kernel).
 //!
 //! libext2fs is not thread-safe, not even for reads: a [`Filesystem`] is
 //! `Send` but not `Sync`, and every method that calls the library takes
 //! `&mut self`, so its owner decides how calls are serialized.
 
-#[cfg(any(test, feature = "testing"))]
+// Built always, as `testing` is: the filter's crash tests use it.
 pub mod crash;
 pub mod device;
 pub mod dir;
@@ -28,12 +36,15 @@ pub mod ffi;
 pub mod fs;
 pub mod io;
 pub mod jbd2;
+pub mod lazy_map;
 pub mod log;
 pub mod mapping;
 pub mod reserved;
 pub mod sb;
 pub mod sys;
-#[cfg(any(test, feature = "testing"))]
+// Always built, not behind a feature: a dev-dependency feature would make
+// `cargo test` and `cargo build` link different filters, each rebuilding
+// the .so the other's integration tests are running.
 pub mod testing;
 pub mod txn;
 pub mod undo;
@@ -54,4 +65,20 @@ pub fn load() {
 pub fn unload() {
     // SAFETY: the table registered by `load`; com_err frees its list node.
     unsafe { sys::remove_error_table(&sys::et_ext2_error_table) };
+}
+
+/// The version of the libext2fs this process runs with, e.g. `1.47.0`.
+pub fn library_version() -> String {
+    let mut version: *const std::ffi::c_char = std::ptr::null();
+    let mut date: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: two valid out-pointers; the library stores pointers to its
+    // static strings there.
+    unsafe { sys::ext2fs_get_library_version(&mut version, &mut date) };
+    if version.is_null() {
+        return String::from("unknown");
+    }
+    // SAFETY: non-null, pointing to a static NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(version) }
+        .to_string_lossy()
+        .into_owned()
 }

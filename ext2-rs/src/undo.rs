@@ -92,6 +92,15 @@ impl Recording {
         Recording(key)
     }
 
+    /// What was recorded so far, oldest first (recording goes on).
+    pub fn so_far(&self) -> Vec<Change> {
+        LOG.lock()
+            .as_ref()
+            .and_then(|logs| logs.get(&self.0))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Stops recording and returns what was recorded, oldest first.
     pub fn finish(self) -> Vec<Change> {
         self.take()

@@ -1,6 +1,8 @@
 //! Changing a served file's block map: filling holes, writing unwritten
 //! blocks, freeing blocks.  Each holds the file's map exclusively and makes
-//! its metadata change through [`Shared`].
+//! its metadata change through [`Shared`], working on a window of the map
+//! (a [`FileMap`] of the blocks the request touches) that it keeps up to
+//! date for the rest of the request.
 
 use std::ops::Range;
 
@@ -10,6 +12,7 @@ use ext2_rs::{Layout, Result};
 
 use crate::filter::file::ServedFile;
 use crate::filter::shared::Shared;
+use crate::filter::unlinked::{MapChanges, OverlaidMap};
 use crate::image::Image;
 use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
 
@@ -38,15 +41,21 @@ impl ServedFile {
     /// of that many, each one change, so that no change outgrows a
     /// transaction however fragmented the free space (a failure part way
     /// leaves the chunks before it written, as a failed write may).
+    ///
+    /// `map` is the file's whole map (for a neighbour to place the blocks
+    /// near), `window` the part the request touches; what changed is
+    /// added to `changes`.
     pub(super) fn fill_hole(
         &self,
         shared: &Shared,
-        map: &mut FileMap,
+        map: &OverlaidMap,
+        window: &mut FileMap,
         piece: &Piece,
         bytes: &[u8],
+        changes: &mut MapChanges,
     ) -> Result<()> {
-        let bs = map.block_size();
-        let (blocks, buf) = self.padded_blocks(map, piece, bytes);
+        let bs = window.block_size();
+        let (blocks, buf) = self.padded_blocks(window, piece, bytes);
         // Chunks start on cluster boundaries (bigalloc places blocks by
         // their offset in the cluster).
         let chunk = HOLE_CHUNK_BLOCKS.max(shared.cluster_ratio);
@@ -55,7 +64,7 @@ impl ServedFile {
             let end = ((start / chunk + 1) * chunk).min(blocks.end);
             let at = ((start - blocks.start) * bs) as usize;
             let len = ((end - start) * bs) as usize;
-            self.fill_hole_chunk(shared, map, start..end, &buf[at..at + len])?;
+            self.fill_hole_chunk(shared, map, window, start..end, &buf[at..at + len], changes)?;
             start = end;
         }
         Ok(())
@@ -65,11 +74,13 @@ impl ServedFile {
     fn fill_hole_chunk(
         &self,
         shared: &Shared,
-        map: &mut FileMap,
+        map: &OverlaidMap,
+        window: &mut FileMap,
         blocks: Range<u64>,
         buf: &[u8],
+        changes: &mut MapChanges,
     ) -> Result<()> {
-        let bs = map.block_size();
+        let bs = window.block_size();
         let count = blocks.end - blocks.start;
         // The data first: the blocks are linked only once they hold it (and
         // a commit flushes the plugin before it makes the link durable), so
@@ -86,21 +97,25 @@ impl ServedFile {
         let before = blocks
             .start
             .checked_sub(1)
-            .map(|block| map.pieces(block * bs, 1)[0].content);
+            .map(|block| window.pieces(block * bs, 1)[0].content);
         let runs = if self.layout == Layout::Extents && shared.cluster_ratio == 1 {
             // The blocks go where the nearest extent says they would be had
             // the file been written in order (as ext2fs_find_inode_goal
             // places them), so that neighbours merge as the file fills; the
-            // tree learns of them at the commit (this map serves them until
-            // then).
-            let near = placement_goal(map, blocks.start);
-            shared.fill_hole(self.ino, blocks.start, count, near, |fs, image, goal| {
-                let runs = mapping::allocate(fs, goal, count)?;
-                write_runs(image, &runs)?;
-                Ok(runs)
-            })?
+            // tree learns of them later (the map's overlay serves them
+            // until then).
+            let near = map.placement_goal(blocks.start);
+            let (runs, tree_changed) =
+                shared.fill_hole(self.ino, blocks.start, count, near, |fs, image, goal| {
+                    let runs = mapping::allocate(fs, goal, count)?;
+                    write_runs(image, &runs)?;
+                    Ok(runs)
+                })?;
+            changes.tree |= tree_changed;
+            changes.unlinked.extend(extents_from(blocks.start, &runs));
+            runs
         } else {
-            shared.change_allocating(self.ino, count, |tx| {
+            let runs = shared.change_allocating(self.ino, count, |tx| {
                 let fs = tx.fs();
                 let goal = match before {
                     Some(Content::Data { image_offset })
@@ -112,7 +127,7 @@ impl ServedFile {
                     let runs = mapping::allocate(fs, goal, count)?;
                     (runs.clone(), runs)
                 } else {
-                    let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
+                    let existing = |cluster: u64| physical_cluster(window, cluster, ratio);
                     mapping::allocate_clustered(fs, blocks.clone(), existing, goal)?
                 };
                 write_runs(tx.image(), &runs)?;
@@ -120,23 +135,11 @@ impl ServedFile {
                 let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
                 mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)?;
                 Ok(runs)
-            })?
+            });
+            changes.tree = true;
+            runs?
         };
-        let mut logical = blocks.start;
-        let new: Vec<Extent> = runs
-            .iter()
-            .map(|&(physical, len)| {
-                let e = Extent {
-                    logical,
-                    physical,
-                    len,
-                    unwritten: false,
-                };
-                logical += len;
-                e
-            })
-            .collect();
-        map.replace_range(blocks.start, blocks.end, &new);
+        window.replace_range(blocks.start, blocks.end, &extents_from(blocks.start, &runs));
         nbd_debug!(
             ext2_debug_map,
             "{}: allocated blocks {:?} at {:?}",
@@ -214,18 +217,22 @@ impl ServedFile {
     }
 }
 
-/// Where file block `logical` would lie if the file were laid out as its
-/// nearest extent (before it, else after it) is: that extent's start plus
-/// the distance.  `None` for a file without blocks.
-fn placement_goal(map: &FileMap, logical: u64) -> Option<u64> {
-    let extents = map.extents();
-    let after = extents.partition_point(|e| e.logical < logical);
-    if let Some(e) = after.checked_sub(1).and_then(|i| extents.get(i)) {
-        return Some(e.physical + (logical - e.logical));
-    }
-    extents
-        .get(after)
-        .map(|e| e.physical.saturating_sub(e.logical - logical))
+/// Runs of image blocks `(physical, len)` laid out in file order from file
+/// block `logical`, as written extents.
+fn extents_from(logical: u64, runs: &BlockRuns) -> Vec<Extent> {
+    let mut at = logical;
+    runs.iter()
+        .map(|&(physical, len)| {
+            let e = Extent {
+                logical: at,
+                physical,
+                len,
+                unwritten: false,
+            };
+            at += len;
+            e
+        })
+        .collect()
 }
 
 /// The physical cluster already holding some block of logical cluster

@@ -1,154 +1,216 @@
-//! How the shared filesystem is opened: read-write when it can be, read-only
-//! when it must be, and with an unclean journal replayed in memory or, on
-//! request, into the image.
+//! How the shared filesystem is opened: read-only at start (in
+//! `.after_fork`), with an unclean journal replayed in memory; then, once,
+//! read-write for the first writable connection when it can be, with
+//! `ext2journal=replay` writing the replay into the image first, its
+//! metadata changed from then on only through crash-consistent
+//! transactions (`ext2_rs::txn`: [`open_writable`]).
+//!
+//! nbdkit tells a filter about `-r` only per connection, so the start
+//! cannot know whether the server may write: it opens the plugin and the
+//! filesystem read-only, writing nothing, and only a connection that may
+//! write opens them again read-write.  `nbdkit -r` never does.
 
 use std::sync::Arc;
 
 use crate::filter::config::JournalMode;
+use crate::filter::shared::Shared;
 use crate::image::Image;
-use crate::nbdkit::report::{ext2_debug_journal, nbd_debug};
-use crate::nbdkit::Plugin;
+use crate::nbdkit::report::{error as report_error, ext2_debug_journal, nbd_debug};
+use crate::nbdkit::{Backend, Plugin};
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
 use ext2_rs::txn::Transactions;
 use ext2_rs::{Access, Filesystem};
 
-/// An open filesystem: its image, and the transactions that change it
-/// when it is writable.
-pub type Opened = (Arc<Image>, Filesystem, Access, Option<Transactions>);
-
-/// Opens the filesystem over `plugin`.  A filesystem libext2fs can only
-/// read is served read-only with a message saying why.  One whose
-/// journal needs recovery is served read-only with the journal replayed
-/// in memory, with a message; or, with `ext2journal=replay` when it
-/// could be written, has the replay written into the image first (see
-/// [`replay_into_image`]) and is served read-write.
-pub fn open_filesystem(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Opened> {
+/// Opens the filesystem over `plugin` (a read-only context) read-only.  One
+/// whose journal needs recovery has it replayed in memory, once, here: the
+/// image reads as `e2fsck` would leave it.
+pub fn open_read_only(plugin: Plugin) -> Result<(Arc<Image>, Filesystem)> {
     let plugin = Arc::new(plugin);
     let image = Arc::new(Image::new(plugin.clone()));
-    let can_write = want_write && plugin.capabilities().can_write;
-    // Look read-only first: opening read-write reads and checks the
-    // bitmaps, which in an image whose journal needs recovery may not
-    // match their checksums (in the group descriptors) until the
-    // journal is replayed.
-    let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
-    if fs.needs_recovery() {
-        return open_unclean(plugin, image, fs, can_write, journal);
+    let mut fs = open_checked(&image, Access::ReadOnly)?;
+    if !fs.needs_recovery() {
+        return Ok((image, fs));
     }
-    if !can_write {
-        return Ok((image, fs, Access::ReadOnly, None));
-    }
-    drop(fs);
-    let (fs, access, tx) = open_writable(&image)?;
-    Ok((image, fs, access, tx))
-}
-
-/// Opens a filesystem whose journal needs recovery (`fs` is it, open
-/// read-only): the journal is replayed in memory and served read-only, or,
-/// with `ext2journal=replay` on a writable server, written into the image
-/// first and then served read-write.
-fn open_unclean(
-    plugin: Arc<Plugin>,
-    mut image: Arc<Image>,
-    mut fs: Filesystem,
-    can_write: bool,
-    journal: JournalMode,
-) -> Result<Opened> {
-    let mut access = Access::ReadOnly;
-    let mut tx = None;
-    let unwritable =
-        fs.super_block().s_feature_ro_compat & !ext2_rs::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
-    let mut write_out = can_write && journal == JournalMode::Replay;
-    if can_write && unwritable != 0 {
-        crate::nbdkit::report::error(
-            "the filesystem has features libext2fs can read but not write: serving read-only",
-        );
-        write_out = false;
-    } else if can_write && !write_out {
-        crate::nbdkit::report::error(
-            "the filesystem's journal needs recovery: replaying it in memory and \
-             serving read-only (run e2fsck on the image, or add ext2journal=replay, \
-             to serve it read-write)",
-        );
-    } else if !can_write && journal == JournalMode::Replay {
-        crate::nbdkit::report::error(
-            "ext2journal=replay: the image cannot be written (-r, or a plugin that \
-             cannot write): the journal is replayed in memory only and the image \
-             served read-only",
-        );
-    }
-    // The journal is read with the filesystem open read-only:
-    // nothing is written before the replay is known to be good.
     let bs = u64::from(fs.block_size());
     let read_block = |block: u64, buf: &mut [u8]| -> std::result::Result<(), Errno> {
         plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
     };
     let replay = ext2_rs::jbd2::load(&mut fs, &read_block)?;
     drop(fs);
-    let refusal = match replay.checkpoint() {
+    let image = Arc::new(Image::with_replay(plugin, replay, bs));
+    let fs = open_checked(&image, Access::ReadOnly)?;
+    Ok((image, fs))
+}
+
+/// Opens the filesystem on `image`, refusing one larger than the image as
+/// the kernel refuses to mount it: its files would be served until a read
+/// reaches the missing part and fails.
+fn open_checked(image: &Arc<Image>, access: Access) -> Result<Filesystem> {
+    let fs = Filesystem::open(image.clone(), access)?;
+    check_geometry(image, &fs)?;
+    Ok(fs)
+}
+
+/// Refuses a filesystem `fs` larger than `image`.
+fn check_geometry(image: &Image, fs: &Filesystem) -> Result<()> {
+    let device_blocks = image.size() / u64::from(fs.block_size());
+    if fs.blocks_count() > device_blocks {
+        return Err(Error::other(
+            Errno::EINVAL,
+            format!(
+                "open: bad geometry: block count {} exceeds size of device ({device_blocks} blocks)",
+                fs.blocks_count()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Why the filesystem must stay read-only whatever the server allows, if
+/// it must: features libext2fs can read but not write.
+fn unwritable_features(fs: &Filesystem) -> Option<&'static str> {
+    let unknown =
+        fs.super_block().s_feature_ro_compat & !ext2_rs::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
+    (unknown != 0).then_some(
+        "the filesystem has features libext2fs can read but not write: serving read-only",
+    )
+}
+
+/// Why a journal replay must not be written into the image, if it must not:
+/// e2fsck would mark the filesystem as having errors after it.
+fn replay_refusal(replay: &Replay) -> Option<String> {
+    match replay.checkpoint() {
         Some(checkpoint) => checkpoint.errors.clone(),
         None => Some("the journal superblock is unknown".to_string()),
-    };
-    match refusal {
-        None if write_out => {
-            let count = replay_into_image(&plugin, replay, bs)?;
-            let after = |e: Error, what: &str| {
-                e.in_context(format!(
-                    "journal: the replay is written and the journal marked empty, \
-                         but {what} failed (needs_recovery is still set: e2fsck or the \
-                         kernel will clear it)"
-                ))
-            };
-            access = Access::ReadWrite;
-            fs = Filesystem::open(image.clone(), access)
-                .map_err(|e| after(e, "opening the filesystem read-write"))?;
-            fs.clear_needs_recovery()
-                .map_err(|e| after(e, "clearing needs_recovery"))?;
-            drop(fs);
-            let (writable, transactions) = ext2_rs::txn::open_read_write(image.clone())
-                .map_err(|e| after(e, "opening the filesystem read-write"))?;
-            fs = writable;
-            tx = Some(transactions);
-            crate::nbdkit::report::error(&format!(
-                "replayed {count} blocks of the journal into the image; the journal is \
-                 marked empty and needs_recovery cleared, as e2fsck does: serving read-write"
-            ));
+    }
+}
+
+/// What a read-only connection is told about `ext2journal=replay` while the
+/// journal is replayed in memory only; `None` when there is nothing to say.
+pub fn read_only_note(shared: &Shared, journal: JournalMode) -> Option<&'static str> {
+    (journal == JournalMode::Replay && shared.image.replaying()).then_some(
+        "ext2journal=replay: the image cannot be written (-r, or a plugin that \
+         cannot write): the journal is replayed in memory only and the image \
+         served read-only",
+    )
+}
+
+/// For the first connection that may write: opens the plugin on `backend`
+/// and the filesystem again read-write, unless the image must stay
+/// read-only (then with a message saying why).  With `ext2journal=replay`
+/// an unclean journal is first written into the image.
+///
+/// `Ok` once that is settled either way; `Err` (the connection fails) when
+/// it failed, leaving the filesystem read-only for the next connection that
+/// may write to try again.  The library lock is held throughout, so requests
+/// of other connections wait, and then see the re-opened filesystem.
+pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) -> Result<()> {
+    let image = &shared.image;
+    let mut state = shared.lock_state()?;
+    let fs = &mut state.fs;
+    if let Some(why) = unwritable_features(fs) {
+        report_error(why);
+        return Ok(());
+    }
+    if let Some(replay) = image.replay() {
+        if journal == JournalMode::Memory {
+            report_error(
+                "the filesystem's journal needs recovery: replaying it in memory and \
+                 serving read-only (run e2fsck on the image, or add ext2journal=replay, \
+                 to serve it read-write)",
+            );
+            return Ok(());
         }
-        _ => {
-            if let (true, Some(why)) = (write_out, refusal) {
-                crate::nbdkit::report::error(&format!(
-                    "the filesystem's journal needs recovery, but ext2journal=replay does \
-                     not write it into the image: {why}, and e2fsck would mark the \
-                     filesystem as having errors and check it: replaying it in memory \
-                     and serving read-only (run e2fsck on the image)"
-                ));
-            }
-            image = Arc::new(Image::with_replay(plugin.clone(), replay, bs));
-            fs = Filesystem::open(image.clone(), access)?;
+        if let Some(why) = replay_refusal(replay) {
+            report_error(&format!(
+                "the filesystem's journal needs recovery, but ext2journal=replay does \
+                 not write it into the image: {why}, and e2fsck would mark the \
+                 filesystem as having errors and check it: replaying it in memory \
+                 and serving read-only (run e2fsck on the image)"
+            ));
+            return Ok(());
         }
     }
-    Ok((image, fs, access, tx))
+    let plugin = image.plugin();
+    plugin.reopen(backend, false)?;
+    if !plugin.capabilities().can_write {
+        if let Some(note) = read_only_note(shared, journal) {
+            report_error(note);
+        }
+        return Ok(());
+    }
+    let bs = u64::from(fs.block_size());
+    let replayed = match image.replay() {
+        Some(replay) => {
+            let count = replay_into_image(image, replay, bs)?;
+            image.replay_is_written();
+            Some(count)
+        }
+        None => None,
+    };
+    let after = |e: Error, what: &str| {
+        e.in_context(format!(
+            "journal: the replay is written and the journal marked empty, \
+             but {what} failed (needs_recovery is still set: e2fsck or the \
+             kernel will clear it)"
+        ))
+    };
+    // A replay written into the image, here or by an earlier try, leaves
+    // `needs_recovery` set over an empty journal: cleared first, directly,
+    // as e2fsck does (the transactions would keep it set).
+    if image.replay_was_written()
+        && clear_needs_recovery(image).map_err(|e| after(e, "clearing needs_recovery"))?
+    {
+        report_error(&format!(
+            "replayed {} blocks of the journal into the image; the journal is \
+             marked empty and needs_recovery cleared, as e2fsck does: serving read-write",
+            replayed.unwrap_or_default()
+        ));
+    }
+    match open_writable(image).map_err(|e| match replayed {
+        Some(_) => after(e, "opening the filesystem read-write"),
+        None => e,
+    })? {
+        (fresh, Some(tx)) => shared.now_writable(&mut state, fresh, tx),
+        (fresh, None) => state.fs = fresh,
+    }
+    Ok(())
 }
 
 /// Opens the filesystem on `image` read-write, its metadata changed only
-/// through crash-consistent transactions (`ext2_rs::txn`), or, when it has
+/// through crash-consistent transactions (`ext2_rs::txn`, which says how it
+/// keeps them, and why when it cannot use the journal), or, when it has
 /// features libext2fs can read but not write, read-only with a message.
-fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Access, Option<Transactions>)> {
+fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Option<Transactions>)> {
     match ext2_rs::txn::open_read_write(image.clone()) {
         Err(Error::Ext2 { code, .. })
             if code.0 == ext2_rs::sys::EXT2_ET_RO_UNSUPP_FEATURE as ext2_rs::sys::errcode_t =>
         {
-            crate::nbdkit::report::error(
+            report_error(
                 "the filesystem has features libext2fs can read but not write: serving read-only",
             );
-            let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
-            Ok((fs, Access::ReadOnly, None))
+            let fs = open_checked(image, Access::ReadOnly)?;
+            Ok((fs, None))
         }
-        other => {
-            let (fs, tx) = other?;
-            Ok((fs, Access::ReadWrite, Some(tx)))
+        Err(e) => Err(e),
+        Ok((fs, tx)) => {
+            check_geometry(image, &fs)?;
+            Ok((fs, Some(tx)))
         }
     }
+}
+
+/// Clears `needs_recovery` on the device directly, if it is set, as
+/// e2fsck does once a journal replayed into the image is marked empty;
+/// says whether it was set.
+fn clear_needs_recovery(image: &Arc<Image>) -> Result<bool> {
+    let mut fs = open_checked(image, Access::ReadWrite)?;
+    if !fs.needs_recovery() {
+        return Ok(false);
+    }
+    fs.clear_needs_recovery()?;
+    Ok(true)
 }
 
 /// The largest run of replayed blocks read and written as one request.
@@ -171,7 +233,8 @@ const REPLAY_RUN_BYTES: u64 = 1 << 20;
 /// or the kernel replays it again, writing the same blocks; after it, an
 /// empty journal with `needs_recovery` set has nothing to replay.  A
 /// failure returns an error saying the journal still needs recovery.
-fn replay_into_image(plugin: &Arc<Plugin>, replay: Replay, bs: u64) -> Result<usize> {
+fn replay_into_image(image: &Image, replay: &Replay, bs: u64) -> Result<usize> {
+    let plugin = image.plugin();
     let checkpoint = replay
         .checkpoint()
         .cloned()
@@ -182,7 +245,6 @@ fn replay_into_image(plugin: &Arc<Plugin>, replay: Replay, bs: u64) -> Result<us
         .into_iter()
         .map(|(block, _)| block)
         .collect();
-    let replayed = Image::with_replay(plugin.clone(), replay, bs);
     let still = "the journal still needs recovery: it and needs_recovery are unchanged, and \
                  replaying it again (on the next connection, or with e2fsck) writes the same \
                  blocks";
@@ -197,7 +259,7 @@ fn replay_into_image(plugin: &Arc<Plugin>, replay: Replay, bs: u64) -> Result<us
         let last = first + n as u64 - 1;
         let offset = first * bs;
         let mut buf = vec![0u8; n * bs as usize];
-        replayed.pread(&mut buf, offset).map_err(|errno| {
+        image.pread(&mut buf, offset).map_err(|errno| {
             Error::other(
                 errno,
                 format!(

@@ -6,25 +6,34 @@
 //! lock.  Plugin I/O for file data happens under a file's map lock; only a
 //! change's own data (the blocks it links) is written under the filesystem
 //! lock, so that a change is one unit.
+//!
+//! A file's extent tree changes only under its map lock held exclusively
+//! (its readers walk the tree with no library lock: `ext2_rs::lazy_map`):
+//! changes name the file they change, and `ext2_rs::txn` changes a tree
+//! only in such a change, or when asked to link a file's pending writes
+//! ([`Shared::link_pending`]), which the file's own code does under its
+//! lock; [`Shared::flush`] takes each file's lock to ask.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::filter::committer::Committer;
-use crate::filter::config::JournalMode;
 use crate::filter::file::ServedFile;
 use crate::filter::opening;
-use crate::image::Image;
+use crate::filter::unlinked::written_extents;
+use crate::image::{Image, MapDevice};
 use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
-use ext2_rs::extent_map::FileMap;
+use ext2_rs::extent_map::Extent;
+use ext2_rs::lazy_map::{LazyMap, MapSource};
 use ext2_rs::mapping::BlockRuns;
 use ext2_rs::txn::{Durability, Transactions};
-use ext2_rs::{mapping, Access, Filesystem, Ino};
+use ext2_rs::{Filesystem, Ino};
 
 /// The filesystem and, when it is writable, its running transaction:
 /// what the process-wide libext2fs lock guards.
@@ -41,10 +50,17 @@ pub struct Shared {
     state: Arc<Mutex<Option<FsState>>>,
     committer: Committer,
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
+    /// Where served files' maps are read from, and their shared cache.
+    map_source: MapSource,
+    /// The device under `map_source`, switched to the transactions'
+    /// metadata cache once the filesystem is writable.
+    map_device: Arc<MapDevice>,
     pub block_size: u32,
     /// Blocks per allocation cluster (bigalloc; 1 otherwise).
     pub cluster_ratio: u64,
-    pub access: Access,
+    /// Read-only from the start until the first writable connection has
+    /// re-opened the filesystem read-write ([`opening::reopen_writable`]).
+    writable: AtomicBool,
 }
 
 /// What a change's closure works with: the filesystem, and the image for
@@ -80,18 +96,23 @@ impl<'a> Tx<'a> {
 }
 
 impl Shared {
-    /// Opens the filesystem over `plugin`, read-write if `want_write` and
-    /// the image allows it (see [`opening::open_filesystem`]).
-    pub fn open(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Shared> {
-        let (image, fs, access, tx) = opening::open_filesystem(plugin, want_write, journal)?;
+    /// Opens the filesystem over `plugin` read-only, an unclean journal
+    /// replayed in memory (see [`opening::open_read_only`]); files' maps
+    /// share a cache of about `map_cache` bytes.
+    pub fn open(plugin: Plugin, map_cache: usize) -> Result<Shared> {
+        let (image, fs) = opening::open_read_only(plugin)?;
+        let map_device = Arc::new(MapDevice::new(image.clone()));
         Ok(Shared {
+            map_source: MapSource::new(&fs, map_device.clone(), map_cache)
+                .with_background(Arc::new(crate::pool::spawn)),
+            map_device,
             block_size: fs.block_size(),
             cluster_ratio: fs.cluster_ratio(),
             image,
-            state: Arc::new(Mutex::new(Some(FsState { fs, tx }))),
+            state: Arc::new(Mutex::new(Some(FsState { fs, tx: None }))),
             committer: Committer::default(),
             files: Mutex::new(HashMap::new()),
-            access,
+            writable: AtomicBool::new(false),
         })
     }
 
@@ -100,11 +121,21 @@ impl Shared {
     }
 
     pub fn writable(&self) -> bool {
-        self.access == Access::ReadWrite
+        self.writable.load(Ordering::Acquire)
+    }
+
+    /// Puts the filesystem re-opened read-write (`fs`, changed through
+    /// `tx`) in the lock's `state`; from now on maps are read through the
+    /// transactions' metadata cache and the filesystem counts as writable.
+    pub fn now_writable(&self, state: &mut FsState, fs: Filesystem, tx: Transactions) {
+        self.map_device.read_through(tx.cache().clone());
+        state.fs = fs;
+        state.tx = Some(tx);
+        self.writable.store(true, Ordering::Release);
     }
 
     /// Takes the libext2fs lock.
-    fn lock_state(&self) -> Result<MappedMutexGuard<'_, FsState>> {
+    pub fn lock_state(&self) -> Result<MappedMutexGuard<'_, FsState>> {
         let start = ext2_debug_lock.enabled().then(Instant::now);
         let guard = self.state.lock();
         if let Some(waited) = start.map(|s| s.elapsed()) {
@@ -128,17 +159,19 @@ impl Shared {
         }))
     }
 
-    /// `.cleanup`: commits what is still in memory and leaves the image as
-    /// a clean unmount does (see `Transactions::shutdown`), closes the
-    /// filesystem, then the plugin context.  nbdkit may clean up while
-    /// connections still hold this state: their later requests fail with
-    /// ESHUTDOWN.  Metadata that cannot be written now is reported: it is
-    /// lost, and the image holds what the last commit left (recoverable).
+    /// `.cleanup`: links every file's pending writes, commits what is
+    /// still in memory and leaves the image as a clean unmount does (see
+    /// `Transactions::shutdown`), closes the filesystem, then the plugin
+    /// context.  nbdkit may clean up while connections still hold this
+    /// state: their later requests fail with ESHUTDOWN.  Metadata that
+    /// cannot be written now is reported: it is lost, and the image holds
+    /// what the last commit left (recoverable).
     pub fn shutdown(&self) {
         self.committer.stop();
+        let linked = self.link_all_files();
         if let Some(FsState { mut fs, tx }) = self.state.lock().take() {
             if let Some(mut tx) = tx {
-                if let Err(e) = tx.shutdown(&mut fs) {
+                if let Err(e) = linked.and_then(|()| tx.shutdown(&mut fs)) {
                     nbd_error!(
                         "shutdown: the last metadata changes could not be written ({e}): the \
                          image holds what the last commit left, which e2fsck or the kernel \
@@ -154,8 +187,8 @@ impl Shared {
         self.image.plugin().close();
     }
 
-    /// The shared state of the file at `path`, building its block map the
-    /// first time any connection opens it.
+    /// The shared state of the file at `path`, reading its inode the first
+    /// time any connection opens it.
     pub fn open_file(&self, path: &str) -> Result<Arc<ServedFile>> {
         let lookup = crate::filter::config::lookup_path(path)
             .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
@@ -170,7 +203,8 @@ impl Shared {
         }
         if let Some(tx) = tx {
             // Writes into holes of an earlier served copy of this file may
-            // wait to be linked: the tree read below must hold them.
+            // wait to be linked (no one reads that copy's tree now): the
+            // tree read below must hold them.
             tx.link_pending(fs, ino)
                 .map_err(|e| e.in_context(path.to_string()))?;
         }
@@ -187,19 +221,14 @@ impl Shared {
                 format!("{path}: must be a regular file in the disk image"),
             ));
         }
-        let extents =
-            mapping::read_map(fs, ino, info.layout).map_err(|e| e.in_context(path.to_string()))?;
-        let count = extents.len();
-        let map = FileMap::new(fs.block_size(), extents).map_err(|msg| {
-            Error::other(Errno::EIO, format!("{path}: {msg}: the image is damaged"))
-        })?;
+        // Only the inode is read: map blocks are read as requests need them.
+        let map = LazyMap::open(fs, self.map_source.clone(), ino, path)?;
         nbd_debug!(
             ext2_debug_map,
-            "{path}: inode {ino}, {} bytes, {:?}, {count} extents in {} runs ({} bytes of map)",
+            "{path}: inode {ino}, {} bytes, {:?}, map read lazily ({:?})",
             info.size,
             info.layout,
-            map.extents().len(),
-            map.memory()
+            self.map_source.cache.stats()
         );
         let cluster_ratio = fs.cluster_ratio();
         drop(state);
@@ -225,7 +254,8 @@ impl Shared {
     /// the image only in a commit that keeps the image recoverable: at a
     /// client's flush or FUA, when the transaction grows large, at once
     /// for a change that freed blocks, or within a second in the
-    /// background.  `ino` is the inode it changes.
+    /// background.  `ino` is the inode it changes, whose map lock the
+    /// caller holds exclusively (its pending writes are linked first).
     pub fn change<T>(&self, ino: Ino, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         self.change_allocating(ino, 0, op)
     }
@@ -268,9 +298,12 @@ impl Shared {
     /// Fills a hole of extent file `ino` (not bigalloc) at file blocks from
     /// `logical`, as one change: `fill(fs, image, goal)` allocates the
     /// blocks near `goal` and writes their data, returning the runs; they
-    /// are linked into the file's tree at the commit (see
-    /// `Transactions::fill_hole`), the caller's map serving them until then.
-    /// `near` is a goal the caller knows from a neighbour.
+    /// are linked into the file's tree later (see
+    /// `Transactions::fill_hole`), the caller's map serving them until
+    /// then.  `near` is a goal the caller knows from a neighbour.  Also
+    /// says whether the file's tree changed meanwhile (enough writes were
+    /// waiting to be linked then): the caller holds the file's map lock
+    /// exclusively, and reads the tree again if so.
     pub fn fill_hole(
         &self,
         ino: Ino,
@@ -278,20 +311,76 @@ impl Shared {
         count: u64,
         near: Option<u64>,
         fill: impl FnOnce(&mut Filesystem, &Image, u64) -> Result<BlockRuns>,
-    ) -> Result<BlockRuns> {
+    ) -> Result<(BlockRuns, bool)> {
         self.with_transactions(|fs, tx, image| {
-            tx.fill_hole(fs, ino, logical, count, near, |fs, goal| {
+            let links = tx.links_made();
+            let runs = tx.fill_hole(fs, ino, logical, count, near, |fs, goal| {
                 fill(fs, image, goal)
-            })
+            })?;
+            Ok((runs, tx.links_made() != links))
         })
     }
 
-    /// Makes everything durable: commits the metadata home (see
-    /// `Transactions::commit`) and flushes the plugin.
+    /// The blocks written into holes of `ino` not linked into its tree yet.
+    pub fn unlinked(&self, ino: Ino) -> Result<Vec<Extent>> {
+        let state = self.lock_state()?;
+        Ok(state
+            .tx
+            .as_ref()
+            .map(|tx| written_extents(&tx.unlinked(ino)))
+            .unwrap_or_default())
+    }
+
+    /// Links the writes into holes of `ino` that wait, into its tree; the
+    /// caller holds the file's map lock exclusively (and reads the tree
+    /// again after, whatever the outcome).
+    pub fn link_pending(&self, ino: Ino) -> Result<()> {
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        match tx {
+            Some(tx) => tx.link_pending(fs, ino),
+            None => Ok(()),
+        }
+    }
+
+    /// Links every file's pending writes: each served file's under its map
+    /// lock (see `ServedFile::link_unlinked`), then those of files no
+    /// connection serves any more, whose trees nobody reads, holding the
+    /// registry so that none is opened meanwhile.
+    fn link_all_files(&self) -> Result<()> {
+        let live: Vec<Arc<ServedFile>> = self
+            .files
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for file in &live {
+            file.link_unlinked(self)?;
+        }
+        drop(live);
+        let files = self.files.lock();
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        let Some(tx) = tx else {
+            return Ok(());
+        };
+        for ino in tx.pending_inodes() {
+            if files.get(&ino).and_then(Weak::upgrade).is_none() {
+                tx.link_pending(fs, ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything durable: links the writes into holes that wait,
+    /// commits the metadata home (see `Transactions::commit`) and flushes
+    /// the plugin.  Writes that complete while it runs may stay pending:
+    /// they came after the flush.
     pub fn flush(&self) -> Result<()> {
         if !self.writable() {
             return self.image.flush().map_err(Error::from);
         }
+        self.link_all_files()?;
         let mut state = self.lock_state()?;
         let FsState { fs, tx } = &mut *state;
         match tx {

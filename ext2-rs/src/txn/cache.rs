@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::thread::{self, ThreadId};
 
 use parking_lot::Mutex;
 
@@ -54,6 +55,11 @@ struct Inner {
     /// libext2fs's `flags` of the filesystem the change in progress runs
     /// on (see [`MetaCache::begin_change`]).
     fs_flags: Option<*mut i32>,
+    /// The thread running the change in progress: only its reads see the
+    /// change's overlay and count as the change's own.  Others (a host's
+    /// readers of metadata that need no library lock) see the blocks as
+    /// the last finished change left them.
+    change_thread: Option<ThreadId>,
 }
 
 // SAFETY: `fs_flags` is only set for the duration of a change, by the
@@ -137,6 +143,7 @@ impl MetaCache {
         let mut inner = self.inner.lock();
         inner.overlay = Some(HashMap::new());
         inner.loaded.clear();
+        inner.change_thread = Some(thread::current().id());
     }
 
     /// Like [`MetaCache::begin_change`], for a change on the filesystem
@@ -165,6 +172,7 @@ impl MetaCache {
     /// transaction (those that change a block), otherwise they are dropped.
     pub fn end_change(&self, keep: bool) {
         let mut inner = self.inner.lock();
+        inner.change_thread = None;
         if let Some(flags) = inner.fs_flags.take() {
             // SAFETY: see begin_change_verifying_once; still held.
             unsafe { *flags &= !IGNORE_CSUM_ERRORS };
@@ -195,6 +203,17 @@ impl MetaCache {
     /// Blocks of the running transaction.
     pub fn dirty_len(&self) -> usize {
         self.inner.lock().dirty.len()
+    }
+
+    /// Whether `block` was written since the last commit took the
+    /// running transaction's blocks (by it, or by the change in progress).
+    pub fn written(&self, block: u64) -> bool {
+        let inner = self.inner.lock();
+        inner.dirty.contains(&block)
+            || inner
+                .overlay
+                .as_ref()
+                .is_some_and(|o| o.contains_key(&block))
     }
 
     pub fn dirty_blocks(&self) -> Vec<u64> {
@@ -411,12 +430,16 @@ impl BlockDevice for MetaCache {
         // Blocks neither in the overlay nor cached, read from the device in
         // runs and then kept as clean blocks.
         let mut missing: Vec<Piece> = Vec::new();
+        let me = thread::current().id();
+        let own;
         {
             let mut inner = self.inner.lock();
+            own = inner.change_thread == Some(me);
             let mut trusted = true;
             for piece in pieces(offset, buf.len(), self.bs) {
                 let out = &mut buf[piece.at..piece.at + piece.to - piece.from];
-                if let Some(data) = inner.overlay.as_ref().and_then(|o| o.get(&piece.block)) {
+                let overlay = inner.overlay.as_ref().filter(|_| own);
+                if let Some(data) = overlay.and_then(|o| o.get(&piece.block)) {
                     out.copy_from_slice(&data[piece.from..piece.to]);
                     continue;
                 }
@@ -430,7 +453,7 @@ impl BlockDevice for MetaCache {
                 trusted = false;
                 missing.push(piece);
             }
-            if let Some(flags) = inner.fs_flags {
+            if let Some(flags) = inner.fs_flags.filter(|_| own) {
                 // SAFETY: see begin_change_verifying_once: the change in
                 // progress holds the filesystem, and this read is its own.
                 unsafe {
@@ -452,7 +475,8 @@ impl BlockDevice for MetaCache {
             let mut run = vec![0u8; n * bs];
             self.raw.read_at(&mut run, first * self.bs)?;
             let mut inner = self.inner.lock();
-            let remember = inner.overlay.is_some() || inner.sessions > 0;
+            let in_change = own && inner.overlay.is_some();
+            let remember = in_change || inner.sessions > 0;
             for (k, piece) in missing[i..i + n].iter().enumerate() {
                 let data = &run[k * bs..(k + 1) * bs];
                 buf[piece.at..piece.at + piece.to - piece.from]
@@ -467,7 +491,7 @@ impl BlockDevice for MetaCache {
                             trusted: false,
                         },
                     );
-                    if inner.overlay.is_some() {
+                    if in_change {
                         inner.loaded.push(piece.block);
                     }
                     inner.clean_bytes += bs as u64;
@@ -496,6 +520,50 @@ impl BlockDevice for MetaCache {
     /// Durability is the transaction's: see `crate::txn`.
     fn flush(&self) -> Result<(), Errno> {
         Ok(())
+    }
+
+    /// Requests that touch no cached block go to the device together (in
+    /// parallel, if it can); the others are served as [`Self::read_at`]
+    /// serves them.  Nothing read here is kept.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        let mut outcomes: Vec<Option<Result<(), Errno>>> = vec![None; reads.len()];
+        let mut direct: Vec<(usize, &mut (u64, &mut [u8]))> = Vec::new();
+        let mut cached: Vec<(usize, &mut (u64, &mut [u8]))> = Vec::new();
+        {
+            let inner = self.inner.lock();
+            let own = inner.change_thread == Some(thread::current().id());
+            for (i, read) in reads.iter_mut().enumerate() {
+                let touches_cache = pieces(read.0, read.1.len(), self.bs).any(|piece| {
+                    inner.blocks.contains_key(&piece.block)
+                        || (own
+                            && inner
+                                .overlay
+                                .as_ref()
+                                .is_some_and(|o| o.contains_key(&piece.block)))
+                });
+                if touches_cache {
+                    cached.push((i, read));
+                } else {
+                    direct.push((i, read));
+                }
+            }
+        }
+        let mut batch: Vec<(u64, &mut [u8])> = direct
+            .iter_mut()
+            .map(|(_, read)| (read.0, &mut *read.1))
+            .collect();
+        let done = self.raw.read_many(&mut batch);
+        drop(batch);
+        for ((i, _), outcome) in direct.iter().zip(done) {
+            outcomes[*i] = Some(outcome);
+        }
+        for (i, read) in cached {
+            outcomes[i] = Some(self.read_at(read.1, read.0));
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Err(Errno::EIO)))
+            .collect()
     }
 }
 

@@ -24,11 +24,15 @@
 //!
 //! A write into a hole of an extent file ([`Transactions::fill_hole`])
 //! allocates its blocks and writes its data at once, but links them into
-//! the file's tree only at the commit (or before the next change of that
-//! tree): the host's map of the file serves them meanwhile, and linking a
-//! transaction's worth in file order costs far less than one tree walk per
-//! write.  The commit links first, so the image never sees one without the
-//! other.
+//! the file's tree only later, in file order, which costs far less than one
+//! tree walk per write: when the host asks ([`Transactions::link_pending`],
+//! before it makes a flush durable), before the next other change of that
+//! file, or once [`LINK_AT`] extents wait.  The host's own map of the file
+//! serves them meanwhile.  Only those calls change a file's tree, and only
+//! with the file named: a host that lets readers walk a tree without the
+//! library lock (its own lock on the file keeps them out) can rely on it.
+//! A commit writes the blocks of links still waiting as free, so the image
+//! never sees blocks allocated that no file owns, nor a link without them.
 //!
 //! [`open_read_write`] opens a filesystem this way; [`Transactions`] is
 //! the one way to change it.
@@ -42,7 +46,6 @@ mod relocate;
 mod tests;
 mod touched;
 
-use std::collections::BTreeSet;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,6 +65,10 @@ use journal::JournalLog;
 use ordered::Ordered;
 use pending::PendingLinks;
 use touched::Touched;
+
+/// Extents waiting to be linked into one file's tree before a write into
+/// a hole links them all (the memory and the work of one linking bounded).
+pub const LINK_AT: usize = 2048;
 
 /// How far a commit goes before it returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,8 +99,6 @@ pub struct Transactions {
     cache: Arc<MetaCache>,
     mode: Mode,
     touched: Touched,
-    /// Inodes changed since the last commit.
-    inodes: BTreeSet<Ino>,
     /// When the oldest uncommitted change was made.
     since: Option<Instant>,
     /// A change freed blocks and has not been committed yet: nothing may
@@ -101,6 +106,8 @@ pub struct Transactions {
     frees_pending: bool,
     /// Writes into holes not linked into their trees yet ([`Self::fill_hole`]).
     pending: PendingLinks,
+    /// How many times a file's tree gained pending links so far.
+    links_made: u64,
     /// Transactions committed so far.
     commits: u64,
     /// Blocks of group descriptors (each may change with a group).
@@ -152,10 +159,10 @@ pub fn open_read_write(raw: Arc<dyn BlockDevice>) -> Result<(Filesystem, Transac
             u64::from(sb.s_first_data_block),
             u64::from(sb.s_blocks_per_group),
         ),
-        inodes: BTreeSet::new(),
         since: None,
         frees_pending: false,
         pending: PendingLinks::default(),
+        links_made: 0,
         commits: 0,
     };
     debug!(
@@ -220,13 +227,28 @@ impl Transactions {
             + 1
     }
 
-    /// Blocks the running transaction will write, roughly: as it stands,
-    /// plus the tree nodes its pending links will change (nodes hold at
-    /// least 84 extents, and links in file order share them).  Only a
-    /// trigger: a commit links no more than fits (see [`Self::commit`]).
+    /// Blocks the running transaction writes as it stands (pending links
+    /// are not part of it: see [`Self::fill_hole`]).
     pub fn estimated_blocks(&self) -> u64 {
-        let links = self.pending.extents() as u64 / 32 + 4 * self.pending.inode_count() as u64;
-        self.written_blocks() + links
+        self.written_blocks()
+    }
+
+    /// How many times a file's tree has gained pending links: a host that
+    /// keeps its own map of a file reads the tree again when this moved
+    /// during a [`Self::fill_hole`] of it.
+    pub fn links_made(&self) -> u64 {
+        self.links_made
+    }
+
+    /// The files with writes into holes waiting to be linked.
+    pub fn pending_inodes(&self) -> Vec<Ino> {
+        self.pending.inodes()
+    }
+
+    /// The extents written into holes of `ino` and not linked yet:
+    /// (file block, image block, blocks), in file order.
+    pub fn unlinked(&self, ino: Ino) -> Vec<(u64, u64, u64)> {
+        self.pending.of(ino)
     }
 
     /// Blocks a transaction should not outgrow: a quarter of the journal,
@@ -272,6 +294,11 @@ impl Transactions {
     /// caller's own map of the file serves them meanwhile).  `goal` is
     /// `near` if given (the caller knows a neighbour), else after the last
     /// run pending for `ino`, else libext2fs's goal for the block.
+    ///
+    /// Once [`LINK_AT`] extents of `ino` wait, they are all linked here
+    /// ([`Self::links_made`] moves).  That failing does not fail the write,
+    /// whose data and blocks are in: what was not linked stays pending, and
+    /// the next link reports the error.
     pub fn fill_hole(
         &mut self,
         fs: &mut Filesystem,
@@ -281,7 +308,7 @@ impl Transactions {
         near: Option<u64>,
         fill: impl FnOnce(&mut Filesystem, u64) -> Result<BlockRuns>,
     ) -> Result<BlockRuns> {
-        self.ensure_room(fs, count)?;
+        self.ensure_room(fs, ino, count)?;
         let after_pending = self.pending.goal(ino);
         let runs = self.run_change(fs, Some(ino), true, |fs| {
             let goal = match near.or(after_pending) {
@@ -291,6 +318,11 @@ impl Transactions {
             fill(fs, goal)
         })?;
         self.pending.add(ino, logical, &runs);
+        if self.pending.count_of(ino) >= LINK_AT {
+            if let Err(e) = self.link_pending(fs, ino) {
+                debug!(Topic::Map, "{e}: the rest stays pending");
+            }
+        }
         Ok(runs)
     }
 
@@ -304,7 +336,7 @@ impl Transactions {
         count: u64,
         op: impl FnOnce(&mut Filesystem) -> Result<T>,
     ) -> Result<T> {
-        self.ensure_room(fs, count)?;
+        self.ensure_room(fs, ino, count)?;
         self.change(fs, Some(ino), op)
     }
 
@@ -321,9 +353,10 @@ impl Transactions {
     }
 
     /// Makes sure `count` more blocks can be allocated without taking the
-    /// reserve: if not, first makes the pending links (while there is room
-    /// for their nodes), then refuses with ENOSPC if it is still short.
-    fn ensure_room(&mut self, fs: &mut Filesystem, count: u64) -> Result<()> {
+    /// reserve: if not, first makes the pending links of `ino` (while there
+    /// is room for their nodes; other files' trees are changed only when
+    /// their host asks), then refuses with ENOSPC if it is still short.
+    fn ensure_room(&mut self, fs: &mut Filesystem, ino: Ino, count: u64) -> Result<()> {
         let free = |fs: &mut Filesystem| {
             // SAFETY: open filesystem; reads its in-memory superblock.
             unsafe { sys::ext2fs_free_blocks_count((*fs.raw()).super_) }
@@ -331,9 +364,7 @@ impl Transactions {
         if free(fs) >= count + self.reserve() {
             return Ok(());
         }
-        for ino in self.pending.inodes() {
-            self.link_pending(fs, ino)?;
-        }
+        self.link_pending(fs, ino)?;
         if free(fs) >= count + self.reserve() {
             return Ok(());
         }
@@ -350,12 +381,13 @@ impl Transactions {
 
     /// Links everything pending for `ino` into its tree (see
     /// [`Self::fill_hole`]): as many changes as it takes, and, when that
-    /// is more than one transaction may hold, commits in between.
+    /// is more than one transaction may hold, commits in between.  The
+    /// caller keeps readers of that tree out meanwhile.
     pub fn link_pending(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<()> {
         while self.pending.has(ino) {
             self.link_some(fs, ino)?;
             if self.pending.has(ino) {
-                self.commit_once(fs, Durability::Recoverable)?;
+                self.commit(fs, Durability::Recoverable)?;
             }
         }
         Ok(())
@@ -400,6 +432,9 @@ impl Transactions {
         let rest = extents.split_off(linked);
         if !rest.is_empty() {
             self.pending.put_back(ino, rest);
+        }
+        if linked > 0 {
+            self.links_made += 1;
         }
         debug!(
             Topic::Map,
@@ -447,7 +482,15 @@ impl Transactions {
             self.cache.begin_change_verifying_once(flags);
         }
         let recording = undo::Recording::start(fs);
-        let outcome = catch_unwind(AssertUnwindSafe(|| op(fs)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let value = op(fs)?;
+            if let (Mode::Ordered(ordered), Some(ino)) = (&mut self.mode, ino) {
+                // Without a journal, a changed tree moves to new blocks now,
+                // while its host keeps readers out (see `relocate`).
+                ordered.relocate(fs, ino, &self.cache, &self.touched, &recording.so_far())?;
+            }
+            Ok(value)
+        }));
         let changes = recording.finish();
         let result = match outcome {
             Ok(Ok(value)) => {
@@ -488,9 +531,6 @@ impl Transactions {
             self.cache.forget_clean(start, count);
             freed |= inuse < 0;
         }
-        if let Some(ino) = ino {
-            self.inodes.insert(ino);
-        }
         self.since.get_or_insert_with(Instant::now);
         if freed {
             // The change happened (the caller must go on as if it did):
@@ -512,55 +552,48 @@ impl Transactions {
     /// nothing to commit, flushes the device when `Home` is asked.  On
     /// failure everything stays in the running transaction, to be retried.
     ///
-    /// Pending links (see [`Self::fill_hole`]) are made first, as many as
-    /// one transaction should hold; the blocks of those that do not fit are
-    /// left out of the bitmaps this commit writes (they are allocated in
-    /// memory only, and linked and committed by the next transaction).
-    /// `Home` commits as many transactions as it takes to link them all.
+    /// Pending links (see [`Self::fill_hole`]) are not made here: their
+    /// blocks are left out of the bitmaps this commit writes (allocated in
+    /// memory only, until a later transaction links them).  A host that
+    /// makes a flush durable links them first ([`Self::link_pending`]).
     pub fn commit(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
-        loop {
-            self.commit_once(fs, durability)?;
-            if self.pending.is_empty() || durability == Durability::Recoverable {
-                return Ok(());
-            }
-        }
-    }
-
-    fn commit_once(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
         let cache = self.cache.clone();
         let _remember = cache.remembering();
-        for ino in self.pending.inodes() {
-            if self.written_blocks() >= self.commit_threshold() {
-                break;
-            }
-            self.link_some(fs, ino)?;
-        }
         let unlinked = self.pending.block_runs();
-        match &mut self.mode {
-            Mode::Journal(log) => {
-                log.commit(fs, &self.cache, &self.touched, &unlinked, durability)?
+        let result = match &mut self.mode {
+            Mode::Journal(log) => log.commit(fs, &self.cache, &self.touched, &unlinked, durability),
+            Mode::Ordered(ordered) => {
+                ordered.commit(fs, &self.cache, &mut self.touched, &unlinked, durability)
             }
-            Mode::Ordered(ordered) => ordered.commit(
-                fs,
-                &self.cache,
-                &mut self.touched,
-                &self.inodes,
-                &unlinked,
-                durability,
-            )?,
+        };
+        if let Err(e) = result {
+            // Without a journal, the commit may have freed the nodes its
+            // changes moved away (in memory): none may be reused until a
+            // commit succeeds.
+            self.frees_pending |= self.method() == Method::Ordered;
+            return Err(e);
         }
         self.touched.clear();
-        self.inodes.clear();
         self.frees_pending = false;
-        self.since = (!self.pending.is_empty()).then(Instant::now);
+        self.since = None;
         self.commits += 1;
         Ok(())
     }
 
-    /// A clean shutdown: commits everything home, then leaves the image as
-    /// a clean unmount does (the journal empty and `needs_recovery`
-    /// cleared; or `EXT2_VALID_FS` set without a journal).
+    /// Links every pending extent of every file (see [`Self::link_pending`]):
+    /// for a host that knows no reader walks any tree now.
+    pub fn link_all(&mut self, fs: &mut Filesystem) -> Result<()> {
+        for ino in self.pending.inodes() {
+            self.link_pending(fs, ino)?;
+        }
+        Ok(())
+    }
+
+    /// A clean shutdown: links what is pending, commits everything home,
+    /// then leaves the image as a clean unmount does (the journal empty and
+    /// `needs_recovery` cleared; or `EXT2_VALID_FS` set without a journal).
     pub fn shutdown(&mut self, fs: &mut Filesystem) -> Result<()> {
+        self.link_all(fs)?;
         self.commit(fs, Durability::Home)?;
         match &mut self.mode {
             Mode::Journal(log) => log.shutdown(&self.cache),

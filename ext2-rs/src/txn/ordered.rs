@@ -28,7 +28,7 @@
 //! leaves a pointer to a block the bitmap calls free, to a block not yet
 //! written, or a block with two owners.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use crate::debug;
 use crate::error::{Error, Result};
@@ -65,6 +65,9 @@ pub(crate) struct Ordered {
     /// It was set when the filesystem was opened: only then is it set
     /// again (a filesystem that was not clean stays marked for checking).
     valid_at_open: bool,
+    /// Extent nodes moved away by this transaction's changes, still
+    /// marked in use: freed by its commit.
+    moved: Vec<u64>,
 }
 
 impl Ordered {
@@ -98,69 +101,92 @@ impl Ordered {
             records,
             valid_on_disk: valid,
             valid_at_open: valid,
+            moved: Vec::new(),
         })
     }
 
-    /// Moves the changed extent nodes of `inodes` to new blocks (see
-    /// [`relocate_changed_nodes`]), as one change of the transaction.
-    fn relocate(
-        &self,
+    /// At the end of a change of `ino` (whose allocations and releases so
+    /// far are `this_change`): moves the extent nodes it changed that are
+    /// on disk to new blocks (see [`relocate_changed_nodes`]).  The moves
+    /// are part of the change; the old nodes stay in use until the commit
+    /// ([`Self::free_moved`]).
+    ///
+    /// Done per change rather than at the commit because the change's host
+    /// keeps readers of the tree out only while the change runs: a commit
+    /// that moved nodes would pull blocks from under a reader that walks
+    /// the tree as it was.  A node moved once is new in this transaction,
+    /// so later changes rewrite it in place: it moves at most once.
+    pub(crate) fn relocate(
+        &mut self,
         fs: &mut Filesystem,
+        ino: Ino,
         cache: &MetaCache,
-        touched: &mut Touched,
-        inodes: &BTreeSet<Ino>,
+        touched: &Touched,
+        this_change: &[undo::Change],
     ) -> Result<()> {
-        let dirty: HashSet<u64> = cache.dirty_blocks().into_iter().collect();
-        let existing = |block: u64| touched.was_used(block) != Some(false);
-        let is_dirty = |block: u64| dirty.contains(&block);
-        // Blocks freed in this transaction are still pointed at on disk
-        // until it commits: no new node may land on one.
-        let freed = freed_ranges(fs, touched);
-        for &(start, count) in &freed {
-            undo::apply(fs, start, count, 1);
-        }
-        cache.begin_change();
-        let recording = undo::Recording::start(fs);
-        let mut moved = Vec::new();
-        let mut result = Ok(());
-        for &ino in inodes {
-            match relocate_changed_nodes(fs, ino, &existing, &is_dirty) {
-                Ok(old) => moved.extend(old),
-                Err(e) => {
-                    result = Err(e.in_context(format!("inode {ino}: moving extent nodes")));
-                    break;
+        let allocated_now = |block: u64| {
+            this_change
+                .iter()
+                .any(|&(start, count, inuse)| inuse > 0 && (start..start + count).contains(&block))
+        };
+        let existing = |block: u64| !allocated_now(block) && touched.was_used(block) != Some(false);
+        let is_dirty = |block: u64| cache.written(block);
+        // Blocks this change freed are still pointed at on disk until it
+        // commits: no new node may land on one.  (Those freed by earlier
+        // changes were committed before this one ran, or are held the
+        // same way by the caller.)
+        let mut freed: Vec<(u64, u64)> = Vec::new();
+        for &(start, count, inuse) in this_change {
+            if inuse >= 0 {
+                continue;
+            }
+            for block in start..start + count {
+                if !in_use(fs, block) && existing(block) {
+                    match freed.last_mut() {
+                        Some((s, n)) if *s + *n == block => *n += 1,
+                        _ => freed.push((block, 1)),
+                    }
                 }
             }
         }
-        if result.is_ok() {
-            // Freed only now, so that no node moved in this commit lands
-            // where another used to be.
-            for &block in &moved {
-                // SAFETY: open read-write filesystem; the block was a node.
-                unsafe { sys::ext2fs_block_alloc_stats2(fs.raw(), block, -1) };
-            }
+        for &(start, count) in &freed {
+            undo::apply(fs, start, count, 1);
         }
-        let changes = recording.finish();
+        let result = relocate_changed_nodes(fs, ino, &existing, &is_dirty);
         for &(start, count) in &freed {
             undo::apply(fs, start, count, -1);
         }
-        if let Err(e) = result {
-            undo::reverse(fs, &changes);
-            cache.end_change(false);
-            return Err(e);
-        }
-        cache.end_change(true);
-        for &(start, count, inuse) in &changes {
-            touched.note(start, count, inuse);
-        }
+        let moved =
+            result.map_err(|e| e.in_context(format!("inode {ino}: moving extent nodes")))?;
         if !moved.is_empty() {
             debug!(
                 Topic::Journal,
-                "ordered: moved {} extent nodes to new blocks",
+                "ordered: inode {ino}: moved {} extent nodes to new blocks",
                 moved.len()
             );
         }
+        self.moved.extend(moved);
         Ok(())
+    }
+
+    /// Frees the nodes changes moved away (see [`Self::relocate`]), as the
+    /// commit that writes the new ones starts: they are freed on disk last,
+    /// with the transaction's other frees.
+    fn free_moved(&mut self, fs: &mut Filesystem, cache: &MetaCache, touched: &mut Touched) {
+        if self.moved.is_empty() {
+            return;
+        }
+        let recording = undo::Recording::start(fs);
+        for &block in &self.moved {
+            // SAFETY: open read-write filesystem; the block was a node,
+            // marked in use since.
+            unsafe { sys::ext2fs_block_alloc_stats2(fs.raw(), block, -1) };
+        }
+        for (start, count, inuse) in recording.finish() {
+            touched.note(start, count, inuse);
+            cache.forget_clean(start, count);
+        }
+        self.moved.clear();
     }
 
     pub(crate) fn commit(
@@ -168,7 +194,6 @@ impl Ordered {
         fs: &mut Filesystem,
         cache: &MetaCache,
         touched: &mut Touched,
-        inodes: &BTreeSet<Ino>,
         unlinked: &[(u64, u64)],
         durability: Durability,
     ) -> Result<()> {
@@ -176,9 +201,7 @@ impl Ordered {
             // Nothing changed: not even the superblock's write time.
             return self.finish(cache, durability);
         }
-        if !inodes.is_empty() && cache.dirty_len() > 0 {
-            self.relocate(fs, cache, touched, inodes)?;
-        }
+        self.free_moved(fs, cache, touched);
         let freed = freed_ranges(fs, touched);
         // The allocation records as they must be first: freed blocks still
         // in use.

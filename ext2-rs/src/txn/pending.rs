@@ -54,6 +54,18 @@ impl PendingLinks {
         self.by_inode.keys().copied().collect()
     }
 
+    /// How many extents of `ino` wait.
+    pub fn count_of(&self, ino: Ino) -> usize {
+        self.by_inode.get(&ino).map_or(0, BTreeMap::len)
+    }
+
+    /// The extents of `ino` waiting, in file order: (logical, physical, len).
+    pub fn of(&self, ino: Ino) -> Vec<(u64, u64, u64)> {
+        self.by_inode.get(&ino).map_or_else(Vec::new, |map| {
+            map.iter().map(|(&l, &(p, n))| (l, p, n)).collect()
+        })
+    }
+
     /// Where the last run added for `ino` ends in the image.
     pub fn goal(&self, ino: Ino) -> Option<u64> {
         self.last_end.get(&ino).copied()
@@ -119,6 +131,8 @@ mod tests {
         p.add(12, 40, &[(600, 1), (900, 2)]);
         p.add(13, 0, &[(50, 1)]);
         assert_eq!(p.extents(), 4);
+        assert_eq!(p.count_of(12), 3);
+        assert_eq!(p.of(13), vec![(0, 50, 1)]);
         assert_eq!(p.goal(12), Some(902));
         assert_eq!(p.inodes(), vec![12, 13]);
         let twelve = p.take(12).unwrap();
