@@ -620,6 +620,43 @@ mod tests {
         assert_eq!(cache.dirty_blocks(), vec![2, 4]);
     }
 
+    /// A host's readers that need no library lock (lazy maps) read through
+    /// the cache from other threads while a change runs: they see the
+    /// blocks as the last finished change left them, and what they read
+    /// from the device is not taken for the change's own (trusted).
+    #[test]
+    fn other_threads_do_not_see_the_change_in_progress() {
+        let dev = device(16);
+        let cache = Arc::new(MetaCache::new(dev.clone(), 1024));
+        cache.write_at(&[1; 1024], 2048).unwrap();
+        cache.begin_change();
+        cache.write_at(&[2; 1024], 2048).unwrap();
+        let reader = cache.clone();
+        let seen = std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            reader.read_at(&mut buf, 2048).unwrap();
+            let mut other = [0u8; 1024];
+            reader.read_at(&mut other, 5 * 1024).unwrap();
+            (buf, other)
+        })
+        .join()
+        .unwrap();
+        assert!(
+            seen.0 == [1; 1024],
+            "another thread saw the change in progress"
+        );
+        assert!(seen.1 == [5; 1024], "another thread read the wrong block");
+        let mut mine = [0u8; 1024];
+        cache.read_at(&mut mine, 2048).unwrap();
+        assert!(mine == [2; 1024], "the change does not read its own writes");
+        cache.end_change(true);
+        let inner = cache.inner.lock();
+        assert!(
+            !inner.blocks.contains_key(&5),
+            "another thread's read was kept as the change's own"
+        );
+    }
+
     #[test]
     fn clean_blocks_are_read_once_and_evicted_by_age() {
         let dev = device(64);

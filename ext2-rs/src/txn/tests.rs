@@ -780,3 +780,73 @@ fn pending_links_spread_over_transactions() {
     );
     rig.judge_all(Recovery::JournalReplay, 11);
 }
+
+/// A file's tree changes only when its host says so (a flush's links, a
+/// change of that file): a commit, even with writes into holes waiting,
+/// leaves every tree as it was and writes the waiting blocks as free, and
+/// every crash state of it is consistent.  (Lazy maps read trees with no
+/// library lock, holding only the file's own lock.)
+#[test]
+fn a_commit_changes_no_tree() {
+    for (name, mkfs, recovery) in [
+        (
+            "commit-tree-j",
+            &["-t", "ext4", "-b", "1024"][..],
+            Recovery::JournalReplay,
+        ),
+        (
+            "commit-tree-nj",
+            &["-t", "ext4", "-b", "1024", "-O", "^has_journal"][..],
+            Recovery::Preen,
+        ),
+    ] {
+        let mut rig = Rig::new(name, mkfs, "16M", sparse_specs(1 << 20), &[]);
+        let (ino, layout) = (rig.files[0].ino, rig.files[0].layout);
+        let before = mapping::read_map(&mut rig.fs, ino, layout).unwrap();
+        let inode_before = rig.fs.read_inode_raw(ino).unwrap().i_block;
+        for i in 0..20u64 {
+            rig.write(0, (300 + i * 7) * 1024, &bytes(60 + i, 1024));
+        }
+        rig.commit();
+        let after = mapping::read_map(&mut rig.fs, ino, layout).unwrap();
+        assert!(
+            after == before,
+            "{name}: the commit linked writes into holes ({} extents, {} before)",
+            after.len(),
+            before.len()
+        );
+        assert_eq!(rig.fs.read_inode_raw(ino).unwrap().i_block, inode_before);
+        rig.judge_all(recovery, 12);
+    }
+}
+
+/// Without a journal, a change that changes an existing extent node moves
+/// it (and the nodes above it) to new blocks itself, while its host keeps
+/// the tree's readers out: the commit then writes the tree as the change
+/// left it, moving nothing.
+#[test]
+fn without_a_journal_changed_nodes_move_in_the_change() {
+    let bs = 1024u64;
+    let pieces: Vec<(u64, Vec<u8>)> = (0..200)
+        .map(|i| (i * 2 * bs, bytes(i, bs as usize)))
+        .collect();
+    let mut rig = Rig::new(
+        "move-in-change",
+        &["-t", "ext4", "-b", "1024", "-O", "^has_journal"],
+        "16M",
+        vec![spec("/f", 400 * bs, pieces)],
+        &[],
+    );
+    assert_eq!(rig.tx.method(), Method::Ordered);
+    let ino = rig.files[0].ino;
+    let root = |rig: &mut Rig| rig.fs.read_inode_raw(ino).unwrap().i_block;
+    let on_disk = root(&mut rig);
+    rig.write(0, 3 * bs, &bytes(77, bs as usize));
+    rig.tx.link_pending(&mut rig.fs, ino).unwrap();
+    let changed = root(&mut rig);
+    assert_ne!(changed, on_disk, "the change left its leaf in place");
+    rig.commit();
+    assert_eq!(root(&mut rig), changed, "the commit moved nodes");
+    rig.flush();
+    rig.judge_all(Recovery::Preen, 13);
+}
