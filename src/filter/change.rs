@@ -104,7 +104,12 @@ impl ServedFile {
             // places them), so that neighbours merge as the file fills; the
             // tree learns of them later (the map's overlay serves them
             // until then).
-            let near = map.placement_goal(blocks.start);
+            let near = match before {
+                // The block before is in the window: no lookup.
+                Some(Content::Data { image_offset })
+                | Some(Content::Unwritten { image_offset }) => Some(image_offset / bs + 1),
+                _ => map.placement_goal(blocks.start),
+            };
             let (runs, tree_changed) =
                 shared.fill_hole(self.ino, blocks.start, count, near, |fs, image, goal| {
                     let runs = mapping::allocate(fs, goal, count)?;

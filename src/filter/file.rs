@@ -14,6 +14,7 @@
 //! later, and laid over it meanwhile (`filter::unlinked`).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -36,6 +37,9 @@ pub struct ServedFile {
     /// Blocks can be freed (`mapping::punch`): extents, no bigalloc.
     punchable: bool,
     map: RwLock<OverlaidMap>,
+    /// The last write needed new blocks: the next one likely does too, and
+    /// takes the map exclusively at once instead of looking first.
+    filling: AtomicBool,
 }
 
 /// How a range of the file reads, for block status.
@@ -65,6 +69,7 @@ impl ServedFile {
             cluster_ratio,
             punchable: layout == Layout::Extents && cluster_ratio == 1,
             map: RwLock::new(OverlaidMap::new(map)),
+            filling: AtomicBool::new(false),
         }
     }
 
@@ -129,7 +134,7 @@ impl ServedFile {
                 format!("{}: writing inline-data files is not supported", self.path),
             ));
         }
-        {
+        if !self.filling.load(Ordering::Relaxed) {
             let map = self.map_shared()?;
             let mut pieces = Vec::new();
             map.pieces(offset, data.len() as u64, &mut pieces)?;
@@ -145,6 +150,10 @@ impl ServedFile {
         let mut map = self.map_exclusive()?;
         let mut window = self.change_window(&map, offset, data.len() as u64)?;
         let pieces = window.pieces(offset, data.len() as u64);
+        let needs_blocks = pieces
+            .iter()
+            .any(|p| !matches!(p.content, Content::Data { .. }));
+        self.filling.store(needs_blocks, Ordering::Relaxed);
         let mut changes = MapChanges::default();
         let result = (|| {
             write_pieces(shared, &pieces, data, offset, fua)?;

@@ -129,14 +129,23 @@ impl OverlaidMap {
     /// Appends the extents that map any of file blocks `blocks`, in order,
     /// the tree's whole and the overlay's clipped.
     pub fn extents(&self, blocks: Range<u64>, out: &mut Vec<Extent>) -> Result<()> {
+        let before = out.len();
         self.tree.extents(blocks.clone(), out)?;
-        if self.unlinked.extents().is_empty() {
+        let mut unlinked = clipped(self.unlinked.extents(), blocks).peekable();
+        if unlinked.peek().is_none() {
             return Ok(());
         }
-        let before = out.len();
-        out.extend(clipped(self.unlinked.extents(), blocks));
-        if out.len() > before {
-            out[..].sort_unstable_by_key(|e| e.logical);
+        // Both lists are in order and never overlap: merge them.
+        let tree = out.split_off(before);
+        let mut tree = tree.into_iter().peekable();
+        loop {
+            let next = match (tree.peek(), unlinked.peek()) {
+                (Some(t), Some(u)) if t.logical < u.logical => tree.next(),
+                (_, Some(_)) => unlinked.next(),
+                (Some(_), None) => tree.next(),
+                (None, None) => break,
+            };
+            out.extend(next);
         }
         Ok(())
     }
@@ -166,22 +175,32 @@ impl OverlaidMap {
     }
 
     /// Where file block `logical` would lie if the file were laid out as
-    /// its nearest mapped block (before it, else after it, within
-    /// [`NEIGHBOUR_SEARCH`] blocks) is: that block's place plus the
-    /// distance.  `None` if none is that near (or the tree cannot be read:
-    /// this is only a hint).
+    /// its nearest mapped block is: that block's place plus the distance.
+    /// Looks before it first, then after it, in widening windows of up to
+    /// [`NEIGHBOUR_SEARCH`] blocks (so that a full file costs a lookup of a
+    /// few extents, not of a thousand); `None` if nothing is that near (or
+    /// the tree cannot be read: this is only a hint).
     pub fn placement_goal(&self, logical: u64) -> Option<u64> {
         let mut extents = Vec::new();
-        let from = logical.saturating_sub(NEIGHBOUR_SEARCH);
-        self.extents(from..logical + NEIGHBOUR_SEARCH, &mut extents)
-            .ok()?;
-        let after = extents.partition_point(|e| e.logical < logical);
-        if let Some(e) = after.checked_sub(1).and_then(|i| extents.get(i)) {
-            return Some(e.physical + (logical - e.logical));
+        let mut reach = 16;
+        loop {
+            extents.clear();
+            self.extents(logical.saturating_sub(reach)..logical, &mut extents)
+                .ok()?;
+            if let Some(e) = extents.last() {
+                return Some(e.physical + (logical - e.logical));
+            }
+            extents.clear();
+            self.extents(logical..logical.saturating_add(reach), &mut extents)
+                .ok()?;
+            if let Some(e) = extents.first() {
+                return Some(e.physical.saturating_sub(e.logical.saturating_sub(logical)));
+            }
+            if reach >= NEIGHBOUR_SEARCH {
+                return None;
+            }
+            reach = (reach * 8).min(NEIGHBOUR_SEARCH);
         }
-        extents
-            .get(after)
-            .map(|e| e.physical.saturating_sub(e.logical - logical))
     }
 }
 

@@ -290,8 +290,9 @@ impl Transactions {
     /// `logical..logical + count`: as one change, `fill(fs, goal)`
     /// allocates the blocks near `goal` and writes their data, returning
     /// the runs it allocated; the runs are linked into the file's tree only
-    /// when the transaction commits, or before the next change of `ino` (the
-    /// caller's own map of the file serves them meanwhile).  `goal` is
+    /// when the caller asks ([`Self::link_pending`]), or before the next
+    /// other change of `ino` (the caller's own map of the file serves them
+    /// meanwhile; commits write their blocks as free).  `goal` is
     /// `near` if given (the caller knows a neighbour), else after the last
     /// run pending for `ino`, else libext2fs's goal for the block.
     ///

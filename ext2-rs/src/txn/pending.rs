@@ -1,9 +1,10 @@
-//! Writes into holes whose links into their file's extent tree wait for
-//! the commit (or for the next change of that file's tree).
+//! Writes into holes whose links into their file's extent tree wait until
+//! the host asks for them (before a flush), or the next change of that
+//! file's tree.
 //!
 //! A write into a hole must allocate its blocks and write its data at
-//! once, but nothing needs the extent tree to say so before the
-//! transaction commits: the host's own map of the file already does.
+//! once, but nothing needs the extent tree to say so before a flush makes
+//! it durable: the host's own map of the file already does.
 //! Linking them then, in file order, walks the tree once per run of
 //! neighbours instead of once per write, and writes that landed next to
 //! each other in both the file and the image become one extent.

@@ -253,7 +253,7 @@ impl Rig {
                             Ok(runs)
                         };
                     let runs = if layout == Layout::Extents {
-                        // As the filter: linked at the commit.
+                        // As the filter: linked later (at a flush).
                         self.tx
                             .fill_hole(&mut self.fs, ino, block, count, None, fill)
                             .unwrap()
