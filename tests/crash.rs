@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use ext2_rs::crash::judge::{judge, judge_with_kernel, FileHistory, Recovery};
-use ext2_rs::crash::{crash_states, Op, Rng};
+use ext2_rs::crash::{each_crash_state, Op, Rng};
 
 /// One client request, on connection `conn`.
 #[derive(Clone, Debug)]
@@ -351,7 +351,6 @@ fn judge_workload(w: &Workload) -> usize {
     histories.push(FileHistory::new("/other", other));
 
     let mut rng = Rng::new(seed);
-    let states = crash_states(&base, &ops, bs, random_subsets(), &mut rng);
     // Each state is a whole image written out: memory is the place for
     // them when there is some.
     let shm = Path::new("/dev/shm");
@@ -367,34 +366,38 @@ fn judge_workload(w: &Workload) -> usize {
     std::fs::create_dir_all(&scratch).unwrap();
     let _cleanup = RemoveOnDrop(scratch.clone());
     let mut kernel = 0;
-    for (i, state) in states.iter().enumerate() {
-        if let Err(e) = judge(state, &scratch, w.recovery, &histories) {
-            let keep = dir.path().with_extension("failed.img");
-            let _ = std::fs::write(&keep, &state.image);
-            panic!(
-                "{}: state {i} of {} ({} requests logged): {e}\n(state kept in {})",
-                w.name,
-                states.len(),
-                ops.len(),
-                keep.display()
-            );
-        }
-        if i % 23 == 3 || i + 1 == states.len() {
-            match judge_with_kernel(state, &scratch, w.recovery, &histories) {
-                Ok(true) => kernel += 1,
-                Ok(false) => {}
-                Err(e) => panic!("{}: state {i} of {}: {e}", w.name, states.len()),
+    let count = each_crash_state(
+        &base,
+        &ops,
+        bs,
+        random_subsets(),
+        &mut rng,
+        |i, state, last| {
+            if let Err(e) = judge(state, &scratch, w.recovery, &histories) {
+                let keep = dir.path().with_extension("failed.img");
+                let _ = std::fs::write(&keep, &state.image);
+                panic!(
+                    "{}: state {i} ({} requests logged): {e}\n(state kept in {})",
+                    w.name,
+                    ops.len(),
+                    keep.display()
+                );
             }
-        }
-    }
+            if i % 23 == 3 || last {
+                match judge_with_kernel(state, &scratch, w.recovery, &histories) {
+                    Ok(true) => kernel += 1,
+                    Ok(false) => {}
+                    Err(e) => panic!("{}: state {i}: {e}", w.name),
+                }
+            }
+        },
+    );
     eprintln!(
-        "{}: {} requests, {} crash states judged ({} by the kernel too)",
+        "{}: {} requests, {count} crash states judged ({kernel} by the kernel too)",
         w.name,
         ops.len(),
-        states.len(),
-        kernel
     );
-    states.len()
+    count
 }
 
 fn sparse(len: u64, seed: u64) -> SparseFile {

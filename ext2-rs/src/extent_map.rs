@@ -25,6 +25,24 @@ impl Extent {
         self.logical + self.len
     }
 
+    /// Runs of image blocks `(physical, len)` laid out in file order from
+    /// file block `logical`, as written extents.
+    pub fn written_runs(logical: u64, runs: &[(u64, u64)]) -> Vec<Extent> {
+        let mut at = logical;
+        runs.iter()
+            .map(|&(physical, len)| {
+                let e = Extent {
+                    logical: at,
+                    physical,
+                    len,
+                    unwritten: false,
+                };
+                at += len;
+                e
+            })
+            .collect()
+    }
+
     /// Whether `next` continues this run in both spaces with the same state.
     fn continued_by(&self, next: &Extent) -> bool {
         self.end() == next.logical
@@ -274,6 +292,15 @@ mod tests {
             len,
             unwritten: false,
         }
+    }
+
+    #[test]
+    fn runs_become_extents_in_file_order() {
+        assert_eq!(
+            Extent::written_runs(10, &[(500, 2), (900, 3)]),
+            vec![ext(10, 500, 2), ext(12, 900, 3)]
+        );
+        assert!(Extent::written_runs(7, &[]).is_empty());
     }
 
     fn unwritten(logical: u64, physical: u64, len: u64) -> Extent {

@@ -117,7 +117,9 @@ impl ServedFile {
                     Ok(runs)
                 })?;
             changes.tree |= tree_changed;
-            changes.unlinked.extend(extents_from(blocks.start, &runs));
+            changes
+                .unlinked
+                .extend(Extent::written_runs(blocks.start, &runs));
             runs
         } else {
             let runs = shared.change_allocating(self.ino, count, |tx| {
@@ -144,7 +146,11 @@ impl ServedFile {
             changes.tree = true;
             runs?
         };
-        window.replace_range(blocks.start, blocks.end, &extents_from(blocks.start, &runs));
+        window.replace_range(
+            blocks.start,
+            blocks.end,
+            &Extent::written_runs(blocks.start, &runs),
+        );
         nbd_debug!(
             ext2_debug_map,
             "{}: allocated blocks {:?} at {:?}",
@@ -220,24 +226,6 @@ impl ServedFile {
         nbd_debug!(ext2_debug_map, "{}: freed blocks {:?}", self.path, blocks);
         Ok(())
     }
-}
-
-/// Runs of image blocks `(physical, len)` laid out in file order from file
-/// block `logical`, as written extents.
-fn extents_from(logical: u64, runs: &BlockRuns) -> Vec<Extent> {
-    let mut at = logical;
-    runs.iter()
-        .map(|&(physical, len)| {
-            let e = Extent {
-                logical: at,
-                physical,
-                len,
-                unwritten: false,
-            };
-            at += len;
-            e
-        })
-        .collect()
 }
 
 /// The physical cluster already holding some block of logical cluster

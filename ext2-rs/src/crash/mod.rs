@@ -179,15 +179,19 @@ pub fn final_image(base: &[u8], ops: &[Op]) -> Vec<u8> {
 /// each flush (and the start), the state with all of the next epoch's
 /// pieces, with a prefix of them of random length (a device that writes in
 /// order and stops), and `random` random subsets (and the base image
-/// itself, and one state for an epoch without writes).
-pub fn crash_states(
+/// itself, and one state for an epoch without writes).  Each is handed to
+/// `visit` with its number and whether it is the last, one at a time (a
+/// state is a whole image: thousands of them do not fit in memory);
+/// returns how many there were.
+pub fn each_crash_state(
     base: &[u8],
     ops: &[Op],
     atom: u64,
     random: usize,
     rng: &mut Rng,
-) -> Vec<CrashState> {
-    let mut states = Vec::new();
+    mut visit: impl FnMut(usize, &CrashState, bool),
+) -> usize {
+    let mut count = 0;
     let mut image = base.to_vec();
     let mut durable = 0;
     loop {
@@ -220,17 +224,20 @@ pub fn crash_states(
                 subsets.push((0..n).map(|_| rng.below(8) < p).collect());
             }
         }
-        for keep in subsets {
+        let last_subset = subsets.len().saturating_sub(1);
+        for (k, keep) in subsets.into_iter().enumerate() {
             let mut state = image.clone();
             for (piece, _) in pieces.iter().zip(&keep).filter(|(_, k)| **k) {
                 apply(&mut state, piece.offset, &piece.data);
             }
-            states.push(CrashState {
+            let state = CrashState {
                 durable,
                 kept: keep.iter().filter(|k| **k).count(),
                 pieces: n,
                 image: state,
-            });
+            };
+            visit(count, &state, next_flush.is_none() && k == last_subset);
+            count += 1;
         }
         for piece in &pieces {
             apply(&mut image, piece.offset, &piece.data);
@@ -240,6 +247,22 @@ pub fn crash_states(
             None => break,
         }
     }
+    count
+}
+
+/// All of [`each_crash_state`]'s states at once (small tests only).
+#[cfg(test)]
+fn crash_states(
+    base: &[u8],
+    ops: &[Op],
+    atom: u64,
+    random: usize,
+    rng: &mut Rng,
+) -> Vec<CrashState> {
+    let mut states = Vec::new();
+    each_crash_state(base, ops, atom, random, rng, |_, state, _| {
+        states.push(state.clone())
+    });
     states
 }
 

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use crate::crash::judge::{judge, judge_with_kernel, FileHistory, Recovery};
-use crate::crash::{crash_states, RecordingDevice, Rng};
+use crate::crash::{each_crash_state, RecordingDevice, Rng};
 use crate::device::BlockDevice;
 use crate::extent_map::{Extent, FileMap};
 use crate::fs::{Filesystem, Ino, Layout};
@@ -267,21 +267,7 @@ impl Rig {
                             })
                             .unwrap()
                     };
-                    let mut at = block;
-                    let extents = runs
-                        .iter()
-                        .map(|&(physical, len)| {
-                            let e = Extent {
-                                logical: at,
-                                physical,
-                                len,
-                                unwritten: false,
-                            };
-                            at += len;
-                            e
-                        })
-                        .collect();
-                    updates.push((block, stop, extents));
+                    updates.push((block, stop, Extent::written_runs(block, &runs)));
                 }
             }
             block = stop;
@@ -339,46 +325,56 @@ impl Rig {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
         let mut rng = Rng::new(seed);
-        let states = crash_states(&self.base, &self.rec.ops(), self.bs, random, &mut rng);
         let mut histories: Vec<FileHistory> =
             self.files.iter().map(|f| f.history.clone()).collect();
         histories.extend(self.others.iter().cloned());
         let mut kernel_checked = false;
-        for (i, state) in states.iter().enumerate() {
-            if let Err(e) = judge(state, &self.scratch.0, recovery, &histories) {
-                let keep = std::env::temp_dir().join("ext2-rs-failed-state.img");
-                let _ = std::fs::write(&keep, &state.image);
-                let ops = self.rec.ops();
-                let around: Vec<String> = ops
-                    .iter()
-                    .enumerate()
-                    .skip(state.durable.saturating_sub(12))
-                    .take(30)
-                    .map(|(k, op)| match op {
-                        crate::crash::Op::Write { offset, data } => format!(
-                            "{k}: write blocks {}+{}",
-                            offset / self.bs,
-                            (data.len() as u64).div_ceil(self.bs)
-                        ),
-                        crate::crash::Op::Flush => format!("{k}: flush"),
-                    })
-                    .collect();
-                panic!(
-                    "state {i} of {}: {e}\n(kept in {})\nrequests:\n{}",
-                    states.len(),
-                    keep.display(),
-                    around.join("\n")
-                );
-            }
-            // The kernel judges a few: it is slower.
-            if i % 29 == 5 || (!kernel_checked && i + 1 == states.len()) {
-                match judge_with_kernel(state, &self.scratch.0, recovery, &histories) {
-                    Ok(done) => kernel_checked |= done,
-                    Err(e) => panic!("state {i} of {}: {e}", states.len()),
+        let ops = self.rec.ops();
+        let count = each_crash_state(
+            &self.base,
+            &ops,
+            self.bs,
+            random,
+            &mut rng,
+            |i, state, last| {
+                if let Err(e) = judge(state, &self.scratch.0, recovery, &histories) {
+                    let keep = std::env::temp_dir().join("ext2-rs-failed-state.img");
+                    let _ = std::fs::write(&keep, &state.image);
+                    let around: Vec<String> = ops
+                        .iter()
+                        .enumerate()
+                        .skip(state.durable.saturating_sub(12))
+                        .take(30)
+                        .map(|(k, op)| match op {
+                            crate::crash::Op::Write { offset, data } => format!(
+                                "{k}: write blocks {}+{}",
+                                offset / self.bs,
+                                (data.len() as u64).div_ceil(self.bs)
+                            ),
+                            crate::crash::Op::Flush => format!("{k}: flush"),
+                        })
+                        .collect();
+                    panic!(
+                        "state {i}: {e}\n(kept in {})\nrequests:\n{}",
+                        keep.display(),
+                        around.join("\n")
+                    );
                 }
-            }
-        }
-        states.len()
+                // The kernel judges a few: it is slower.
+                if i % 29 == 5 || (!kernel_checked && last) {
+                    match judge_with_kernel(state, &self.scratch.0, recovery, &histories) {
+                        Ok(done) => kernel_checked |= done,
+                        Err(e) => panic!("state {i}: {e}"),
+                    }
+                }
+            },
+        );
+        eprintln!(
+            "{}: {} requests, {count} crash states",
+            self.scratch.0.display(),
+            ops.len(),
+        );
+        count
     }
 }
 
