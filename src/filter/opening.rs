@@ -10,6 +10,7 @@ use crate::nbdkit::report::{ext2_debug_journal, nbd_debug};
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
+use ext2_rs::policy::{Features, Verdict};
 use ext2_rs::{Access, Filesystem};
 
 /// Opens the filesystem over `plugin`.  A filesystem libext2fs can only
@@ -54,13 +55,12 @@ fn open_unclean(
     journal: JournalMode,
 ) -> Result<(Arc<Image>, Filesystem, Access)> {
     let mut access = Access::ReadOnly;
-    let unwritable =
-        fs.super_block().s_feature_ro_compat & !ext2_rs::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
+    let verdict = ext2_rs::policy::filesystem(Features::of(fs.super_block()));
     let mut write_out = can_write && journal == JournalMode::Replay;
-    if can_write && unwritable != 0 {
-        crate::nbdkit::report::error(
-            "the filesystem has features libext2fs can read but not write: serving read-only",
-        );
+    if let (true, Verdict::ReadOnly(why)) = (can_write, &verdict) {
+        crate::nbdkit::report::error(&format!(
+            "{why}: the journal is replayed in memory and the filesystem served read-only"
+        ));
         write_out = false;
     } else if can_write && !write_out {
         crate::nbdkit::report::error(
@@ -123,16 +123,13 @@ fn open_unclean(
     Ok((image, fs, access))
 }
 
-/// Opens the filesystem on `image` read-write or, when it has features
-/// libext2fs can read but not write, read-only with a message.
+/// Opens the filesystem on `image` read-write or, when ext2-rs will not
+/// write it (a feature the kernel only mounts read-only, quotas it cannot
+/// keep: see `ext2_rs::policy`), read-only with a message saying why.
 fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Access)> {
     match Filesystem::open(image.clone(), Access::ReadWrite) {
-        Err(Error::Ext2 { code, .. })
-            if code.0 == ext2_rs::sys::EXT2_ET_RO_UNSUPP_FEATURE as ext2_rs::sys::errcode_t =>
-        {
-            crate::nbdkit::report::error(
-                "the filesystem has features libext2fs can read but not write: serving read-only",
-            );
+        Err(e) if e.errno() == Errno::EROFS => {
+            crate::nbdkit::report::error(&format!("{e}: serving read-only"));
             let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
             Ok((fs, Access::ReadOnly))
         }
