@@ -19,6 +19,7 @@ use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_erro
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::FileMap;
+use ext2_rs::policy::Verdict;
 use ext2_rs::{mapping, Access, Filesystem, Ino};
 
 pub struct Shared {
@@ -121,6 +122,13 @@ impl Shared {
                 format!("{path}: must be a regular file in the disk image"),
             ));
         }
+        // The kernel's rules for the file's inode flags: encrypted files are
+        // refused, immutable ones served read-only...
+        let read_only = match ext2_rs::policy::file(path, info.flags) {
+            Verdict::Refused(why) => return Err(Error::other(Errno::ENOTSUP, why)),
+            Verdict::ReadOnly(why) => Some(why),
+            Verdict::ReadWrite => None,
+        };
         let extents = mapping::read_map(&mut fs, ino, info.layout)
             .map_err(|e| e.in_context(path.to_string()))?;
         let count = extents.len();
@@ -137,6 +145,9 @@ impl Shared {
         );
         let cluster_ratio = fs.cluster_ratio();
         drop(fs);
+        if let (Some(why), true) = (&read_only, self.writable()) {
+            crate::nbdkit::report::error(&format!("{why}: serving it read-only"));
+        }
         let file = Arc::new(ServedFile::new(
             ino,
             path.to_string(),
@@ -144,6 +155,7 @@ impl Shared {
             info.layout,
             cluster_ratio,
             map,
+            read_only,
         ));
         files.retain(|_, weak| weak.strong_count() > 0);
         files.insert(ino, Arc::downgrade(&file));

@@ -125,34 +125,41 @@ impl Quotas {
             let id = owner.id(kind);
             let context = || format!("the {} quota file, id {id}", kind.name());
             let file = LibraryFile::open(fs, ino, true).map_err(|e| e.in_context(context()))?;
-            let mut tree = QuotaTree::open(InodeStore(file), kind)?;
+            let mut store = InodeStore(file);
+            // Where the record is: remembered (records never move), found
+            // in the tree, or new.
             let at = match self.found.get(&(kind, id)) {
                 Some(&at) => at,
-                None => match tree.find(id)? {
-                    Some(at) => {
-                        // Remembered only once found on disk: an entry
-                        // inserted by a change that is then rolled back
-                        // must be looked for again.
-                        self.found.insert((kind, id), at);
-                        at
-                    }
-                    None => tree.insert(id)?,
-                },
+                None => {
+                    let mut tree = QuotaTree::open(store, kind)?;
+                    let at = match tree.find(id)? {
+                        Some(at) => {
+                            // Remembered only once found on disk: a record
+                            // inserted by a change that is then rolled back
+                            // must be looked for again.
+                            self.found.insert((kind, id), at);
+                            at
+                        }
+                        None => tree.insert(id)?,
+                    };
+                    store = tree.into_store();
+                    at
+                }
             };
-            let mut entry = tree.entry(at)?;
-            if entry.id() != id {
+            tree::update_entry(&mut store, kind, at, |entry| {
+                if entry.id() != id {
+                    return Err(Error::other(
+                        Errno::EIO,
+                        format!("{}: its record was overwritten", context()),
+                    ));
+                }
+                entry.add_space(delta);
+                Ok(())
+            })
+            .inspect_err(|_| {
                 self.found.remove(&(kind, id));
-                return Err(Error::other(
-                    Errno::EIO,
-                    format!("{}: the record moved", context()),
-                ));
-            }
-            entry.add_space(delta);
-            tree.set_entry(at, &entry)?;
-            tree.into_store()
-                .0
-                .close()
-                .map_err(|e| e.in_context(context()))?;
+            })?;
+            store.0.close().map_err(|e| e.in_context(context()))?;
         }
         Ok(())
     }

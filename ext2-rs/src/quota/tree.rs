@@ -348,35 +348,22 @@ impl<S: Store> QuotaTree<S> {
 
     /// Reads the entry at `at`.
     pub fn entry(&mut self, at: EntryOffset) -> Result<Entry> {
-        let (block, within) = self.locate(at)?;
+        self.check_ref(block_of(at), "an entry")?;
+        let (block, within) = locate(self.kind, at)?;
         let data = self.store.read(block)?;
         Ok(Entry(
             data[within..within + ENTRY].try_into().expect("72 bytes"),
         ))
     }
 
-    /// Writes the entry at `at`.
-    pub fn set_entry(&mut self, at: EntryOffset, entry: &Entry) -> Result<()> {
-        let (block, within) = self.locate(at)?;
-        let mut data = self.store.read(block)?;
-        let mut bytes = entry.0;
-        if entry_unused(&bytes) {
-            // An all-zero entry would read as free (id 0 with nothing used
-            // and no limits): mark it, as the kernel's v2r1_mem2diskdqblk.
-            mark_used(&mut bytes);
-        }
-        data[within..within + ENTRY].copy_from_slice(&bytes);
-        self.store.write(block, &data)
-    }
-
-    fn locate(&self, at: EntryOffset) -> Result<(u32, usize)> {
-        let block = u32::try_from(at / BLOCK as u64).unwrap_or(u32::MAX);
-        let within = (at % BLOCK as u64) as usize;
-        self.check_ref(block, "an entry")?;
-        if block == 0 || within < DATA_HEADER || (within - DATA_HEADER) % ENTRY != 0 {
-            return Err(damaged(self.kind, format_args!("no entry at byte {at}")));
-        }
-        Ok((block, within))
+    /// Changes the entry at `at` with `change` (see [`update_entry`]).
+    pub fn update_entry(
+        &mut self,
+        at: EntryOffset,
+        change: impl FnOnce(&mut Entry) -> Result<()>,
+    ) -> Result<Entry> {
+        self.check_ref(block_of(at), "an entry")?;
+        update_entry(&mut self.store, self.kind, at, change)
     }
 
     /// Every entry in the file, by walking the tree (for checks and tests).
@@ -422,6 +409,41 @@ impl<S: Store> QuotaTree<S> {
     pub fn into_store(self) -> S {
         self.store
     }
+}
+
+fn block_of(at: EntryOffset) -> u32 {
+    u32::try_from(at / BLOCK as u64).unwrap_or(u32::MAX)
+}
+
+/// The data block and the byte within it of the entry at `at`.
+fn locate(kind: Kind, at: EntryOffset) -> Result<(u32, usize)> {
+    let block = block_of(at);
+    let within = (at % BLOCK as u64) as usize;
+    if block <= ROOT || within < DATA_HEADER || (within - DATA_HEADER) % ENTRY != 0 {
+        return Err(damaged(kind, format_args!("no entry at byte {at}")));
+    }
+    Ok((block, within))
+}
+
+/// Reads the entry at `at` of a `kind` quota file (an offset found in its
+/// tree earlier), lets `change` change it, and writes it back, with one read
+/// and one write of its block; nothing is written if `change` fails.
+pub fn update_entry<S: Store>(
+    store: &mut S,
+    kind: Kind,
+    at: EntryOffset,
+    change: impl FnOnce(&mut Entry) -> Result<()>,
+) -> Result<Entry> {
+    let (block, within) = locate(kind, at)?;
+    let mut data = store.read(block)?;
+    let mut entry = Entry(data[within..within + ENTRY].try_into().expect("72 bytes"));
+    change(&mut entry)?;
+    // An all-zero entry would read as free (id 0 with nothing used and no
+    // limits): mark it, as the kernel's v2r1_mem2diskdqblk does.
+    mark_used(&mut entry.0);
+    data[within..within + ENTRY].copy_from_slice(&entry.0);
+    store.write(block, &data)?;
+    Ok(entry)
 }
 
 fn entry_at(index: usize) -> usize {
@@ -516,10 +538,13 @@ pub(crate) mod tests {
         for (n, &id) in ids.iter().enumerate() {
             assert_eq!(tree.find(id).unwrap(), None, "{id} before insertion");
             let at = tree.insert(id).unwrap();
-            let mut e = tree.entry(at).unwrap();
+            let e = tree.entry(at).unwrap();
             assert_eq!((e.id(), e.space(), e.inodes()), (id, 0, 0));
-            e.add_space(1024 * (n as i64 + 1));
-            tree.set_entry(at, &e).unwrap();
+            tree.update_entry(at, |e| {
+                e.add_space(1024 * (n as i64 + 1));
+                Ok(())
+            })
+            .unwrap();
         }
         for (n, &id) in ids.iter().enumerate() {
             let at = tree.find(id).unwrap().expect("present");
@@ -535,8 +560,7 @@ pub(crate) mod tests {
     fn id_zero_with_nothing_used_stays_used() {
         let mut tree = QuotaTree::open(empty(Kind::Group), Kind::Group).unwrap();
         let at = tree.insert(0).unwrap();
-        let e = tree.entry(at).unwrap();
-        tree.set_entry(at, &e).unwrap();
+        tree.update_entry(at, |_| Ok(())).unwrap();
         assert_eq!(tree.find(0).unwrap(), Some(at));
     }
 
