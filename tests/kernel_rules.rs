@@ -274,7 +274,9 @@ fn exportname_mode_serves_by_the_same_rules() {
     let listed = list.stdout_text();
     for f in FLAGGED {
         assert!(
-            listed.lines().any(|l| l == format!("{} | regular file, 200000 bytes", f.path)),
+            listed
+                .lines()
+                .any(|l| l == format!("{} | regular file, 200000 bytes", f.path)),
             "{} is listed like any file:\n{listed}",
             f.path
         );
