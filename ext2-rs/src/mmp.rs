@@ -417,36 +417,71 @@ impl Drop for Protection {
     }
 }
 
-fn refusal(what: &str, block: &MmpBlock) -> Error {
+/// The error for a block another node holds: `what` happened, so this node
+/// does `consequence`; the block says who wrote it last.
+fn held_elsewhere(what: &str, consequence: &str, block: &MmpBlock) -> Error {
     Error::other(
         Errno::EBUSY,
         format!(
-            "multi-mount protection: {what} ({}): refusing to write it",
+            "multi-mount protection: {what}: {consequence} ({})",
             block.describe()
         ),
     )
 }
 
+/// Refuses to take the block.
+fn refusal(what: &str, block: &MmpBlock) -> Error {
+    held_elsewhere(what, "refusing to write it", block)
+}
+
 /// The updater thread (the kernel's `kmmpd`): a new sequence number every
-/// update interval, a check that nobody else wrote the block whenever an
-/// update came late, and the block marked clean at the end.
+/// update interval, and the block marked clean at the end.
+///
+/// The kernel reads the block back only when an update came later than the
+/// check interval (another node can only have taken it after that long
+/// without a change).  Here it is read back before every update and before
+/// the clean mark, at the cost of one read per interval: that also catches
+/// two nodes that took a clean block at the same moment (each wrote its
+/// number and read it back before the other wrote), which the kernel's
+/// protocol lets through, and never marks clean a block another node holds.
 fn update(shared: &Shared, mut block: MmpBlock) -> Result<()> {
     let medium = &shared.medium;
     let interval = Duration::from_secs(medium.config.update_interval);
     let mut check_interval = (CHECK_MULT * medium.config.update_interval).max(MIN_CHECK_INTERVAL);
     block.set_check_interval(check_interval);
+    // What the block holds if nobody else wrote it: what we wrote last.
+    let mut on_disk = block.seq();
+    let mut last_check = Instant::now();
     let mut seq = 0u32;
-    let mut failed_writes = 0u64;
+    let mut failures = 0u64;
+    // One message a minute or so, as the kernel.
+    let mut complain = |e: &Error| {
+        if failures % 60 == 0 {
+            crate::log::error(&e.to_string());
+        }
+        failures += 1;
+    };
     loop {
+        match still_ours(medium, &block, on_disk) {
+            Ok(true) => last_check = Instant::now(),
+            Ok(false) => return give_up(shared, medium),
+            // A read that fails is no proof of anything, unless it has been
+            // so long that another node could have taken the block.
+            Err(e) if last_check.elapsed().as_secs() > check_interval => {
+                lose(shared, e.to_string());
+                return Ok(());
+            }
+            Err(e) => complain(&e),
+        }
+        if *shared.stop.lock() {
+            break;
+        }
         seq = if seq >= SEQ_MAX { 1 } else { seq + 1 };
         block.set_seq(seq);
         let written = Instant::now();
-        if let Err(e) = medium.write(&mut block) {
-            // One message a minute or so, as the kernel.
-            if failed_writes % 60 == 0 {
-                crate::log::error(&e.to_string());
-            }
-            failed_writes += 1;
+        match medium.write(&mut block) {
+            Ok(()) => on_disk = seq,
+            Err(e) => complain(&e),
         }
         {
             let mut stop = shared.stop.lock();
@@ -454,31 +489,9 @@ fn update(shared: &Shared, mut block: MmpBlock) -> Result<()> {
             while !*stop && Instant::now() < deadline {
                 shared.wake.wait_until(&mut stop, deadline);
             }
-            if *stop {
-                break;
-            }
         }
+        // Adjust the check interval to how long an update took.
         let late = written.elapsed();
-        if late.as_secs() > check_interval {
-            let check = medium.read();
-            let ours =
-                matches!(&check, Ok(c) if c.seq() == seq && c.nodename() == block.nodename());
-            if !ours {
-                let reason = match check {
-                    Ok(c) => refusal(
-                        "the filesystem seems to have been taken by another node while \
-                         this one was late updating the MMP block",
-                        &c,
-                    )
-                    .to_string(),
-                    Err(e) => e.to_string(),
-                };
-                crate::log::error(&reason);
-                *shared.lost_reason.lock() = Some(reason);
-                shared.lost.store(true, Ordering::Release);
-                return Ok(());
-            }
-        }
         check_interval =
             (CHECK_MULT * late.as_secs()).clamp(MIN_CHECK_INTERVAL, MAX_CHECK_INTERVAL);
         block.set_check_interval(check_interval);
@@ -486,6 +499,33 @@ fn update(shared: &Shared, mut block: MmpBlock) -> Result<()> {
     block.set_seq(SEQ_CLEAN);
     medium.write(&mut block)?;
     medium.flush()
+}
+
+/// Whether the block still holds what this node wrote last.
+fn still_ours(medium: &Medium, block: &MmpBlock, on_disk: u32) -> Result<bool> {
+    let now = medium.read()?;
+    Ok(now.seq() == on_disk && now.nodename() == block.nodename())
+}
+
+/// Another node wrote the block: stop writing it (and the filesystem).
+fn give_up(shared: &Shared, medium: &Medium) -> Result<()> {
+    let reason = match medium.read() {
+        Ok(now) => held_elsewhere(
+            "the filesystem has been taken by another node",
+            "no longer writing it",
+            &now,
+        )
+        .to_string(),
+        Err(e) => e.to_string(),
+    };
+    lose(shared, reason);
+    Ok(())
+}
+
+fn lose(shared: &Shared, reason: String) {
+    crate::log::error(&reason);
+    *shared.lost_reason.lock() = Some(reason);
+    shared.lost.store(true, Ordering::Release);
 }
 
 #[cfg(test)]

@@ -217,3 +217,42 @@ fn a_node_that_comes_back_late_and_finds_another_one_stops_writing() {
         (0x4242, "node-b")
     );
 }
+
+#[test]
+fn of_two_nodes_taking_a_clean_block_at_once_one_gives_up() {
+    let dev = mmp_image();
+    let held = Protection::take(dev.clone(), config(&dev), "node-a", "disk-a").unwrap();
+    // node-b read the block clean before node-a wrote, and writes after it
+    // read its number back: the kernel's protocol lets both through.
+    write_as_other_node(&dev, 0x4242, "node-b");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held.lost().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lost = held.lost().expect("node-a notices at its next update");
+    assert!(
+        lost.contains("node-b") && lost.contains("no longer writing it"),
+        "{lost}"
+    );
+    held.release().unwrap();
+    let block = medium(&dev).read().unwrap();
+    assert_eq!(
+        (block.seq(), text(block.nodename()).as_str()),
+        (0x4242, "node-b")
+    );
+}
+
+#[test]
+fn the_block_is_not_marked_clean_under_another_node() {
+    let dev = mmp_image();
+    let held = Protection::take(dev.clone(), config(&dev), "node-a", "disk-a").unwrap();
+    write_as_other_node(&dev, 0x77, "node-b");
+    // Released before the updater's next round: the last check still sees
+    // node-b and leaves its block alone.
+    held.release().unwrap();
+    let block = medium(&dev).read().unwrap();
+    assert_eq!(
+        (block.seq(), text(block.nodename()).as_str()),
+        (0x77, "node-b")
+    );
+}
