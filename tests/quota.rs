@@ -53,16 +53,7 @@ const KINDS: [&str; 3] = ["user", "group", "project"];
 
 /// `debugfs lq KIND`: id -> (space in bytes, inodes).
 fn quota_list(image: &Path, kind: &str) -> BTreeMap<u32, (u64, u64)> {
-    debugfs(image, &format!("lq {kind}"))
-        .lines()
-        .filter_map(|line| {
-            let f: Vec<u64> = line
-                .split_whitespace()
-                .map(|w| w.parse().ok())
-                .collect::<Option<_>>()?;
-            (f.len() == 7).then(|| (f[0] as u32, (f[1], f[4])))
-        })
-        .collect()
+    ext2_rs::testing::listed_quota_usage(image, kind)
 }
 
 /// The bytes a file holds on disk as the kernel counts them (`i_blocks` x 512).

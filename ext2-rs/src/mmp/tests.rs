@@ -38,6 +38,24 @@ fn write_as_other_node(dev: &Arc<MemDevice>, seq: u32, node: &str) {
     medium.write(&mut block).unwrap();
 }
 
+/// Waits up to `limit` for `held` to notice another node took the block,
+/// and returns what it says.
+fn wait_until_lost(held: &Protection, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    while held.lost().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    held.lost()
+        .unwrap_or_else(|| panic!("another node's write not noticed in {limit:?}"))
+}
+
+/// Asserts the block holds `seq`, written by `node`.
+#[track_caller]
+fn assert_block(dev: &Arc<MemDevice>, seq: u32, node: &str) {
+    let block = medium(dev).read().unwrap();
+    assert_eq!((block.seq(), text(block.nodename()).as_str()), (seq, node));
+}
+
 #[test]
 fn a_clean_block_is_taken_at_once_kept_fresh_and_left_clean() {
     let dev = mmp_image();
@@ -203,19 +221,11 @@ fn a_node_that_comes_back_late_and_finds_another_one_stops_writing() {
     // While node-a hangs after a write, node-b sees no change and takes it.
     std::thread::sleep(Duration::from_millis(2500));
     write_as_other_node(&dev, 0x4242, "node-b");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while held.lost().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let lost = held.lost().expect("node-a notices");
+    let lost = wait_until_lost(&held, Duration::from_secs(15));
     assert!(lost.contains("node-b"), "{lost}");
     held.release().unwrap();
     // node-a writes nothing more: node-b's block stays.
-    let block = medium(&dev).read().unwrap();
-    assert_eq!(
-        (block.seq(), text(block.nodename()).as_str()),
-        (0x4242, "node-b")
-    );
+    assert_block(&dev, 0x4242, "node-b");
 }
 
 #[test]
@@ -225,21 +235,14 @@ fn of_two_nodes_taking_a_clean_block_at_once_one_gives_up() {
     // node-b read the block clean before node-a wrote, and writes after it
     // read its number back: the kernel's protocol lets both through.
     write_as_other_node(&dev, 0x4242, "node-b");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while held.lost().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let lost = held.lost().expect("node-a notices at its next update");
+    // Noticed at node-a's next update.
+    let lost = wait_until_lost(&held, Duration::from_secs(5));
     assert!(
         lost.contains("node-b") && lost.contains("no longer writing it"),
         "{lost}"
     );
     held.release().unwrap();
-    let block = medium(&dev).read().unwrap();
-    assert_eq!(
-        (block.seq(), text(block.nodename()).as_str()),
-        (0x4242, "node-b")
-    );
+    assert_block(&dev, 0x4242, "node-b");
 }
 
 #[test]
@@ -250,9 +253,5 @@ fn the_block_is_not_marked_clean_under_another_node() {
     // Released before the updater's next round: the last check still sees
     // node-b and leaves its block alone.
     held.release().unwrap();
-    let block = medium(&dev).read().unwrap();
-    assert_eq!(
-        (block.seq(), text(block.nodename()).as_str()),
-        (0x77, "node-b")
-    );
+    assert_block(&dev, 0x77, "node-b");
 }

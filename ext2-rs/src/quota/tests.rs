@@ -143,24 +143,7 @@ fn assert_clean(image: &Path, what: &str) {
 
 /// `debugfs -R 'lq KIND'`: id -> (space, inodes).
 fn listed(image: &Path, kind: Kind) -> BTreeMap<u32, (u64, u64)> {
-    let (ok, text) = run(
-        "debugfs",
-        &[
-            "-R",
-            &format!("lq {}", kind.name()),
-            image.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "debugfs lq: {text}");
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<u64> = line
-                .split_whitespace()
-                .map(|w| w.parse().ok())
-                .collect::<Option<_>>()?;
-            (f.len() == 7).then(|| (f[0] as u32, (f[1], f[4])))
-        })
-        .collect()
+    crate::testing::listed_quota_usage(image, kind.name())
 }
 
 fn write_out(dev: &MemDevice, dir: &TempDir) -> PathBuf {
