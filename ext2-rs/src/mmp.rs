@@ -382,10 +382,13 @@ impl Protection {
     /// Whether another node took the block since: then nothing may be
     /// written, and the reason says who.
     pub fn lost(&self) -> Option<String> {
-        if !self.shared.lost.load(Ordering::Acquire) {
-            return None;
-        }
-        self.shared.lost_reason.lock().clone()
+        self.watch().lost()
+    }
+
+    /// A handle that tells whether the block is still held, for whoever
+    /// writes the filesystem (it does not keep the block).
+    pub fn watch(&self) -> Watch {
+        Watch(self.shared.clone())
     }
 
     /// Stops updating and marks the block clean (unless another node took
@@ -406,6 +409,21 @@ impl Protection {
                 "multi-mount protection: the update thread panicked",
             ))
         })
+    }
+}
+
+/// Tells whether a [`Protection`] still holds its block (cheap: one atomic
+/// load while it does).
+#[derive(Clone)]
+pub struct Watch(Arc<Shared>);
+
+impl Watch {
+    /// `None` while the block is held; once another node took it, why.
+    pub fn lost(&self) -> Option<String> {
+        if !self.0.lost.load(Ordering::Acquire) {
+            return None;
+        }
+        self.0.lost_reason.lock().clone()
     }
 }
 

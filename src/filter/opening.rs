@@ -5,25 +5,27 @@
 use std::sync::Arc;
 
 use crate::filter::config::JournalMode;
-use crate::image::Image;
-use crate::nbdkit::report::{ext2_debug_journal, nbd_debug};
+use crate::image::{Image, PluginDevice};
+use crate::nbdkit::report::{ext2_debug_journal, ext2_debug_lock, nbd_debug};
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
+use ext2_rs::mmp::{MmpConfig, Protection};
 use ext2_rs::policy::{Features, Verdict};
 use ext2_rs::{Access, Filesystem};
 
-/// Opens the filesystem over `plugin`.  A filesystem libext2fs can only
-/// read is served read-only with a message saying why.  One whose
-/// journal needs recovery is served read-only with the journal replayed
-/// in memory, with a message; or, with `ext2journal=replay` when it
-/// could be written, has the replay written into the image first (see
-/// [`replay_into_image`]) and is served read-write.
-pub fn open_filesystem(
-    plugin: Plugin,
-    want_write: bool,
-    journal: JournalMode,
-) -> Result<(Arc<Image>, Filesystem, Access)> {
+/// An open filesystem: its image, the filesystem, how it is open, and the
+/// multi-mount protection it is written under (with the `mmp` feature).
+pub type Opened = (Arc<Image>, Filesystem, Access, Option<Protection>);
+
+/// Opens the filesystem over `plugin`.  A filesystem the kernel would only
+/// read is served read-only with a message saying why (`ext2_rs::policy`).
+/// One whose journal needs recovery is served read-only with the journal
+/// replayed in memory, with a message; or, with `ext2journal=replay` when
+/// it could be written, has the replay written into the image first (see
+/// [`replay_into_image`]) and is served read-write.  One with `mmp` is
+/// written only once its MMP block is taken (see [`protect`]).
+pub fn open_filesystem(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Opened> {
     let plugin = Arc::new(plugin);
     let image = Arc::new(Image::new(plugin.clone()));
     let can_write = want_write && plugin.capabilities().can_write;
@@ -31,16 +33,55 @@ pub fn open_filesystem(
     // bitmaps, which in an image whose journal needs recovery may not
     // match their checksums (in the group descriptors) until the
     // journal is replayed.
-    let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
+    let mut fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
     if fs.needs_recovery() {
         return open_unclean(plugin, image, fs, can_write, journal);
     }
     if !can_write {
-        return Ok((image, fs, Access::ReadOnly));
+        return Ok((image, fs, Access::ReadOnly, None));
     }
+    // Decided before the MMP block is taken, which may take seconds.
+    if let Verdict::ReadOnly(why) = ext2_rs::policy::filesystem(Features::of(fs.super_block())) {
+        crate::nbdkit::report::error(&format!("{why}: serving read-only"));
+        return Ok((image, fs, Access::ReadOnly, None));
+    }
+    let mmp = MmpConfig::of(&mut fs)?;
     drop(fs);
-    let (fs, access) = open_writable(&image)?;
-    Ok((image, fs, access))
+    let held = protect(&image, mmp)?;
+    let (fs, access) = open_writable(&image, held.as_ref())?;
+    // Served read-only after all: the block is released (marked clean).
+    let held = held.filter(|_| access == Access::ReadWrite);
+    Ok((image, fs, access, held))
+}
+
+/// Takes the MMP block of a filesystem with the `mmp` feature (`config`),
+/// as the kernel does at a read-write mount, before anything is written:
+/// refused, with a message naming the node, while another node holds it.
+/// Once taken, `image` refuses every write if another node takes it over.
+fn protect(image: &Arc<Image>, config: Option<MmpConfig>) -> Result<Option<Protection>> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let device = Arc::new(PluginDevice(image.plugin().clone()));
+    let host = ext2_rs::mmp::host_name();
+    let name = format!("nbdkit[{}]", std::process::id());
+    nbd_debug!(
+        ext2_debug_lock,
+        "multi-mount protection: taking MMP block {} (update interval {} s)",
+        config.block,
+        config.update_interval
+    );
+    let held = Protection::take(device, config, &host, &name)?;
+    image.fence(held.watch());
+    Ok(Some(held))
+}
+
+/// Opens the filesystem on `image` read-write, under `held` if it has mmp.
+fn open_read_write(image: &Arc<Image>, held: Option<&Protection>) -> Result<Filesystem> {
+    match held {
+        Some(held) => Filesystem::open_protected(image.clone(), held),
+        None => Filesystem::open(image.clone(), Access::ReadWrite),
+    }
 }
 
 /// Opens a filesystem whose journal needs recovery (`fs` is it, open
@@ -53,8 +94,9 @@ fn open_unclean(
     mut fs: Filesystem,
     can_write: bool,
     journal: JournalMode,
-) -> Result<(Arc<Image>, Filesystem, Access)> {
+) -> Result<Opened> {
     let mut access = Access::ReadOnly;
+    let mut held = None;
     let verdict = ext2_rs::policy::filesystem(Features::of(fs.super_block()));
     let mut write_out = can_write && journal == JournalMode::Replay;
     if let (true, Verdict::ReadOnly(why)) = (can_write, &verdict) {
@@ -82,6 +124,11 @@ fn open_unclean(
         plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
     };
     let replay = ext2_rs::jbd2::load(&mut fs, &read_block)?;
+    let mmp = if write_out {
+        MmpConfig::of(&mut fs)?
+    } else {
+        None
+    };
     drop(fs);
     let refusal = match replay.checkpoint() {
         Some(checkpoint) => checkpoint.errors.clone(),
@@ -89,6 +136,7 @@ fn open_unclean(
     };
     match refusal {
         None if write_out => {
+            held = protect(&image, mmp)?;
             let count = replay_into_image(&plugin, replay, bs)?;
             let after = |e: Error, what: &str| {
                 e.in_context(format!(
@@ -98,7 +146,7 @@ fn open_unclean(
                 ))
             };
             access = Access::ReadWrite;
-            fs = Filesystem::open(image.clone(), access)
+            fs = open_read_write(&image, held.as_ref())
                 .map_err(|e| after(e, "opening the filesystem read-write"))?;
             fs.clear_needs_recovery()
                 .map_err(|e| after(e, "clearing needs_recovery"))?;
@@ -120,14 +168,15 @@ fn open_unclean(
             fs = Filesystem::open(image.clone(), access)?;
         }
     }
-    Ok((image, fs, access))
+    Ok((image, fs, access, held))
 }
 
-/// Opens the filesystem on `image` read-write or, when ext2-rs will not
-/// write it (a feature the kernel only mounts read-only, quotas it cannot
-/// keep: see `ext2_rs::policy`), read-only with a message saying why.
-fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Access)> {
-    match Filesystem::open(image.clone(), Access::ReadWrite) {
+/// Opens the filesystem on `image` read-write (under `held`, with mmp) or,
+/// when ext2-rs will not write it (quotas it cannot keep: see
+/// `ext2_rs::policy` and `ext2_rs::quota`), read-only with a message
+/// saying why.
+fn open_writable(image: &Arc<Image>, held: Option<&Protection>) -> Result<(Filesystem, Access)> {
+    match open_read_write(image, held) {
         Err(e) if e.errno() == Errno::EROFS => {
             crate::nbdkit::report::error(&format!("{e}: serving read-only"));
             let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;

@@ -19,6 +19,7 @@ use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_erro
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::FileMap;
+use ext2_rs::mmp::Protection;
 use ext2_rs::policy::Verdict;
 use ext2_rs::{mapping, Access, Filesystem, Ino};
 
@@ -33,6 +34,9 @@ pub struct Shared {
     /// that no file owns yet.
     alloc_gate: RwLock<()>,
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
+    /// The MMP block held while the filesystem is written (`mmp`), released
+    /// by [`Shared::shutdown`].
+    mmp: Mutex<Option<Protection>>,
     pub block_size: u32,
     pub access: Access,
 }
@@ -41,8 +45,9 @@ impl Shared {
     /// Opens the filesystem over `plugin`, read-write if `want_write` and
     /// the image allows it (see [`opening::open_filesystem`]).
     pub fn open(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Shared> {
-        let (image, fs, access) = opening::open_filesystem(plugin, want_write, journal)?;
+        let (image, fs, access, mmp) = opening::open_filesystem(plugin, want_write, journal)?;
         Ok(Shared {
+            mmp: Mutex::new(mmp),
             block_size: fs.block_size(),
             image,
             fs: Mutex::new(Some(fs)),
@@ -56,8 +61,10 @@ impl Shared {
         self.image.plugin()
     }
 
+    /// Opened read-write, and no other node has taken the filesystem since
+    /// (multi-mount protection).
     pub fn writable(&self) -> bool {
-        self.access == Access::ReadWrite
+        self.access == Access::ReadWrite && !self.image.fenced_off()
     }
 
     /// Takes the libext2fs lock.
@@ -88,6 +95,13 @@ impl Shared {
         }
         if let Err(e) = self.image.flush() {
             nbd_error!("flushing the plugin at shutdown failed (errno {})", e.get());
+        }
+        // Everything is written: the MMP block can say the filesystem is
+        // free (unless another node took it).
+        if let Some(held) = self.mmp.lock().take() {
+            if let Err(e) = held.release() {
+                nbd_error!("{e}");
+            }
         }
         self.image.plugin().close();
     }
