@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Benchmark the ext2filter nbdkit filter against Debian's C ext2 filter and
+"""Benchmark the ext2filter nbdkit filter against nbdkit's C ext2 filters (Debian's, and that
+of $EXT2FILTER_NBDKIT when it names another nbdkit) and
 against the raw file plugin serving the same bytes as a plain file.
 
 Run with /usr/bin/python3 (Debian's Python, the only one with the `nbd`
@@ -35,8 +36,23 @@ INNER = "/data.bin"          # path of the served file inside every image
 MiB = 1 << 20
 GiB = 1 << 30
 
-CANDIDATES = ("ours", "c", "raw")
-CAND_LABEL = {"ours": "ours (Rust)", "c": "C --filter=ext2", "raw": "raw file plugin"}
+# The nbdkit serving ours, raw and "cnew" ($EXT2FILTER_NBDKIT, as for the tests; our
+# filter must be built against its headers).  Debian's C filter ("c") always runs on
+# Debian's nbdkit; when EXT2FILTER_NBDKIT names another nbdkit (e.g. upstream 1.45.2),
+# "cnew" is that nbdkit's own C filter.
+DEBIAN_NBDKIT = "nbdkit"
+NBDKIT = os.environ.get("EXT2FILTER_NBDKIT") or DEBIAN_NBDKIT
+OTHER_NBDKIT = os.path.realpath(shutil.which(NBDKIT) or NBDKIT) != \
+    os.path.realpath(shutil.which(DEBIAN_NBDKIT) or DEBIAN_NBDKIT)
+
+CANDIDATES = ("ours", "c", "cnew", "raw")
+CAND_LABEL = {"ours": "ours (Rust)", "c": "C --filter=ext2", "cnew": "C --filter=ext2",
+              "raw": "raw file plugin"}
+
+
+def nbdkit_version(nbdkit):
+    r = subprocess.run([nbdkit, "--version"], stdout=subprocess.PIPE, text=True)
+    return r.stdout.strip().replace("nbdkit ", "")
 
 # Scenario table: key -> (number, title, kind)
 SCENARIOS = [
@@ -216,7 +232,8 @@ class Server:
         if os.path.exists(sock):
             os.unlink(sock)
         self.logf = open(logpath, "wb")
-        full = ["nbdkit", "-f", "--exit-with-parent", "-U", sock] + argv
+        # argv[0] is the nbdkit to run (see Bench.server_args).
+        full = [argv[0], "-f", "--exit-with-parent", "-U", sock] + argv[1:]
         self.argv = full
         self.proc = subprocess.Popen(full, stdin=subprocess.DEVNULL,
                                      stdout=self.logf, stderr=subprocess.STDOUT)
@@ -367,12 +384,12 @@ class Bench:
     def server_args(self, cand, fs_img, plain_img, under=(), params=()):
         under, params = list(under), list(params)
         if cand == "ours":
-            return ["--filter=" + self.a.filter] + under + ["file", fs_img] + params + \
-                   ["ext2file=" + INNER]
-        if cand == "c":
-            return ["--filter=ext2"] + under + ["file", fs_img] + params + \
-                   ["ext2file=" + INNER]
-        return under + ["file", plain_img] + params
+            return [NBDKIT, "--filter=" + self.a.filter] + under + ["file", fs_img] + \
+                   params + ["ext2file=" + INNER]
+        if cand in ("c", "cnew"):
+            return [DEBIAN_NBDKIT if cand == "c" else NBDKIT, "--filter=ext2"] + under + \
+                   ["file", fs_img] + params + ["ext2file=" + INNER]
+        return [NBDKIT] + under + ["file", plain_img] + params
 
     def start(self, argv, tag):
         srv = Server(argv, self.sock, os.path.join(self.rundir, "nbdkit-%s.log" % tag))
@@ -726,6 +743,284 @@ class Bench:
         print("\n".join(lines), flush=True)
 
 
+
+# --------------------------------------------------------------------------
+# Metadata at scale and latency (issue 12): self-contained scenarios with
+# their own images and table.  Each function returns table rows.
+# --------------------------------------------------------------------------
+
+# The three files of the issue, each served from its own image:
+# (key, label, mkfs type, block size, file blocks, data in every n-th block)
+META_FILES = [
+    ("frag1k", "ext4 1 KiB blocks, 300,000 one-block extents with holes", "ext4", 1024,
+     600000, 2),
+    ("ext2_256m", "ext2 1 KiB blocks, 256 MiB (1,028 indirect blocks)", "ext2", 1024,
+     262144, 1),
+    ("ext4_100k", "ext4 4 KiB blocks, 100,000 extents", "ext4", 4096, 200000, 2),
+]
+META_MILLION = ("million", "ext4 1 KiB blocks, 1,000,000 one-block extents", "ext4", 1024,
+                2000000, 2)
+
+
+def first_byte_client(argv):
+    """--first-byte-client SOCKET: connect, read the first byte, print the
+    seconds it took (the interpreter's start-up is not counted)."""
+    import nbd
+    t0 = time.perf_counter()
+    h = nbd.NBD()
+    h.connect_unix(argv[0])
+    h.pread(1, 0)
+    elapsed = time.perf_counter() - t0
+    h.shutdown()
+    print(json.dumps({"elapsed": elapsed}))
+    return 0
+
+
+def conn_rate_client(argv):
+    """--conn-rate-client SOCKET COUNT: open, read one byte and close COUNT
+    connections one after the other; print connections per second."""
+    import nbd
+    sock, count = argv[0], int(argv[1])
+    t0 = time.perf_counter()
+    for _ in range(count):
+        h = nbd.NBD()
+        h.connect_unix(sock)
+        h.pread(1, 0)
+        h.shutdown()
+        del h
+    print(json.dumps({"rate": count / (time.perf_counter() - t0)}))
+    return 0
+
+
+class MetaBench:
+    """Scenarios meta-first, meta-copy, fio, connrate, peakmem."""
+
+    def __init__(self, bench):
+        self.b = bench
+        self.a = bench.a
+        self.rows = []
+        self._built = {}
+
+    def sparse_image(self, spec):
+        """(image, plain file, sha256) for one of META_FILES / META_MILLION."""
+        key, _, fstype, bs, blocks, every = spec
+        if key in self._built:
+            return self._built[key]
+        t0 = time.monotonic()
+        d = os.path.join(self.b.imgdir, "meta_" + key)
+        os.makedirs(d, exist_ok=True)
+        plain = os.path.join(d, "data.bin")
+        img = os.path.join(self.b.imgdir, "meta_%s.img" % key)
+        done = img + ".sha256"
+        if os.path.exists(done):
+            # Built by an earlier run in this --workdir.
+            with open(done) as f:
+                self._built[key] = (img, plain, f.read().strip())
+            return self._built[key]
+        rng = random.Random(key)
+        h = hashlib.sha256()
+        with open(plain, "wb") as f:
+            chunk = rng.randbytes(bs * 256)
+            for b in range(blocks):
+                if b % every == 0:
+                    piece = chunk[(b % 256) * bs:(b % 256 + 1) * bs]
+                    if every > 1:
+                        f.seek(b * bs)
+                    f.write(piece)
+                    h.update(piece)
+                else:
+                    h.update(bytes(bs))
+            f.truncate(blocks * bs)
+        data_mib = blocks // every * bs / MiB
+        if os.path.exists(img):
+            os.unlink(img)
+        r = subprocess.run(["mke2fs", "-q", "-F", "-t", fstype, "-b", str(bs), "-d", d, img,
+                            "%dM" % int(data_mib * 1.15 + 64)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            raise BenchError("mke2fs failed for %s:\n%s" % (img, r.stdout))
+        log("  built %s in %.1fs" % (key, time.monotonic() - t0))
+        with open(done, "w") as f:
+            f.write(h.hexdigest())
+        self._built[key] = (img, plain, h.hexdigest())
+        return self._built[key]
+
+    def serve(self, cand, img, plain, tag, delay=False, params=()):
+        under = ("--filter=delay",) if delay else ()
+        p = tuple(params) + (("rdelay=1ms",) if delay else ())
+        return self.b.start(self.b.server_args(cand, img, plain, under, p), tag)
+
+    def client(self, argv, timeout):
+        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=timeout)
+        if r.returncode != 0:
+            raise BenchError("client %s failed: %s" % (argv[0], r.stderr.strip()[-300:]))
+        return r.stdout
+
+    def interleaved(self, cands, one):
+        """Median over --runs interleaved runs of one(cand) -> number or None."""
+        vals = {c: [] for c in cands}
+        for _ in range(self.a.runs):
+            for c in cands:
+                if vals[c] is None:
+                    continue
+                try:
+                    v = one(c)
+                except (BenchError, subprocess.TimeoutExpired) as e:
+                    log("  %s: %s" % (c, str(e)[:200]))
+                    vals[c] = None
+                    continue
+                vals[c].append(v)
+        return {c: (statistics.median(v) if v else None) for c, v in vals.items()}
+
+    def row(self, scen, what, res, unit, fmt, target_text, ok):
+        def show(c):
+            v = res.get(c)
+            return "-" if v is None else fmt % v
+        verdict = "n/a" if res.get("ours") is None else ("PASS" if ok(res) else "MISS")
+        self.rows.append((scen, what, show("ours"), show("c"), show("raw"), unit, target_text,
+                          verdict))
+
+    def first_byte(self):
+        cands = self.a.candidates
+        for spec in META_FILES:
+            img, plain, _ = self.sparse_image(spec)
+
+            def one(c):
+                srv = self.serve(c, img, plain, "first-%s-%s" % (spec[0], c), delay=True)
+                try:
+                    out = self.client([self.a.python, os.path.abspath(__file__),
+                                       "--first-byte-client", srv.sock], 60)
+                    return json.loads(out)["elapsed"] * 1000
+                finally:
+                    srv.stop()
+            res = self.interleaved(cands, one)
+            self.row("first byte, 1 ms plugin", spec[1], res, "ms", "%.1f", "<= 50 ms",
+                     lambda r: r["ours"] <= 50)
+
+    def copy(self):
+        cands = self.a.candidates
+        for spec in META_FILES:
+            img, plain, digest = self.sparse_image(spec)
+            # Verify once (outside the timing).
+            srv = self.serve("ours", img, plain, "copyv-%s" % spec[0], delay=True)
+            try:
+                out = os.path.join(self.b.rundir, "copy.bin")
+                self.client(["nbdcopy", "--no-extents", srv.uri, out], 600)
+                if sha256_file(out) != digest:
+                    self.b.notes.append("copy %s: WRONG BYTES from our filter" % spec[0])
+                os.unlink(out)
+            finally:
+                srv.stop()
+
+            def one(c):
+                srv = self.serve(c, img, plain, "copy-%s-%s" % (spec[0], c), delay=True)
+                try:
+                    t0 = time.perf_counter()
+                    self.client(["nbdcopy", "--no-extents", srv.uri, "null:"],
+                                self.a.meta_timeout)
+                    return time.perf_counter() - t0
+                finally:
+                    srv.stop()
+            res = self.interleaved(cands, one)
+            raw = res.get("raw")
+            ratio = {c: (v / raw if v is not None and raw else None) for c, v in res.items()}
+            self.row("whole copy, 1 ms plugin", spec[1], res, "s", "%.2f", "", lambda r: True)
+            self.row("whole copy, 1 ms plugin", spec[1] + " (/ raw)", ratio, "x", "%.2f",
+                     "<= 1.3x raw", lambda r: r["ours"] <= 1.3)
+
+    def fio(self):
+        if shutil.which("fio") is None:
+            self.b.notes.append("fio: not installed (apt-get install fio)")
+            return
+        data, _ = self.b.image("data")
+        fs = self.b.image("fs4k")
+
+        def one(c):
+            srv = self.b.start(self.b.server_args(c, fs, data), "fio-%s" % c)
+            try:
+                out = self.client(["fio", "--name=rand", "--ioengine=nbd", "--uri=" + srv.uri,
+                                   "--rw=randread", "--bs=4k", "--numjobs=4", "--iodepth=32",
+                                   "--runtime=%d" % self.a.fio_seconds, "--time_based",
+                                   "--group_reporting", "--output-format=json"], 120)
+                return json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
+            finally:
+                srv.stop()
+        res = self.interleaved(self.a.candidates, one)
+        self.row("fio random 4 KiB reads, 4 x 32", "ext4 4 KiB, %d MiB" % self.a.size, res,
+                 "IOPS", "%.0f", "", lambda r: True)
+        raw = res.get("raw")
+        ratio = {c: (v / raw if v is not None and raw else None) for c, v in res.items()}
+        self.row("fio random 4 KiB reads, 4 x 32", "IOPS / raw", ratio, "x", "%.2f",
+                 ">= 0.9x raw", lambda r: r["ours"] >= 0.9)
+
+    def connrate(self):
+        img, plain, _ = self.sparse_image(META_FILES[0])
+
+        def one(c):
+            srv = self.serve(c, img, plain, "conn-%s" % c)
+            try:
+                out = self.client([self.a.python, os.path.abspath(__file__),
+                                   "--conn-rate-client", srv.sock, "200"], 120)
+                return json.loads(out)["rate"]
+            finally:
+                srv.stop()
+        res = self.interleaved(self.a.candidates, one)
+        self.row("connections opened and closed", META_FILES[0][1], res, "per s", "%.0f", "",
+                 lambda r: True)
+
+    def peakmem(self):
+        small = self.sparse_image(META_FILES[0])
+        big = self.sparse_image(META_MILLION)
+        for spec, (img, plain, _) in ((META_FILES[0], small), (META_MILLION, big)):
+            def one(c):
+                srv = self.serve(c, img, plain, "mem-%s-%s" % (spec[0], c))
+                try:
+                    self.client(["nbdcopy", "--no-extents", srv.uri, "null:"],
+                                self.a.meta_timeout)
+                finally:
+                    _, hwm = srv.stop()
+                return hwm / 1024.0
+            res = self.interleaved(self.a.candidates, one)
+            self.row("nbdkit peak memory, copying", spec[1], res, "MiB", "%.1f", "<= 64 MiB",
+                     lambda r: r["ours"] <= 64)
+
+    def run(self, key):
+        log("[%s] %s" % (key, SCEN_BY_KEY[key][2]))
+        {"meta-first": self.first_byte, "meta-copy": self.copy, "fio": self.fio,
+         "connrate": self.connrate, "peakmem": self.peakmem}[key]()
+
+    def report(self):
+        if not self.rows:
+            return
+        header = ["scenario", "file", "ours", "C", "raw", "unit", "target", "ours verdict"]
+        md = self.a.markdown
+        lines = ["", "**Metadata at scale and latency**" if md else "Metadata at scale and latency", ""]
+        if md:
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "|".join("---" for _ in header) + "|")
+            for r in self.rows:
+                lines.append("| " + " | ".join(str(x) for x in r) + " |")
+        else:
+            w = [max(len(str(x)) for x in col) for col in zip(header, *self.rows)]
+            fmt = "  ".join("%%-%ds" % n for n in w)
+            lines.append(fmt % tuple(header))
+            for r in self.rows:
+                lines.append(fmt % tuple(str(x) for x in r))
+        print("\n".join(lines), flush=True)
+
+
+META_SCENARIOS = [
+    ("meta-first", 7, "connect + first byte of three big files through a 1 ms plugin", "meta"),
+    ("meta-copy", 8, "whole nbdcopy of three big files through a 1 ms plugin", "meta"),
+    ("fio", 9, "fio random 4 KiB reads, 4 jobs x 32 in flight", "meta"),
+    ("connrate", 10, "connections opened and closed per second on one file", "meta"),
+    ("peakmem", 11, "nbdkit peak memory copying a 1,000,000-extent file", "meta"),
+]
+SCENARIOS.extend(META_SCENARIOS)
+SCEN_BY_KEY.update({s[0]: s for s in META_SCENARIOS})
+SCEN_BY_NUM.update({str(s[1]): s for s in META_SCENARIOS})
+
 # --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------
@@ -747,8 +1042,10 @@ def machine_facts(args):
     except OSError:
         pass
     facts.append(("kernel", platform.release()))
-    v = subprocess.run(["nbdkit", "--version"], stdout=subprocess.PIPE, text=True).stdout
-    facts.append(("nbdkit", v.strip()))
+    facts.append(("nbdkit", "%s (%s)" % (nbdkit_version(NBDKIT), NBDKIT)))
+    if OTHER_NBDKIT and "c" in args.candidates:
+        facts.append(("nbdkit for C", "%s (%s, Debian's C filter)"
+                      % (nbdkit_version(DEBIAN_NBDKIT), DEBIAN_NBDKIT)))
     v = subprocess.run(["nbdcopy", "--version"], stdout=subprocess.PIPE, text=True).stdout
     facts.append(("nbdcopy", v.splitlines()[0].strip() if v else "?"))
     if "ours" in args.candidates:
@@ -784,24 +1081,28 @@ def preflight(args):
                         "in %s, pass --filter PATH, or leave it out with --candidates c,raw"
                         % (args.filter, REPO))
     elif "ours" in args.candidates:
-        r = subprocess.run(["nbdkit", "--filter=" + args.filter, "null", "--dump-plugin"],
+        r = subprocess.run([NBDKIT, "--filter=" + args.filter, "null", "--dump-plugin"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if r.returncode != 0:
             problems.append("nbdkit cannot load our filter %s:\n  %s" % (
                 args.filter, r.stderr.strip().replace("\n", "\n  ")))
-    filterdir = ""
-    r = subprocess.run(["nbdkit", "--dump-config"], stdout=subprocess.PIPE, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith("filterdir="):
-            filterdir = line.split("=", 1)[1]
-    need = ["delay"] if "delay" in args.scenarios else []
-    if "c" in args.candidates:
-        need.append("ext2")
-    for f in need:
-        if not os.path.exists(os.path.join(filterdir, "nbdkit-%s-filter.so" % f)):
-            problems.append("nbdkit filter %r not installed in %s (apt-get install nbdkit)"
-                            % (f, filterdir))
-    if "rand4k" in args.scenarios:
+    needs = {}
+    for cand in args.candidates:
+        nbdkit = DEBIAN_NBDKIT if cand == "c" else NBDKIT
+        need = needs.setdefault(nbdkit, set(["delay"] if {"delay", "meta-first", "meta-copy"} & set(args.scenarios) else []))
+        if cand in ("c", "cnew"):
+            need.add("ext2")
+    for nbdkit, need in sorted(needs.items()):
+        filterdir = ""
+        r = subprocess.run([nbdkit, "--dump-config"], stdout=subprocess.PIPE, text=True)
+        for line in r.stdout.splitlines():
+            if line.startswith("filterdir="):
+                filterdir = line.split("=", 1)[1]
+        for f in sorted(need):
+            if not os.path.exists(os.path.join(filterdir, "nbdkit-%s-filter.so" % f)):
+                problems.append("nbdkit filter %r not installed in %s (apt-get install nbdkit)"
+                                % (f, filterdir))
+    if {"rand4k", "meta-first", "connrate"} & set(args.scenarios):
         r = subprocess.run([args.python, "-c", "import nbd"], stderr=subprocess.DEVNULL)
         if r.returncode != 0:
             problems.append("%s cannot import the nbd module (apt-get install python3-libnbd)"
@@ -816,9 +1117,11 @@ def parse_args(argv):
                     help="our filter .so (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=None, help="timed runs per candidate (default 5)")
     ap.add_argument("--scenarios", default="all",
-                    help="comma list of %s or numbers 1-6 (default all)"
+                    help="comma list of %s or numbers 1-11 (default all)"
                     % ",".join(s[0] for s in SCENARIOS))
-    ap.add_argument("--candidates", default="ours,c,raw", help="subset of ours,c,raw")
+    ap.add_argument("--candidates", default="ours,c,cnew,raw" if OTHER_NBDKIT else "ours,c,raw",
+                    help="subset of ours,c,raw, and cnew (the C filter of "
+                         "$EXT2FILTER_NBDKIT) when that is not Debian's nbdkit")
     ap.add_argument("--size", type=int, default=None, help="file size in MiB (default 256)")
     ap.add_argument("--delay-size", type=int, default=None,
                     help="file size in MiB for the 1 ms delay scenario (default 32)")
@@ -835,6 +1138,10 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true",
                     help="smoke check: 64 MiB, 4 MiB delay file, 4000 random reads, 3 runs")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    ap.add_argument("--meta-timeout", type=int, default=300,
+                    help="seconds per whole copy in scenarios 8 and 11 (default 300)")
+    ap.add_argument("--fio-seconds", type=int, default=5,
+                    help="seconds per fio run in scenario 9 (default 5)")
     ap.add_argument("--python", default=DEBIAN_PYTHON,
                     help="python with the nbd module, for the random-read client")
     a = ap.parse_args(argv)
@@ -847,8 +1154,9 @@ def parse_args(argv):
     a.filter = os.path.abspath(a.filter)
     cands = [c.strip() for c in a.candidates.split(",") if c.strip()]
     for c in cands:
-        if c not in CANDIDATES:
-            ap.error("unknown candidate %r (choose from ours,c,raw)" % c)
+        if c not in CANDIDATES or (c == "cnew" and not OTHER_NBDKIT):
+            ap.error("unknown candidate %r (choose from ours,c,raw%s)"
+                     % (c, ",cnew" if OTHER_NBDKIT else ""))
     a.candidates = [c for c in CANDIDATES if c in cands]
     if a.scenarios == "all":
         a.scenarios = [s[0] for s in SCENARIOS]
@@ -870,7 +1178,14 @@ def parse_args(argv):
 def main(argv):
     if argv and argv[0] == "--randread-client":
         return randread_client(argv[1:])
+    if argv and argv[0] == "--first-byte-client":
+        return first_byte_client(argv[1:])
+    if argv and argv[0] == "--conn-rate-client":
+        return conn_rate_client(argv[1:])
     a = parse_args(argv)
+    if OTHER_NBDKIT:
+        CAND_LABEL["c"] = "C --filter=ext2, nbdkit %s" % nbdkit_version(DEBIAN_NBDKIT)
+        CAND_LABEL["cnew"] = "C --filter=ext2, nbdkit %s" % nbdkit_version(NBDKIT)
     problems = preflight(a)
     if problems:
         for p in problems:
@@ -899,15 +1214,20 @@ def main(argv):
         for k, v in facts:
             log("%-14s %s" % (k, v))
         b = Bench(a)
+        meta = MetaBench(b)
         t0 = time.monotonic()
         for key in a.scenarios:
             try:
+                if SCEN_BY_KEY[key][3] == "meta":
+                    meta.run(key)
+                    continue
                 b.run_scenario(key)
             except BenchError as e:
                 log("scenario %s failed: %s" % (key, e))
                 b.notes.append("scenario %s failed: %s" % (key, e))
         facts.append(("bench time", "%.0f s" % (time.monotonic() - t0)))
         b.report(facts)
+        meta.report()
     except KeyboardInterrupt:
         log("interrupted")
         return 130

@@ -2,17 +2,26 @@
 //! `extern "C"` function per callback.
 //!
 //! This is the only module that knows both nbdkit's ABI and the filter's
-//! logic.  Each function converts its raw arguments, runs the logic inside
-//! a panic guard, and turns errors into nbdkit's conventions (a message via
-//! `nbdkit_error`, an errno in `*err`, -1 or NULL).
+//! logic.  Each function runs its body in [`ffi::guard`], the crate's one C
+//! boundary, which turns a panic into what the body's result type declares
+//! ([`ext2_rs::ffi::AfterPanic`]: an error for a `Result`, `None` for an
+//! `Option`).  The body converts the raw arguments and returns a Rust value;
+//! turning that into nbdkit's conventions (a message via `nbdkit_error`, an
+//! errno in `*err`, -1 or NULL) happens after the guard, in code that cannot
+//! panic.
+//!
+//! Where the filter API differs between nbdkit releases, build.rs sets a
+//! `cfg` from what the header declares (`nbdkit_thread_model_takes_next`,
+//! `nbdkit_filter_dump_plugin`).
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
 
 use crate::filter::{self, file::Status, Connection};
-use crate::nbdkit::{self, report, Context};
+use crate::nbdkit::{self, report, Backend, Context};
 use crate::sys;
 use ext2_rs::error::{Errno, Error};
+use ext2_rs::ffi;
 
 /// The table nbdkit copies at load time.
 struct Table(sys::nbdkit_filter);
@@ -30,7 +39,8 @@ static TABLE: OnceLock<Table> = OnceLock::new();
 #[cfg(not(test))]
 #[no_mangle]
 pub extern "C" fn filter_init() -> *const sys::nbdkit_filter {
-    &TABLE.get_or_init(build_table).0
+    ffi::guard("filter_init", || Some(&TABLE.get_or_init(build_table).0))
+        .map_or(std::ptr::null(), |table| table as *const sys::nbdkit_filter)
 }
 
 fn build_table() -> Table {
@@ -46,7 +56,10 @@ fn build_table() -> Table {
         config_complete: Some(config_complete),
         config_help: CONFIG_HELP.as_ptr(),
         thread_model: Some(thread_model),
+        #[cfg(nbdkit_filter_dump_plugin)]
+        dump_plugin: Some(dump_plugin),
         get_ready: Some(get_ready),
+        after_fork: Some(after_fork),
         cleanup: Some(cleanup),
         list_exports: Some(list_exports),
         default_export: Some(default_export),
@@ -76,10 +89,14 @@ fn build_table() -> Table {
     })
 }
 
-const CONFIG_HELP: &std::ffi::CStr = {
+const CONFIG_HELP: &CStr = {
     // Must match filter::config::HELP (checked by a unit test).
-    c"ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write."
+    c"ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.\next2mapcache=<SIZE>  Memory for files' map blocks (default 16M)."
 };
+
+// ---------------------------------------------------------------------------
+// From a body's result to nbdkit's conventions, after the guard
+// ---------------------------------------------------------------------------
 
 /// Logs an error (unless the plugin already did) and returns its errno.
 fn report(err: &Error) -> Errno {
@@ -89,43 +106,84 @@ fn report(err: &Error) -> Errno {
     err.errno()
 }
 
-/// Runs a data callback body: 0 on success, -1 with `*err` set on failure.
-fn data_call(name: &str, err: *mut c_int, body: impl FnOnce() -> Result<(), Error>) -> c_int {
-    let result = nbdkit::guard(name, Err(Errno::EIO), || body().map_err(|e| report(&e)));
+/// The value of an int callback, or -1 with the error logged.
+fn int_result(result: Result<c_int, Error>) -> c_int {
+    result.unwrap_or_else(|e| {
+        report(&e);
+        -1
+    })
+}
+
+/// 0, or -1 with the error logged.
+fn status(result: Result<(), Error>) -> c_int {
+    int_result(result.map(|()| 0))
+}
+
+/// 1 or 0 for a `can_*` callback, or -1 with the error logged.
+fn boolean(result: Result<bool, Error>) -> c_int {
+    int_result(result.map(c_int::from))
+}
+
+/// A data callback's 0, or -1 with the error logged and its errno in `*err`.
+///
+/// # Safety
+/// `err` is the pointer nbdkit passed to the callback.
+unsafe fn data_status(err: *mut c_int, result: Result<(), Error>) -> c_int {
     match result {
         Ok(()) => 0,
-        Err(errno) => {
-            // SAFETY: `err` is the pointer nbdkit passed to this callback.
+        Err(e) => {
+            let errno = report(&e);
+            // SAFETY: guaranteed by the caller.
             unsafe { nbdkit::set_err(err, errno) };
             -1
         }
     }
 }
 
-/// Runs a body that returns an int, -1 on error.
-fn int_call(name: &str, body: impl FnOnce() -> Result<c_int, Error>) -> c_int {
-    nbdkit::guard(name, -1, || {
-        body().unwrap_or_else(|e| {
+/// A string nbdkit keeps for the connection, or NULL.
+fn interned(result: Result<Option<String>, Error>) -> *const c_char {
+    match result {
+        Ok(Some(s)) => nbdkit::intern(&s),
+        Ok(None) => std::ptr::null(),
+        Err(e) => {
             report(&e);
-            -1
-        })
-    })
+            std::ptr::null()
+        }
+    }
 }
 
-/// The connection behind a handle.
-fn conn<'a>(handle: *mut c_void) -> &'a Handle {
-    // SAFETY: nbdkit passes back the handle `open` returned, until `close`.
-    unsafe { nbdkit::handle_ref::<Handle>(handle) }
-}
+// ---------------------------------------------------------------------------
+// Handles
+// ---------------------------------------------------------------------------
 
-/// What `.open` hands nbdkit: our context and the connection's state.
+/// What `.open` hands nbdkit (through [`ffi::into_raw`]): our context and the
+/// connection's state.
 struct Handle {
     context: Context,
     conn: Connection,
 }
 
+fn not_a_handle() -> Error {
+    Error::other(Errno::EIO, "internal error: not a connection handle")
+}
+
+/// The connection behind a handle.
+///
+/// # Safety
+/// `handle` is the pointer `.open` returned, not yet passed to `.close`.
+unsafe fn conn<'a>(handle: *mut c_void) -> Result<&'a Connection, Error> {
+    // SAFETY: guaranteed by the caller; only `.prepare` mutates, and nbdkit
+    // runs it alone on the handle.
+    let handle = unsafe { ffi::borrow::<Handle>(handle) };
+    handle.map(|h| &h.conn).ok_or_else(not_a_handle)
+}
+
+// ---------------------------------------------------------------------------
+// Life cycle
+// ---------------------------------------------------------------------------
+
 extern "C" fn load() {
-    nbdkit::guard("load", (), || {
+    ffi::guard("load", || {
         // libext2fs's messages name its error codes; ext2-rs reports
         // through nbdkit from now on.
         ext2_rs::load();
@@ -134,98 +192,133 @@ extern "C" fn load() {
 }
 
 extern "C" fn unload() {
-    nbdkit::guard("unload", (), || {
+    ffi::guard("unload", || {
         filter::unload();
         ext2_rs::unload();
-    });
+    })
 }
 
+/// Takes our parameters; any other goes on to the plugin exactly as given
+/// (its bytes need not be UTF-8).  A value of ours must be UTF-8.
 unsafe extern "C" fn config(
     next: sys::nbdkit_next_config,
     nxdata: *mut sys::nbdkit_backend,
     key: *const c_char,
     value: *const c_char,
 ) -> c_int {
-    nbdkit::guard("config", -1, || {
+    int_result(ffi::guard("config", || {
         // SAFETY: nbdkit passes NUL-terminated strings valid for the call.
         let (Some(k), Some(v)) = (unsafe { nbdkit::str_arg(key) }, unsafe {
             nbdkit::str_arg(value)
         }) else {
-            return -1;
+            return Err(Error::other(Errno::EINVAL, "config: no key or value"));
         };
-        match filter::config(&k.to_string_lossy(), &v.to_string_lossy()) {
-            Ok(true) => 0,
+        let ours = k.to_str().ok().filter(|k| filter::config::is_ours(k));
+        let Some(key_text) = ours else {
+            let next = next.ok_or_else(|| Error::other(Errno::EIO, "no next config"))?;
             // SAFETY: passing the parameter on to the next layer, as given.
-            Ok(false) => unsafe { next.expect("next config")(nxdata, key, value) },
-            Err(msg) => {
-                report::error(&msg);
-                -1
-            }
+            return Ok(unsafe { next(nxdata, key, value) });
+        };
+        let value_text = v
+            .to_str()
+            .map_err(|_| Error::other(Errno::EINVAL, filter::config::not_utf8(key_text)))?;
+        match filter::config(key_text, value_text) {
+            Ok(_) => Ok(0),
+            Err(msg) => Err(Error::other(Errno::EINVAL, msg)),
         }
-    })
+    }))
 }
 
 unsafe extern "C" fn config_complete(
     next: sys::nbdkit_next_config_complete,
     nxdata: *mut sys::nbdkit_backend,
 ) -> c_int {
-    nbdkit::guard("config_complete", -1, || match filter::config_complete() {
+    int_result(ffi::guard("config_complete", || {
+        filter::config_complete().map_err(|msg| Error::other(Errno::EINVAL, msg))?;
+        let next = next.ok_or_else(|| Error::other(Errno::EIO, "no next config_complete"))?;
         // SAFETY: continuing nbdkit's chain with the pointer it gave us.
-        Ok(()) => unsafe { next.expect("next config_complete")(nxdata) },
-        Err(msg) => {
-            report::error(&msg);
-            -1
-        }
-    })
+        Ok(unsafe { next(nxdata) })
+    }))
 }
 
+/// Parallel: the filter serializes what must be (libext2fs calls, and the
+/// plugin's requests when its own model asks for it, learnt in `.get_ready`).
+fn our_thread_model() -> c_int {
+    int_result(ffi::guard("thread_model", || {
+        Ok(sys::NBDKIT_THREAD_MODEL_PARALLEL as c_int)
+    }))
+}
+
+#[cfg(not(nbdkit_thread_model_takes_next))]
 extern "C" fn thread_model() -> c_int {
-    sys::NBDKIT_THREAD_MODEL_PARALLEL as c_int
+    our_thread_model()
+}
+
+/// nbdkit 1.43.9 on also tells us the next layer's model; nbdkit takes the
+/// more serialized of the two anyway.
+#[cfg(nbdkit_thread_model_takes_next)]
+extern "C" fn thread_model(_next_thread_model: c_int) -> c_int {
+    our_thread_model()
+}
+
+/// `nbdkit --dump-plugin`: nbdkit prints the filter's path and name, then
+/// these lines.
+#[cfg(nbdkit_filter_dump_plugin)]
+extern "C" fn dump_plugin() {
+    ffi::guard("dump_plugin", || {
+        for (key, value) in filter::dump_fields() {
+            report::print_line(&format!("ext2_{key}={value}"));
+        }
+    })
 }
 
 extern "C" fn get_ready(thread_model: c_int) -> c_int {
-    filter::get_ready(thread_model == sys::NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS as c_int);
-    0
+    status(ffi::guard("get_ready", || {
+        filter::get_ready(thread_model == sys::NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS as c_int);
+        Ok(())
+    }))
+}
+
+/// Opens the plugin and the filesystem, read-only, for every connection to
+/// share; a failure stops nbdkit at start with the message.
+extern "C" fn after_fork(backend: *mut sys::nbdkit_backend) -> c_int {
+    status(ffi::guard("after_fork", || {
+        let backend = Backend::new(backend)
+            .ok_or_else(|| Error::other(Errno::EIO, "after_fork: no backend"))?;
+        filter::after_fork(backend)
+    }))
 }
 
 extern "C" fn cleanup(_backend: *mut sys::nbdkit_backend) {
-    nbdkit::guard("cleanup", (), filter::cleanup)
+    ffi::guard("cleanup", filter::cleanup)
 }
+
+// ---------------------------------------------------------------------------
+// Connections
+// ---------------------------------------------------------------------------
 
 unsafe extern "C" fn list_exports(
     _next: sys::nbdkit_next_list_exports,
-    nxdata: *mut sys::nbdkit_backend,
-    readonly: c_int,
+    _nxdata: *mut sys::nbdkit_backend,
+    _readonly: c_int,
     _is_tls: c_int,
     exports: *mut sys::nbdkit_exports,
 ) -> c_int {
-    nbdkit::guard("list_exports", -1, || {
-        if filter::exportname_mode() {
-            let Some(backend) = nbdkit::Backend::new(nxdata) else {
-                return -1;
-            };
-            match filter::list_exports(backend, readonly != 0) {
-                Ok(files) => {
-                    for file in files {
-                        let description = format!("regular file, {} bytes", file.size);
-                        // SAFETY: the list nbdkit passed to this callback.
-                        if !unsafe { nbdkit::add_export(exports, &file.path, &description) } {
-                            return -1;
-                        }
-                    }
-                    0
-                }
-                Err(e) => {
-                    report(&e);
-                    -1
-                }
-            }
-        } else {
+    int_result(ffi::guard("list_exports", || {
+        if !filter::exportname_mode() {
             // One file, whatever the name: advertise just the default.
             // SAFETY: the list nbdkit passed to this callback.
-            unsafe { nbdkit::use_default_export(exports) }
+            return Ok(unsafe { nbdkit::use_default_export(exports) });
         }
-    })
+        for file in filter::list_exports()? {
+            let description = format!("regular file, {} bytes", file.size);
+            // SAFETY: the list nbdkit passed to this callback.
+            if !unsafe { nbdkit::add_export(exports, &file.path, &description) } {
+                return Ok(-1); // nbdkit said why
+            }
+        }
+        Ok(0)
+    }))
 }
 
 unsafe extern "C" fn default_export(
@@ -234,14 +327,14 @@ unsafe extern "C" fn default_export(
     _readonly: c_int,
     _is_tls: c_int,
 ) -> *const c_char {
-    nbdkit::guard("default_export", std::ptr::null(), || {
+    interned(ffi::guard("default_export", || {
         // In exportname mode "" is refused unless ext2default= names a file.
-        if filter::exportname_mode() {
-            filter::default_export().map_or(std::ptr::null(), |d| nbdkit::intern(&d))
+        Ok(if filter::exportname_mode() {
+            filter::default_export()
         } else {
-            c"".as_ptr()
-        }
-    })
+            Some(String::new())
+        })
+    }))
 }
 
 unsafe extern "C" fn open(
@@ -251,36 +344,35 @@ unsafe extern "C" fn open(
     exportname: *const c_char,
     _is_tls: c_int,
 ) -> *mut c_void {
-    nbdkit::guard("open", std::ptr::null_mut(), || {
-        let Some(context) = Context::new(context) else {
-            return std::ptr::null_mut();
-        };
-        let Some(backend) = context.backend() else {
-            report::error("no backend beneath the filter");
-            return std::ptr::null_mut();
-        };
+    let opened = ffi::guard("open", || {
+        let context =
+            Context::new(context).ok_or_else(|| Error::other(Errno::EIO, "open: no context"))?;
+        let backend = context
+            .backend()
+            .ok_or_else(|| Error::other(Errno::EIO, "no backend beneath the filter"))?;
         // SAFETY: nbdkit passes a NUL-terminated export name.
         let raw_name = unsafe { nbdkit::str_arg(exportname) };
         // NBD export names are UTF-8; "repairing" other bytes could name
         // another file, so such names are refused.
-        let Ok(name) = raw_name.map_or(Ok(""), |n| n.to_str()) else {
-            report::error("the export name is not valid UTF-8");
-            return std::ptr::null_mut();
-        };
-        match Connection::open(backend, readonly != 0, name) {
-            Ok(conn) => nbdkit::into_handle(Handle { context, conn }),
-            Err(e) => {
-                report(&e);
-                std::ptr::null_mut()
-            }
+        let name = raw_name
+            .map_or(Ok(""), CStr::to_str)
+            .map_err(|_| Error::other(Errno::EINVAL, "the export name is not valid UTF-8"))?;
+        let conn = Connection::open(backend, readonly != 0, name)?;
+        Ok(Handle { context, conn })
+    });
+    match opened {
+        Ok(handle) => ffi::into_raw(handle),
+        Err(e) => {
+            report(&e);
+            std::ptr::null_mut()
         }
-    })
+    }
 }
 
 unsafe extern "C" fn close(handle: *mut c_void) {
-    nbdkit::guard("close", (), || {
+    ffi::guard("close", || {
         // SAFETY: the handle from `open`, freed once here.
-        drop(unsafe { nbdkit::from_handle::<Handle>(handle) });
+        drop(unsafe { ffi::from_raw::<Handle>(handle) });
     })
 }
 
@@ -289,32 +381,41 @@ unsafe extern "C" fn prepare(
     handle: *mut c_void,
     _readonly: c_int,
 ) -> c_int {
-    int_call("prepare", || {
-        // SAFETY: nbdkit runs .prepare alone on this handle.
-        let h = unsafe { nbdkit::handle_mut::<Handle>(handle) };
+    status(ffi::guard("prepare", || {
+        // SAFETY: the handle from `open`; nbdkit runs .prepare alone on it.
+        let h = unsafe { ffi::borrow_mut::<Handle>(handle) }.ok_or_else(not_a_handle)?;
         h.conn.prepare()?;
+        let raw = h
+            .conn
+            .plugin()
+            .raw()
+            .ok_or_else(|| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))?;
         // Last, so that a failed prepare never leaves the shared context
         // attached for nbdkit to close with this connection.
-        h.context.set_next(Some(h.conn.plugin().raw()));
-        Ok(0)
-    })
+        h.context.set_next(Some(raw));
+        Ok(())
+    }))
 }
 
 unsafe extern "C" fn finalize(_next: *mut sys::nbdkit_next, handle: *mut c_void) -> c_int {
-    nbdkit::guard("finalize", -1, || {
+    status(ffi::guard("finalize", || {
+        // SAFETY: the handle from `open`.
+        let h = unsafe { ffi::borrow::<Handle>(handle) }.ok_or_else(not_a_handle)?;
         // The shared context outlives the connection: detach it.
-        conn(handle).context.set_next(None);
-        0
-    })
+        h.context.set_next(None);
+        Ok(())
+    }))
 }
 
 unsafe extern "C" fn get_size(_next: *mut sys::nbdkit_next, handle: *mut c_void) -> i64 {
-    nbdkit::guard("get_size", -1, || match conn(handle).conn.size() {
-        Ok(size) => i64::try_from(size).unwrap_or(-1),
-        Err(e) => {
-            report(&e);
-            -1
-        }
+    let size = ffi::guard("get_size", || {
+        // SAFETY: the handle from `open`.
+        let size = unsafe { conn(handle) }?.size()?;
+        i64::try_from(size).map_err(|_| Error::other(Errno::EFBIG, "the file is too large"))
+    });
+    size.unwrap_or_else(|e| {
+        report(&e);
+        -1
     })
 }
 
@@ -322,12 +423,10 @@ unsafe extern "C" fn export_description(
     _next: *mut sys::nbdkit_next,
     handle: *mut c_void,
 ) -> *const c_char {
-    nbdkit::guard("export_description", std::ptr::null(), || {
-        match conn(handle).conn.description() {
-            Some(d) => nbdkit::intern(&d),
-            None => std::ptr::null(),
-        }
-    })
+    interned(ffi::guard("export_description", || {
+        // SAFETY: the handle from `open`.
+        Ok(unsafe { conn(handle) }?.description())
+    }))
 }
 
 unsafe extern "C" fn block_size(
@@ -337,64 +436,82 @@ unsafe extern "C" fn block_size(
     preferred: *mut u32,
     maximum: *mut u32,
 ) -> c_int {
-    nbdkit::guard("block_size", -1, || {
-        let preferred_size = conn(handle).conn.block_size().clamp(512, 64 * 1024);
+    status(ffi::guard("block_size", || {
+        // SAFETY: the handle from `open`.
+        let preferred_size = unsafe { conn(handle) }?.block_size().clamp(512, 64 * 1024);
         // SAFETY: nbdkit passes three valid out-pointers.
         unsafe {
             *minimum = 1;
             *preferred = preferred_size;
             *maximum = u32::MAX;
         }
-        0
-    })
+        Ok(())
+    }))
 }
 
 unsafe extern "C" fn can_write(_next: *mut sys::nbdkit_next, handle: *mut c_void) -> c_int {
-    int_call("can_write", || Ok(conn(handle).conn.can_write()? as c_int))
+    boolean(ffi::guard("can_write", || {
+        // SAFETY: the handle from `open`.
+        unsafe { conn(handle) }?.can_write()
+    }))
 }
 
 /// Flush always means something: it writes the filesystem's metadata.
 unsafe extern "C" fn can_flush(_next: *mut sys::nbdkit_next, _handle: *mut c_void) -> c_int {
-    1
+    boolean(ffi::guard("can_flush", || Ok(true)))
 }
 
 /// Trim frees blocks only where libext2fs 1.47.0 can do it safely: files
 /// with extents.
 unsafe extern "C" fn can_trim(_next: *mut sys::nbdkit_next, handle: *mut c_void) -> c_int {
-    int_call("can_trim", || Ok(conn(handle).conn.can_trim()? as c_int))
+    boolean(ffi::guard("can_trim", || {
+        // SAFETY: the handle from `open`.
+        unsafe { conn(handle) }?.can_trim()
+    }))
 }
 
 /// Zero is ours: holes need nothing, data blocks are zeroed in place.
 unsafe extern "C" fn can_zero(_next: *mut sys::nbdkit_next, _handle: *mut c_void) -> c_int {
-    sys::NBDKIT_ZERO_NATIVE as c_int
+    int_result(ffi::guard("can_zero", || {
+        Ok(sys::NBDKIT_ZERO_NATIVE as c_int)
+    }))
 }
 
 /// Fast zero succeeds where no data must be written (holes, unwritten
 /// blocks, or a plugin that zeroes quickly) and fails fast elsewhere.
 unsafe extern "C" fn can_fast_zero(_next: *mut sys::nbdkit_next, _handle: *mut c_void) -> c_int {
-    1
+    boolean(ffi::guard("can_fast_zero", || Ok(true)))
 }
 
 /// Block status comes from the file's own map, never the image's.
 unsafe extern "C" fn can_extents(_next: *mut sys::nbdkit_next, _handle: *mut c_void) -> c_int {
-    1
+    boolean(ffi::guard("can_extents", || Ok(true)))
 }
 
 unsafe extern "C" fn can_fua(_next: *mut sys::nbdkit_next, _handle: *mut c_void) -> c_int {
-    sys::NBDKIT_FUA_NATIVE as c_int
+    int_result(ffi::guard(
+        "can_fua",
+        || Ok(sys::NBDKIT_FUA_NATIVE as c_int),
+    ))
 }
 
 /// All connections share one plugin context and one block map, and a flush
 /// on any connection flushes that one context: what one connection wrote is
 /// what every other reads, and durable after any flush.
 unsafe extern "C" fn can_multi_conn(_next: *mut sys::nbdkit_next, _handle: *mut c_void) -> c_int {
-    1
+    boolean(ffi::guard("can_multi_conn", || Ok(true)))
 }
 
 /// nbdkit implements cache requests by reading through us.
 unsafe extern "C" fn can_cache(_next: *mut sys::nbdkit_next, _handle: *mut c_void) -> c_int {
-    sys::NBDKIT_CACHE_EMULATE as c_int
+    int_result(ffi::guard("can_cache", || {
+        Ok(sys::NBDKIT_CACHE_EMULATE as c_int)
+    }))
 }
+
+// ---------------------------------------------------------------------------
+// Data
+// ---------------------------------------------------------------------------
 
 unsafe extern "C" fn pread(
     _next: *mut sys::nbdkit_next,
@@ -405,11 +522,14 @@ unsafe extern "C" fn pread(
     _flags: u32,
     err: *mut c_int,
 ) -> c_int {
-    data_call("pread", err, || {
+    let result = ffi::guard("pread", || {
         // SAFETY: nbdkit passes a buffer of `count` writable bytes.
         let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count as usize) };
-        conn(handle).conn.pread(buf, offset)
-    })
+        // SAFETY: the handle from `open`.
+        unsafe { conn(handle) }?.pread(buf, offset)
+    });
+    // SAFETY: nbdkit's `err`.
+    unsafe { data_status(err, result) }
 }
 
 unsafe extern "C" fn pwrite(
@@ -421,13 +541,14 @@ unsafe extern "C" fn pwrite(
     flags: u32,
     err: *mut c_int,
 ) -> c_int {
-    data_call("pwrite", err, || {
+    let result = ffi::guard("pwrite", || {
         // SAFETY: nbdkit passes a buffer of `count` readable bytes.
         let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count as usize) };
-        conn(handle)
-            .conn
-            .pwrite(data, offset, flags & sys::NBDKIT_FLAG_FUA != 0)
-    })
+        // SAFETY: the handle from `open`.
+        unsafe { conn(handle) }?.pwrite(data, offset, flags & sys::NBDKIT_FLAG_FUA != 0)
+    });
+    // SAFETY: nbdkit's `err`.
+    unsafe { data_status(err, result) }
 }
 
 unsafe extern "C" fn zero(
@@ -438,15 +559,18 @@ unsafe extern "C" fn zero(
     flags: u32,
     err: *mut c_int,
 ) -> c_int {
-    data_call("zero", err, || {
-        conn(handle).conn.zero(
+    let result = ffi::guard("zero", || {
+        // SAFETY: the handle from `open`.
+        unsafe { conn(handle) }?.zero(
             offset,
             u64::from(count),
             flags & sys::NBDKIT_FLAG_MAY_TRIM != 0,
             flags & sys::NBDKIT_FLAG_FAST_ZERO != 0,
             flags & sys::NBDKIT_FLAG_FUA != 0,
         )
-    })
+    });
+    // SAFETY: nbdkit's `err`.
+    unsafe { data_status(err, result) }
 }
 
 unsafe extern "C" fn trim(
@@ -457,11 +581,12 @@ unsafe extern "C" fn trim(
     flags: u32,
     err: *mut c_int,
 ) -> c_int {
-    data_call("trim", err, || {
-        conn(handle)
-            .conn
-            .trim(offset, u64::from(count), flags & sys::NBDKIT_FLAG_FUA != 0)
-    })
+    let result = ffi::guard("trim", || {
+        // SAFETY: the handle from `open`.
+        unsafe { conn(handle) }?.trim(offset, u64::from(count), flags & sys::NBDKIT_FLAG_FUA != 0)
+    });
+    // SAFETY: nbdkit's `err`.
+    unsafe { data_status(err, result) }
 }
 
 unsafe extern "C" fn flush(
@@ -470,7 +595,10 @@ unsafe extern "C" fn flush(
     _flags: u32,
     err: *mut c_int,
 ) -> c_int {
-    data_call("flush", err, || conn(handle).conn.flush())
+    // SAFETY: the handle from `open`.
+    let result = ffi::guard("flush", || unsafe { conn(handle) }?.flush());
+    // SAFETY: nbdkit's `err`.
+    unsafe { data_status(err, result) }
 }
 
 unsafe extern "C" fn extents(
@@ -482,8 +610,9 @@ unsafe extern "C" fn extents(
     extents: *mut sys::nbdkit_extents,
     err: *mut c_int,
 ) -> c_int {
-    data_call("extents", err, || {
-        let runs = conn(handle).conn.status(offset, u64::from(count))?;
+    let result = ffi::guard("extents", || {
+        // SAFETY: the handle from `open`.
+        let runs = unsafe { conn(handle) }?.status(offset, u64::from(count))?;
         let mut at = offset;
         for (len, status) in runs {
             let kind = match status {
@@ -501,7 +630,9 @@ unsafe extern "C" fn extents(
             }
         }
         Ok(())
-    })
+    });
+    // SAFETY: nbdkit's `err`.
+    unsafe { data_status(err, result) }
 }
 
 #[cfg(test)]

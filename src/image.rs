@@ -6,6 +6,7 @@
 //! An image with a replay is never written: it is served read-only.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -21,6 +22,9 @@ use crate::nbdkit::Plugin;
 pub struct Image {
     plugin: Arc<Plugin>,
     replay: Option<(Replay, u64)>,
+    /// Set once the replay is written into the image (`ext2journal=replay`):
+    /// the plugin then holds what it stood in for.
+    replay_written: AtomicBool,
     /// The multi-mount protection this server writes under, if any: once
     /// another node has taken the filesystem, nothing more is written.
     fence: OnceLock<Watch>,
@@ -42,6 +46,7 @@ impl Image {
         Image {
             plugin,
             replay: None,
+            replay_written: AtomicBool::new(false),
             fence: OnceLock::new(),
             pending: Mutex::new(Pending::default()),
         }
@@ -53,6 +58,7 @@ impl Image {
         Image {
             plugin,
             replay: Some((replay, block_size)),
+            replay_written: AtomicBool::new(false),
             fence: OnceLock::new(),
             pending: Mutex::new(Pending::default()),
         }
@@ -62,8 +68,26 @@ impl Image {
         &self.plugin
     }
 
+    /// The journal replay reads see, until it is written into the image.
+    fn overlay(&self) -> Option<&(Replay, u64)> {
+        self.replay
+            .as_ref()
+            .filter(|_| !self.replay_written.load(Ordering::Acquire))
+    }
+
     pub fn replaying(&self) -> bool {
-        self.replay.is_some()
+        self.overlay().is_some()
+    }
+
+    /// The replay reads see, while they see one.
+    pub fn replay(&self) -> Option<&Replay> {
+        self.overlay().map(|(replay, _)| replay)
+    }
+
+    /// Says the replay is now in the image: reads go to the plugin, and
+    /// writes are allowed.
+    pub fn replay_is_written(&self) {
+        self.replay_written.store(true, Ordering::Release);
     }
 
     pub fn size(&self) -> u64 {
@@ -71,7 +95,7 @@ impl Image {
     }
 
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        let Some((replay, bs)) = &self.replay else {
+        let Some((replay, bs)) = self.overlay() else {
             return self.plugin.pread(buf, offset);
         };
         // Walk the request a block at a time, sending runs of blocks that the
@@ -113,7 +137,7 @@ impl Image {
     }
 
     fn refuse_write(&self) -> Result<(), Errno> {
-        if self.replay.is_some() {
+        if self.replaying() {
             nbd_error!("the image's journal is replayed in memory only: it is served read-only");
             return Err(Errno::EROFS);
         }
@@ -258,6 +282,15 @@ impl BlockDevice for Image {
 
     fn flush(&self) -> Result<(), Errno> {
         Image::flush(self)
+    }
+
+    /// Map blocks read together: in parallel when the plugin allows.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        let items: Vec<&mut (u64, &mut [u8])> = reads.iter_mut().collect();
+        let limit = crate::pool::WORKERS;
+        crate::pool::run_all(self.plugin.parallel(), limit, items, &|read| {
+            self.metadata_pread(read.1, read.0)
+        })
     }
 }
 

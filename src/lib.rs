@@ -7,6 +7,8 @@
 //!   messages, debug flags, handles).
 //! - the `ext2-rs` crate: everything about libext2fs and the on-disk
 //!   formats (filesystem, block maps, JBD2), over a block-device trait.
+//! - [`pool`]: worker threads a request borrows to make several plugin
+//!   calls at once.
 //! - [`image`]: the image as the filesystem sees it, i.e. that block
 //!   device: the plugin, plus any journal replayed in memory.
 //! - [`filter`]: what the filter does, in safe Rust.
@@ -21,4 +23,5 @@ pub mod callbacks;
 pub mod filter;
 pub mod image;
 pub mod nbdkit;
+pub mod pool;
 pub mod sys;

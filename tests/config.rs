@@ -1,8 +1,10 @@
 //! Configuration and open errors: each config error exits nbdkit non-zero with its exact
-//! message; `--help` documents `ext2file=`; `--dump-plugin` works; a bad image (zeros, or
-//! a file that is not ext2), a missing path and a directory fail the connection with the
-//! C filter's messages while the server keeps serving; a truncated image fails reads
-//! instead of crashing the server.
+//! message (a value of ours that is not UTF-8 too); `--help` documents `ext2file=`;
+//! `--dump-plugin` works and, on an nbdkit whose filters have `.dump_plugin`, shows our
+//! version; a bad image (zeros, a file that is not ext2, a filesystem larger than its
+//! image), a missing path and a directory stop nbdkit at start (`.after_fork`) with the
+//! C filter's messages, before any client connects; in exportname mode a bad name fails
+//! its connection while the server keeps serving.
 
 mod common;
 
@@ -87,6 +89,80 @@ fn dump_plugin_loads_the_filter() {
     );
 }
 
+/// nbdkit 1.43.9 gave filters a `.dump_plugin`: there, `--dump-plugin` shows our
+/// version and the libext2fs we run with after nbdkit's own lines about the filter
+/// (built from what the header declares, so an older nbdkit simply has none).
+#[test]
+fn dump_plugin_shows_our_version_where_nbdkit_asks_filters() {
+    let out = nbdkit_query(&["--dump-plugin"], &["file"]);
+    out.assert_success();
+    let text = out.stdout_text();
+    let ours = format!("ext2_version={}\n", env!("CARGO_PKG_VERSION"));
+    if nbdkit_version() < (1, 43, 9) {
+        assert!(!text.contains(&ours), "--dump-plugin output:\n{text}");
+        return;
+    }
+    let at_name = text.find("ext2_name=").expect("nbdkit names the filter");
+    let at_ours = text.find(&ours).unwrap_or_else(|| {
+        panic!("--dump-plugin does not show our version:\n{text}");
+    });
+    assert!(at_ours > at_name, "our lines come after nbdkit's:\n{text}");
+    let libext2fs = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ext2_libext2fs_version="))
+        .unwrap_or_else(|| panic!("no libext2fs version:\n{text}"));
+    assert!(
+        libext2fs.starts_with("1."),
+        "libext2fs version {libext2fs:?}"
+    );
+    assert!(text.contains("ext2_journal_replay=yes\n"), "{text}");
+}
+
+/// A value of ours that is not UTF-8 is refused with a message, never "repaired" into
+/// another name (`to_string_lossy` would serve `/\u{fffd}` or fail later with it); the
+/// plugin's own parameters pass through as bytes.
+#[test]
+fn non_utf8_ext2file_is_a_config_error() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = TestDir::new("non_utf8_ext2file_is_a_config_error");
+    let image = hello_image(&dir);
+    // A copy of the image whose host file name is not UTF-8: the file plugin's
+    // parameter reaches it unchanged.
+    let mut odd_name = dir.path().as_os_str().as_bytes().to_vec();
+    odd_name.extend_from_slice(b"/fs-\xff.img");
+    let odd_image = std::path::PathBuf::from(OsStr::from_bytes(&odd_name));
+    std::fs::copy(&image, &odd_image).unwrap();
+    let run_with = |ext2file: &[u8]| {
+        let (mut cmd, _logs) = nbdkit_cmd();
+        cmd.args(["-U", "-"])
+            .arg(format!("--filter={}", filter_so()))
+            .arg("file")
+            .arg(&odd_image)
+            .arg(OsStr::from_bytes(ext2file))
+            .args(["--run", "nbdsh -u \"$uri\" -c 'print(h.pread(12, 0))'"]);
+        run_command(cmd, &[])
+    };
+    let out = run_with(b"ext2file=/hello\xff.txt");
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("ext2file parameter is not valid UTF-8"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stdout_text().contains("hello"),
+        "the --run command ran"
+    );
+    let out = run_with(b"ext2file=/hello.txt");
+    out.assert_success();
+    assert!(
+        out.stdout_text().contains("hello world"),
+        "{}",
+        out.stdout_text()
+    );
+}
+
 /// Connects (nbdsh), expecting the connection to fail.
 #[track_caller]
 fn assert_connection_fails(uri: &str) {
@@ -106,72 +182,80 @@ fn assert_log_contains(server: &Server, message: &str) {
     );
 }
 
+/// nbdkit stops at start, exit status 1, with the C filter's message; no client ever
+/// connected, and the image is unchanged.
+#[track_caller]
+fn check_stops_at_start(name: &str, image: &std::path::Path, ext2file: &str, message: &str) {
+    let dir = TestDir::new(name);
+    let before = read_file(image);
+    for options in [&[][..], &["-r"][..]] {
+        let out = nbdkit_start_failure(
+            &dir,
+            options,
+            &[
+                "file",
+                image.to_str().unwrap(),
+                &format!("ext2file={ext2file}"),
+            ],
+        );
+        assert_stopped_at_start(&out, message);
+    }
+    assert!(read_file(image) == before, "the image was modified");
+}
+
 fn check_not_an_ext2_image(image_bytes: &[u8], name: &str) {
     let dir = TestDir::new(name);
     let image = dir.join("bad.img");
     std::fs::write(&image, image_bytes).unwrap();
-    let mut server = Server::start(
-        &dir,
-        &[],
-        &["file", image.to_str().unwrap(), "ext2file=/hello.txt"],
-    );
-    assert_connection_fails(&server.uri());
-    assert_connection_fails(&server.uri());
-    assert!(
-        server.is_running(),
-        "a bad image must not kill the server:\n{}",
-        server.log()
-    );
-    assert_log_contains(&server, "Bad magic number in super-block");
-    assert_eq!(read_file(&image), image_bytes, "the bad image was modified");
+    for ext2file in ["/hello.txt", "exportname"] {
+        check_stops_at_start(
+            name,
+            &image,
+            ext2file,
+            "open: Bad magic number in super-block",
+        );
+    }
 }
 
 #[test]
-fn zeroed_image_fails_connection_with_bad_magic() {
+fn zeroed_image_stops_nbdkit_at_start_with_bad_magic() {
     check_not_an_ext2_image(
         &vec![0u8; 8 * MIB as usize],
-        "zeroed_image_fails_connection_with_bad_magic",
+        "zeroed_image_stops_nbdkit_at_start_with_bad_magic",
     );
 }
 
 #[test]
-fn non_ext2_file_fails_connection_with_bad_magic() {
+fn non_ext2_file_stops_nbdkit_at_start_with_bad_magic() {
     let text = "this is a plain text file, not a filesystem\n".repeat(100_000);
     check_not_an_ext2_image(
         text.as_bytes(),
-        "non_ext2_file_fails_connection_with_bad_magic",
+        "non_ext2_file_stops_nbdkit_at_start_with_bad_magic",
     );
 }
 
 #[test]
-fn nonexistent_path_fails_connection() {
-    let dir = TestDir::new("nonexistent_path_fails_connection");
+fn nonexistent_path_stops_nbdkit_at_start() {
+    let dir = TestDir::new("nonexistent_path_stops_nbdkit_at_start");
     let image = hello_image(&dir);
-    let mut server = Server::start(
-        &dir,
-        &[],
-        &["file", image.to_str().unwrap(), "ext2file=/nonexistent"],
-    );
-    assert_connection_fails(&server.uri());
-    assert!(server.is_running());
-    assert_log_contains(
-        &server,
+    check_stops_at_start(
+        "nonexistent_path_stops_nbdkit_at_start",
+        &image,
+        "/nonexistent",
         "/nonexistent: namei: File not found by ext2_lookup",
     );
 }
 
 #[test]
-fn directory_path_fails_connection() {
-    let dir = TestDir::new("directory_path_fails_connection");
+fn directory_path_stops_nbdkit_at_start() {
+    let dir = TestDir::new("directory_path_stops_nbdkit_at_start");
     let image = hello_image(&dir);
-    let mut server = Server::start(
-        &dir,
-        &[],
-        &["file", image.to_str().unwrap(), "ext2file=/dir"],
+    check_stops_at_start(
+        "directory_path_stops_nbdkit_at_start",
+        &image,
+        "/dir",
+        "/dir: must be a regular file in the disk image",
     );
-    assert_connection_fails(&server.uri());
-    assert!(server.is_running());
-    assert_log_contains(&server, "/dir: must be a regular file in the disk image");
 }
 
 /// In exportname mode, failed opens (missing file, directory) name the export in the
@@ -199,11 +283,15 @@ fn bad_export_names_then_good_one() {
     );
 }
 
-/// A truncated image (the file's tail lies beyond the end of the image file) must give
-/// read errors (or a failed connection), never crash the server or return made-up data.
+/// A filesystem larger than its image (the image file truncated: a file's tail lies
+/// beyond its end) is refused at start with the kernel's words, in both modes and with
+/// `-r`, before any data is served: nbdkit exits 1 and never crashes. (Serving it would
+/// fail reads half way through a file, and on nbdkit 1.32 a client giving up with
+/// requests in flight can abort the server.)
 #[test]
-fn truncated_image_fails_reads_without_crashing() {
-    let dir = TestDir::new("truncated_image_fails_reads_without_crashing");
+fn truncated_image_is_refused_at_start() {
+    let name = "truncated_image_is_refused_at_start";
+    let dir = TestDir::new(name);
     let content = random_bytes(61, 20 * MIB as usize);
     let image = ImageBuilder::new(FsType::Ext4)
         .size(32 * MIB)
@@ -222,31 +310,12 @@ fn truncated_image_fails_reads_without_crashing() {
         .unwrap()
         .set_len(truncated_size)
         .unwrap();
-    let mut server = Server::start(
-        &dir,
-        &[],
-        &["file", image.to_str().unwrap(), "ext2file=/big"],
-    );
-    for _attempt in 0..2 {
-        let out = nbdsh(
-            &server.uri(),
-            "import sys\n\
-             size = h.get_size()\n\
-             try:\n\
-             \x20   h.pread(1 << 20, size - (1 << 20))\n\
-             \x20   print('tail-read-succeeded')\n\
-             except nbd.Error as e:\n\
-             \x20   print('tail-read-failed', e.errnum)\n",
-            &[],
-        );
-        assert!(
-            !out.stdout_text().contains("tail-read-succeeded"),
-            "reading past the end of the truncated image returned data"
-        );
-        assert!(
-            server.is_running(),
-            "the server died on a truncated image:\n{}",
-            server.log()
+    for ext2file in ["/big", "exportname"] {
+        check_stops_at_start(
+            name,
+            &image,
+            ext2file,
+            "bad geometry: block count 8192 exceeds size of device (4096 blocks)",
         );
     }
 }

@@ -3,10 +3,11 @@
 //! nodes, indirect blocks, directories, the journal superblock) or truncated, then
 //! served through the real filter by a real nbdkit, and a raw NBD client lists the
 //! exports, opens every file, directory, link and special file by export name, reads,
-//! writes, zeroes, trims and flushes. Each case passes when nbdkit survives every
-//! connection (still running, no panic, assertion or crash in its log, no broken
-//! connection), a write reads back as written, and nbdkit exits 0 on SIGTERM (the
-//! filesystem is closed on the damaged image too).
+//! writes, zeroes, trims and flushes. Each case passes when nbdkit either stops at start
+//! the way a failed `.after_fork` stops it (exit 1 with a message, no crash: an image the
+//! filter cannot open), or survives every connection (still running, no panic,
+//! assertion or crash in its log, no broken connection), a write reads back as written,
+//! and nbdkit exits 0 on SIGTERM (the filesystem is closed on the damaged image too).
 //!
 //! A case is named by a base image and a 64-bit seed: the base images are built
 //! byte-for-byte reproducibly (`hardening_support::det_image`), so the seed alone
@@ -602,7 +603,11 @@ fn run_case(dir: &Path, base: &Base, seed: u64) -> Result<(), Finding> {
             if readonly { " (-r)" } else { "" }
         )
     };
-    let mut srv = Srv::try_start(dir, &options, &strs(&plugin)).map_err(context)?;
+    // An image the filter cannot open stops nbdkit at start, cleanly: no finding.
+    let mut srv = match Srv::start_or_stop(dir, &options, &strs(&plugin)).map_err(context)? {
+        Started::Serving(srv) => srv,
+        Started::Stopped(_) => return Ok(()),
+    };
     let result = talk(&mut srv, base, seed, readonly);
     let result = result.and_then(|()| srv.check_stop());
     result.map_err(context)

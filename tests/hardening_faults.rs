@@ -106,25 +106,54 @@ fn read_errors_reach_the_client_and_the_server_recovers() {
     }
 }
 
-/// The plugin fails every read while the first clients connect: the filesystem cannot
-/// be opened, each connection fails with a message, and the first connection after the
-/// plugin recovers opens it and is served.
+/// The plugin fails every read at start: the filesystem cannot be opened, and nbdkit
+/// stops at start with a message (exit status 1, no crash) before any client.
 #[test]
-fn open_fails_while_the_plugin_fails_then_recovers() {
-    let dir = TestDir::new("fault-open");
+fn plugin_failing_at_start_stops_nbdkit() {
+    let dir = TestDir::new("fault-start");
+    let (image, _) = image(&dir, false);
+    let params = vec!["error-pread-rate=100%".into(), "ext2file=/data".into()];
+    match Srv::start_or_stop(
+        dir.path(),
+        &[],
+        &strs(&args(&image, &["--filter=error"], &params)),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    {
+        Started::Stopped(log) => assert!(log.contains("open:"), "{log}"),
+        Started::Serving(mut srv) => {
+            srv.stop();
+            panic!("served while every read fails");
+        }
+    }
+}
+
+/// The plugin fails every read when the first writable clients connect, after the
+/// filesystem was opened read-only at start: re-opening it read-write fails, each such
+/// connection fails with a message, the server lives, and the first connection after
+/// the plugin recovers re-opens it and is served, writable.
+#[test]
+fn reopen_for_writing_fails_while_the_plugin_fails_then_recovers() {
+    let dir = TestDir::new("fault-reopen");
     let (image, data) = image(&dir, false);
     let trigger = dir.join("trigger");
-    set_trigger(&trigger, true);
+    set_trigger(&trigger, false);
     let params = vec![
         "error-pread-rate=100%".into(),
         format!("error-pread-file={}", trigger.display()),
         "ext2file=exportname".into(),
     ];
-    let mut srv = Srv::start(
+    let mut srv = match Srv::start_or_stop(
         dir.path(),
         &[],
         &strs(&args(&image, &["--filter=error"], &params)),
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    {
+        Started::Serving(srv) => srv,
+        Started::Stopped(log) => panic!("stopped at start:\n{log}"),
+    };
+    set_trigger(&trigger, true);
     for _ in 0..3 {
         match Nbd::connect(srv.socket(), b"/data") {
             Err(ConnectError::Refused { .. }) => {}
@@ -137,6 +166,7 @@ fn open_fails_while_the_plugin_fails_then_recovers() {
     assert!(srv.log().contains("error"), "no message:\n{}", srv.log());
     set_trigger(&trigger, false);
     let mut nbd = Nbd::connect(srv.socket(), b"/data").expect("served after recovery");
+    assert!(!nbd.read_only(), "served read-only after recovery");
     common::assert_bytes_eq(
         &ok_io(nbd.read_all(1 << 20), "read").unwrap(),
         &data,

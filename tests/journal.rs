@@ -11,7 +11,8 @@
 //! commit block (checksum v3) or corrupt data (checksum v1); checksum v2 tags;
 //! 32- and 64-bit tags; 1 KiB and 4 KiB blocks; a log that wraps around the end
 //! of the journal; a clean journal with `needs_recovery` set; refused writes; an
-//! external journal; the `-D ext2.journal=1` debug lines.
+//! external journal (refused at start); the `-D ext2.journal=1` debug lines; the
+//! journal replayed in memory once, at start, however many clients connect.
 //!
 //! `ext2journal=replay`: the replay written into the image, then writes
 //! through the filter (over replayed blocks and into holes); the files must
@@ -607,13 +608,13 @@ fn corrupt_copy_checksum_v3_is_refused() {
     let (_, fsck) = recovered(&dir, &image, "/data.bin");
     assert!(fsck.contains("checksum error"), "{fsck}");
     let before = sha256(&image);
-    let out = nbdkit_run(
+    // Refused at start, where the journal is read, before any client.
+    let out = nbdkit_start_failure(
+        &dir,
         &[],
         &["file", image.to_str().unwrap(), "ext2file=/data.bin"],
-        "nbdcopy \"$uri\" /dev/null",
     );
-    assert!(!out.success(), "served a journal whose recovery fails");
-    assert!(out.stderr.contains("bad checksum"), "{}", out.stderr);
+    assert_stopped_at_start(&out, "bad checksum");
     assert!(out.stderr.contains("run e2fsck"), "{}", out.stderr);
     assert_eq!(sha256(&image), before);
 }
@@ -833,13 +834,12 @@ fn external_journal_is_refused() {
             "feature needs_recovery".to_string(),
         ],
     );
-    let out = nbdkit_run(
+    let out = nbdkit_start_failure(
+        &dir,
         &[],
         &["file", image.to_str().unwrap(), "ext2file=/data.bin"],
-        "nbdcopy \"$uri\" /dev/null",
     );
-    assert!(!out.success());
-    assert!(out.stderr.contains("external device"), "{}", out.stderr);
+    assert_stopped_at_start(&out, "external device");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1476,4 +1476,42 @@ fn ext2journal_parameter() {
     assert_eq!(debugfs_dump(&image, "/data.bin"), b"DATA");
     assert!(!out.stderr.contains("journal"), "{}", out.stderr);
     e2fsck_clean(&image);
+}
+
+/// An unclean journal is replayed in memory once, at start (`.after_fork`), before
+/// any client connects; every connection after that serves the replayed bytes
+/// without reading the journal again.
+#[test]
+fn journal_is_replayed_once_at_start() {
+    let bs = 4096;
+    let dir = TestDir::new("replayed once at start");
+    let mut content = random_bytes(44, (8 * bs) as usize);
+    let image = ImageBuilder::new(FsType::Ext4)
+        .file("/data.bin", &content)
+        .build(&dir, "fs.img");
+    let blocks = debugfs_blocks(&image, "/data.bin");
+    let x = block(bs, 10);
+    write_journal(&dir, &image, "", &[Txn::new(vec![(blocks[3], x.clone())])]);
+    with_block(&mut content, bs, 3, &x);
+    let before = sha256(&image);
+    let mut server = Server::start(
+        &dir,
+        &["-v", "-D", "ext2.journal=1"],
+        &["file", image.to_str().unwrap(), "ext2file=/data.bin"],
+    );
+    // Server::start waits until nbdkit greets, i.e. after `.after_fork`: no
+    // client has opened anything yet.
+    let replayed = |log: &str| log.matches("replayed in memory").count();
+    assert_eq!(replayed(&server.log()), 1, "{}", server.log());
+    for _ in 0..3 {
+        assert_bytes_eq(
+            &nbdcopy_read(&server.uri(), &dir, &[]),
+            &content,
+            "served with the journal replayed",
+        );
+    }
+    let log = server.log();
+    assert_eq!(replayed(&log), 1, "the journal was replayed again:\n{log}");
+    server.stop();
+    assert_eq!(sha256(&image), before, "the image changed");
 }

@@ -3,7 +3,8 @@
 //! immutable, append-only and verity files, are served read-only (the export says so,
 //! a write is refused with EPERM or EROFS, the image is byte-identical afterwards);
 //! encrypted files and files with the old ext2 compression flags are refused with a
-//! message saying why; in exportname mode by the same rules.
+//! message saying why (with `ext2file=/PATH` nbdkit stops at start); in exportname mode
+//! by the same rules, per connection.
 
 mod common;
 
@@ -224,8 +225,10 @@ fn file_flags_decide_read_only_or_refused() {
                 assert_served_read_only(&dir, &image, f.path, content, f.reason);
                 continue;
             }
+            // Refused like a path that is not a regular file: nbdkit stops at
+            // start, before any client, with the message.
             let before = read_file(&image);
-            let mut server = Server::start(
+            let out = nbdkit_start_failure(
                 &dir,
                 &[],
                 &[
@@ -234,15 +237,7 @@ fn file_flags_decide_read_only_or_refused() {
                     &format!("ext2file={}", f.path),
                 ],
             );
-            let out = nbdsh(&server.uri(), "print(h.get_size())", &[]);
-            assert!(!out.success(), "{}: the connection is refused", f.path);
-            let log = server.log();
-            assert!(
-                log.contains(f.reason),
-                "{}: the log says why:\n{log}",
-                f.path
-            );
-            server.stop();
+            assert_stopped_at_start(&out, f.reason);
             assert_bytes_eq(&read_file(&image), &before, f.path);
         }
     }

@@ -1,6 +1,9 @@
 //! Read-only (`nbdkit -r`): reads are exact, writes are refused, and the image's bytes
 //! are identical afterwards, even after client flushes and a clean server exit, in
-//! single-file and exportname modes; the plugin itself is opened read-only.
+//! single-file and exportname modes; the plugin itself is opened read-only, and never
+//! read-write (`nbdkit -v` shows no `open readonly=0`). A writable server opens it
+//! read-only at start and read-write once, for its first writable connection, however
+//! many connections arrive at once.
 
 mod common;
 
@@ -216,4 +219,114 @@ fn plugin_without_write_gives_read_only_export() {
     assert_eq!(out.stdout_text().trim(), "True b'hello world\\n'");
     server.stop();
     assert_bytes_eq(&read_file(&image), &before, "image bytes");
+}
+
+/// The plugin's opens, in nbdkit's debug output (`-v`): one line per `open readonly=N`
+/// of the plugin (`file`), not of our filter.
+fn plugin_opens(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("debug: file: open readonly="))
+        .collect()
+}
+
+/// `nbdkit -r` never opens the plugin read-write: not at start, not for listing
+/// exports, not for a client that tries to write, in either mode.
+#[test]
+fn readonly_server_never_opens_the_plugin_read_write() {
+    let dir = TestDir::new("readonly_server_never_opens_the_plugin_rw");
+    let image = ImageBuilder::new(FsType::Ext4)
+        .size(8 * MIB)
+        .file("/hello.txt", b"hello world\n")
+        .build(&dir, "fs.img");
+    let before = read_file(&image);
+    for (ext2file, uri) in [
+        ("/hello.txt", "$uri"),
+        ("exportname", "nbd+unix:///hello.txt?socket=$unixsocket"),
+    ] {
+        let out = nbdkit_run(
+            &["-r", "-v"],
+            &[
+                "file",
+                image.to_str().unwrap(),
+                &format!("ext2file={ext2file}"),
+            ],
+            &format!(
+                "nbdinfo --list \"$uri\" >/dev/null && \
+                 nbdsh -u \"{uri}\" -c '\n\
+                 try:\n    h.pwrite(b\"x\", 0)\nexcept nbd.Error:\n    pass\n\
+                 print(bytes(h.pread(11, 0)))' && \
+                 nbdcopy \"{uri}\" /dev/null"
+            ),
+        );
+        out.assert_success();
+        assert!(
+            out.stdout_text().contains("hello world"),
+            "{}",
+            out.stdout_text()
+        );
+        let opens = plugin_opens(&out.stderr);
+        assert!(
+            !opens.is_empty(),
+            "no plugin open in the log:\n{}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("open readonly=0"),
+            "ext2file={ext2file}: nbdkit -r opened something read-write:\n{}",
+            out.stderr
+        );
+    }
+    assert_bytes_eq(&read_file(&image), &before, "image bytes");
+}
+
+/// Without `-r`: the plugin is opened read-only at start, before any client, and
+/// read-write exactly once, by the first writable connection, even when several
+/// arrive together; every one of them then writes, and what each wrote is there.
+#[test]
+fn writable_server_reopens_the_plugin_read_write_once() {
+    let dir = TestDir::new("writable_server_reopens_once");
+    let image = ImageBuilder::new(FsType::Ext4)
+        .size(8 * MIB)
+        .file("/data.bin", &vec![0u8; 64 * 1024])
+        .build(&dir, "fs.img");
+    let mut server = Server::start(
+        &dir,
+        &["-v"],
+        &["file", image.to_str().unwrap(), "ext2file=/data.bin"],
+    );
+    // Opened at start (Server::start waits until nbdkit greets, i.e. after
+    // `.after_fork`), read-only, with no client yet.
+    assert_eq!(
+        plugin_opens(&server.log()),
+        vec!["nbdkit: debug: file: open readonly=1 exportname=\"\" tls=0"],
+        "at start"
+    );
+    // Eight writable connections at once, each writing its own 4 KiB.
+    let clients: Vec<_> = (0..8u8)
+        .map(|i| {
+            let uri = server.uri();
+            std::thread::spawn(move || {
+                nbd_pwrite(&uri, u64::from(i) * 4096, &[i + 1; 4096]);
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a client failed");
+    }
+    let got = nbd_pread(&server.uri(), 0, 8 * 4096);
+    for i in 0..8u8 {
+        let part = &got[usize::from(i) * 4096..usize::from(i + 1) * 4096];
+        assert!(part.iter().all(|&b| b == i + 1), "client {i}'s write");
+    }
+    let log = server.log();
+    let opens = plugin_opens(&log);
+    assert_eq!(
+        opens.iter().filter(|l| l.contains("readonly=0")).count(),
+        1,
+        "the plugin must be opened read-write once:\n{}",
+        opens.join("\n")
+    );
+    assert_eq!(opens.len(), 2, "{}", opens.join("\n"));
+    server.stop();
+    e2fsck_clean(&image);
 }

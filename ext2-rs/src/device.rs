@@ -19,4 +19,12 @@ pub trait BlockDevice: Send + Sync {
     fn zero_at(&self, len: u64, offset: u64) -> Result<(), Errno>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), Errno>;
+    /// Fills each `(offset, buf)`, returning each read's outcome in order.
+    /// A device that can serve requests in parallel issues them together.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        reads
+            .iter_mut()
+            .map(|(offset, buf)| self.read_at(buf, *offset))
+            .collect()
+    }
 }

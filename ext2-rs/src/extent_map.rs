@@ -52,6 +52,26 @@ pub struct Piece {
     pub content: Content,
 }
 
+impl Piece {
+    /// `len` bytes of written data at `image_offset`.
+    pub fn data(file_offset: u64, len: u64, image_offset: u64) -> Piece {
+        Piece {
+            file_offset,
+            len,
+            content: Content::Data { image_offset },
+        }
+    }
+
+    /// `len` bytes of hole.
+    pub fn hole(file_offset: u64, len: u64) -> Piece {
+        Piece {
+            file_offset,
+            len,
+            content: Content::Hole,
+        }
+    }
+}
+
 /// The block map of one file, sorted by logical block, without overlaps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileMap {
@@ -113,36 +133,8 @@ impl FileMap {
     /// content, merging neighbours that are contiguous in the image so that
     /// each `Data` piece is one plugin request.
     pub fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
-        let mut out: Vec<Piece> = Vec::new();
-        let end = offset + len;
-        let bs = self.block_size;
-        let mut pos = offset;
-        let mut i = self.first_ending_after(offset / bs);
-        while pos < end {
-            let (content, piece_end) = match self.extents.get(i) {
-                Some(e) if e.logical * bs <= pos => {
-                    let image_offset = e.physical * bs + (pos - e.logical * bs);
-                    let content = if e.unwritten {
-                        Content::Unwritten { image_offset }
-                    } else {
-                        Content::Data { image_offset }
-                    };
-                    i += 1;
-                    (content, min(end, e.end() * bs))
-                }
-                Some(e) => (Content::Hole, min(end, e.logical * bs)),
-                None => (Content::Hole, end),
-            };
-            push_piece(
-                &mut out,
-                Piece {
-                    file_offset: pos,
-                    len: piece_end - pos,
-                    content,
-                },
-            );
-            pos = piece_end;
-        }
+        let mut out = Vec::new();
+        pieces_in(self.block_size, &self.extents, offset, len, &mut out);
         out
     }
 
@@ -184,6 +176,42 @@ impl FileMap {
         for e in replacement.into_iter().chain(tail) {
             self.push_merged(e);
         }
+    }
+}
+
+/// Splits `[offset, offset + len)` of a file whose map (or the part of it
+/// covering the range) is `extents`, sorted and not overlapping, with
+/// blocks of `bs` bytes, into pieces of like content appended to `out`,
+/// merging neighbours that are contiguous in the image so that each `Data`
+/// piece is one plugin request.
+pub fn pieces_in(bs: u64, extents: &[Extent], offset: u64, len: u64, out: &mut Vec<Piece>) {
+    let end = offset + len;
+    let mut pos = offset;
+    let mut i = extents.partition_point(|e| e.end() <= offset / bs);
+    while pos < end {
+        let (content, piece_end) = match extents.get(i) {
+            Some(e) if e.logical * bs <= pos => {
+                let image_offset = e.physical * bs + (pos - e.logical * bs);
+                let content = if e.unwritten {
+                    Content::Unwritten { image_offset }
+                } else {
+                    Content::Data { image_offset }
+                };
+                i += 1;
+                (content, min(end, e.end() * bs))
+            }
+            Some(e) => (Content::Hole, min(end, e.logical * bs)),
+            None => (Content::Hole, end),
+        };
+        push_piece(
+            out,
+            Piece {
+                file_offset: pos,
+                len: piece_end - pos,
+                content,
+            },
+        );
+        pos = piece_end;
     }
 }
 
@@ -242,19 +270,11 @@ mod tests {
     }
 
     fn data(file_offset: u64, len: u64, image_offset: u64) -> Piece {
-        Piece {
-            file_offset,
-            len,
-            content: Content::Data { image_offset },
-        }
+        Piece::data(file_offset, len, image_offset)
     }
 
     fn hole(file_offset: u64, len: u64) -> Piece {
-        Piece {
-            file_offset,
-            len,
-            content: Content::Hole,
-        }
+        Piece::hole(file_offset, len)
     }
 
     #[test]

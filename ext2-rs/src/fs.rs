@@ -138,7 +138,7 @@ impl Filesystem {
             reserved: Default::default(),
             quotas: None,
         };
-        this.reserved = crate::reserved::collect(&mut this);
+        this.reserved = crate::reserved::collect(&mut this)?;
         // SAFETY: `fs` is open; flags is a plain field.
         unsafe {
             // Rewrite only the primary superblock and descriptors on flush:
@@ -190,6 +190,11 @@ impl Filesystem {
     /// for its own structures, if any.
     pub fn first_reserved_in(&self, start: u64, len: u64) -> Option<u64> {
         self.reserved.first_in(start, len)
+    }
+
+    /// The blocks the filesystem keeps for itself.
+    pub fn reserved(&self) -> &crate::reserved::Reserved {
+        &self.reserved
     }
 
     pub fn access(&self) -> Access {

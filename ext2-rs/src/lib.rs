@@ -15,6 +15,9 @@
 //!   a file's blocks live; [`quota`] keeps quota usage in step with those
 //!   changes, and [`mmp`] runs multi-mount protection on the device.
 //! - [`extent_map`]: a file's block map, pure Rust.
+//! - [`lazy_map`]: a served file's block map read lazily from the device,
+//!   without the library, checked as the kernel checks it, with a shared
+//!   bounded cache.
 //! - [`jbd2`]: the JBD2 journal format: parsing and recovery.
 //!
 //! libext2fs is not thread-safe, not even for reads: a [`Filesystem`] is
@@ -29,6 +32,7 @@ pub mod ffi;
 pub mod fs;
 pub mod io;
 pub mod jbd2;
+pub mod lazy_map;
 mod libfile;
 pub mod log;
 pub mod mapping;
@@ -57,4 +61,20 @@ pub fn load() {
 pub fn unload() {
     // SAFETY: the table registered by `load`; com_err frees its list node.
     unsafe { sys::remove_error_table(&sys::et_ext2_error_table) };
+}
+
+/// The version of the libext2fs this process runs with, e.g. `1.47.0`.
+pub fn library_version() -> String {
+    let mut version: *const std::ffi::c_char = std::ptr::null();
+    let mut date: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: two valid out-pointers; the library stores pointers to its
+    // static strings there.
+    unsafe { sys::ext2fs_get_library_version(&mut version, &mut date) };
+    if version.is_null() {
+        return String::from("unknown");
+    }
+    // SAFETY: non-null, pointing to a static NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(version) }
+        .to_string_lossy()
+        .into_owned()
 }

@@ -8,6 +8,8 @@
 
 use std::ops::Range;
 
+use crate::error::{Errno, Error, Result};
+
 /// Sorted, merged ranges of reserved blocks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reserved {
@@ -40,8 +42,25 @@ impl Reserved {
     }
 }
 
-/// Reads the reserved blocks of an open filesystem.
-pub fn collect(fs: &mut crate::fs::Filesystem) -> Reserved {
+/// `start..start + len`, or why it cannot be (a damaged superblock or
+/// descriptor whose numbers wrap around).
+fn span(what: &str, group: u32, start: u64, len: u64) -> Result<Range<u64>> {
+    start
+        .checked_add(len)
+        .map(|end| start..end)
+        .ok_or_else(|| {
+            Error::other(
+                Errno::EIO,
+                format!(
+                    "group {group}: the {what} at block {start} ({len} blocks) runs past the largest block number: the image is damaged"
+                ),
+            )
+        })
+}
+
+/// Reads the reserved blocks of an open filesystem.  Fails when a group's
+/// layout cannot be computed or wraps around (a damaged image).
+pub fn collect(fs: &mut crate::fs::Filesystem) -> Result<Reserved> {
     use crate::sys;
     let raw = fs.raw();
     // SAFETY: plain fields of an open filesystem.
@@ -60,12 +79,12 @@ pub fn collect(fs: &mut crate::fs::Filesystem) -> Reserved {
     // Block 0 (boot block, or the superblock's block with 4 KiB blocks)
     // through the primary superblock.
     let mut ranges: Vec<Range<u64>> = Vec::new();
-    ranges.push(0..first_data + 1);
+    ranges.push(span("primary superblock", 0, 0, first_data + 1)?);
     for group in 0..groups {
         let (mut superblock, mut old_desc, mut new_desc) = (0u64, 0u64, 0u64);
         let mut used: sys::blk_t = 0;
         // SAFETY: open filesystem, group in range, valid out-pointers.
-        unsafe {
+        let code = unsafe {
             sys::ext2fs_super_and_bgd_loc2(
                 raw,
                 group,
@@ -73,16 +92,23 @@ pub fn collect(fs: &mut crate::fs::Filesystem) -> Reserved {
                 &mut old_desc,
                 &mut new_desc,
                 &mut used,
-            );
+            )
+        };
+        if code != 0 {
+            return Err(Error::ext2(
+                format!("group {group}: locating its superblock and descriptors"),
+                code,
+            ));
         }
         if superblock != 0 {
-            ranges.push(superblock..superblock + 1);
+            ranges.push(span("superblock backup", group, superblock, 1)?);
         }
         if old_desc != 0 {
-            ranges.push(old_desc..old_desc + desc_blocks + reserved_gdt);
+            let len = desc_blocks.saturating_add(reserved_gdt);
+            ranges.push(span("group descriptors", group, old_desc, len)?);
         }
         if new_desc != 0 {
-            ranges.push(new_desc..new_desc + 1);
+            ranges.push(span("group descriptor", group, new_desc, 1)?);
         }
         // SAFETY: open filesystem with its group descriptors loaded.
         let (block_bitmap, inode_bitmap, inode_table) = unsafe {
@@ -92,11 +118,11 @@ pub fn collect(fs: &mut crate::fs::Filesystem) -> Reserved {
                 sys::ext2fs_inode_table_loc(raw, group),
             )
         };
-        ranges.push(block_bitmap..block_bitmap + 1);
-        ranges.push(inode_bitmap..inode_bitmap + 1);
-        ranges.push(inode_table..inode_table + itable_len);
+        ranges.push(span("block bitmap", group, block_bitmap, 1)?);
+        ranges.push(span("inode bitmap", group, inode_bitmap, 1)?);
+        ranges.push(span("inode table", group, inode_table, itable_len)?);
     }
-    Reserved::new(ranges)
+    Ok(Reserved::new(ranges))
 }
 
 #[cfg(test)]
@@ -113,5 +139,11 @@ mod tests {
         assert_eq!(r.first_in(20, 10), None);
         assert_eq!(r.first_in(25, 6), Some(30));
         assert_eq!(r.first_in(31, u64::MAX), None);
+    }
+
+    #[test]
+    fn spans_that_wrap_are_errors() {
+        assert_eq!(span("x", 0, 10, 5).unwrap(), 10..15);
+        assert!(span("inode table", 3, u64::MAX - 2, 5).is_err());
     }
 }

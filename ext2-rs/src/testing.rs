@@ -131,6 +131,24 @@ impl MemDevice {
         }
     }
 
+    /// A read without the wait.
+    fn read_now(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        let range = self.range(offset, buf.len() as u64)?;
+        let end = offset + buf.len() as u64;
+        if self
+            .faults
+            .lock()
+            .read_ranges
+            .iter()
+            .any(|r| r.start < end && offset < r.end)
+        {
+            return Err(Errno::EIO);
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        buf.copy_from_slice(&self.bytes.lock()[range]);
+        Ok(())
+    }
+
     fn write_allowed(&self) -> Result<(), Errno> {
         let faults = self.faults.lock();
         if faults.read_only {
@@ -155,22 +173,17 @@ impl BlockDevice for MemDevice {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
         self.wait();
-        let range = self.range(offset, buf.len() as u64)?;
-        let end = offset + buf.len() as u64;
-        if self
-            .faults
-            .lock()
-            .read_ranges
-            .iter()
-            .any(|r| r.start < end && offset < r.end)
-        {
-            return Err(Errno::EIO);
-        }
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        buf.copy_from_slice(&self.bytes.lock()[range]);
-        Ok(())
+        self.read_now(buf, offset)
     }
 
+    /// One wait for all the reads: a device that serves requests in parallel.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        self.wait();
+        reads
+            .iter_mut()
+            .map(|(offset, buf)| self.read_now(buf, *offset))
+            .collect()
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Errno> {
         self.wait();
         let range = self.range(offset, buf.len() as u64)?;

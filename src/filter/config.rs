@@ -44,13 +44,53 @@ pub struct Config {
     pub default_export: Option<String>,
     /// What to do with a journal that needs recovery.
     pub journal: JournalMode,
+    /// Bytes of memory for served files' map blocks (`ext2mapcache=`).
+    pub map_cache: usize,
+}
+
+/// The map cache's default size: the map blocks of a file of hundreds of
+/// thousands of extents, in a few MiB.
+pub const DEFAULT_MAP_CACHE: usize = 16 << 20;
+
+/// A size such as `4096`, `64K`, `16M` or `1G` (binary multiples).
+pub fn parse_size(key: &str, value: &str) -> Result<usize, String> {
+    let bad = || format!("could not parse {key}: {value}: expecting a size such as 16M");
+    let (digits, shift) = match value.char_indices().last() {
+        Some((at, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                _ => return Err(bad()),
+            };
+            (&value[..at], shift)
+        }
+        _ => (value, 0),
+    };
+    let n: usize = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1usize << shift).ok_or_else(bad)
 }
 
 /// Files listed by default: enough for any real image's disks, few enough
 /// that walking a huge tree cannot stall the handshake.
 pub const DEFAULT_MAX_EXPORTS: usize = 1000;
 
-pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.";
+pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.\next2mapcache=<SIZE>  Memory for files' map blocks (default 16M).";
+
+/// The parameters that are ours; nbdkit hands every other one to the plugin.
+pub const KEYS: &[&str] = &["ext2file", "ext2exports", "ext2default", "ext2journal"];
+
+/// Whether `key` is one of our parameters.
+pub fn is_ours(key: &str) -> bool {
+    KEYS.contains(&key)
+}
+
+/// The message for a parameter of ours whose value is not UTF-8: paths and
+/// modes are compared as text, and "repairing" the bytes could name
+/// another file.
+pub fn not_utf8(key: &str) -> String {
+    format!("{key} parameter is not valid UTF-8")
+}
 
 /// Collects parameters as nbdkit hands them over.
 #[derive(Debug, Default)]
@@ -59,6 +99,7 @@ pub struct ConfigBuilder {
     max_exports: Option<usize>,
     default_export: Option<String>,
     journal: Option<JournalMode>,
+    map_cache: Option<usize>,
 }
 
 impl ConfigBuilder {
@@ -93,6 +134,11 @@ impl ConfigBuilder {
                     return Err(twice());
                 }
             }
+            "ext2mapcache" => {
+                if self.map_cache.replace(parse_size(key, value)?).is_some() {
+                    return Err(twice());
+                }
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -119,6 +165,7 @@ impl ConfigBuilder {
             max_exports: self.max_exports.unwrap_or(DEFAULT_MAX_EXPORTS),
             default_export: self.default_export,
             journal: self.journal.unwrap_or_default(),
+            map_cache: self.map_cache.unwrap_or(DEFAULT_MAP_CACHE),
         })
     }
 }
@@ -291,6 +338,21 @@ mod tests {
     fn other_keys_go_to_the_plugin() {
         let mut b = ConfigBuilder::default();
         assert_eq!(b.set("file", "fs.img"), Ok(false));
+        assert!(!is_ours("file"));
+    }
+
+    #[test]
+    fn every_key_of_ours_is_taken() {
+        for key in KEYS {
+            assert!(is_ours(key));
+            let value = if *key == "ext2exports" { "1" } else { "/a" };
+            let value = if *key == "ext2journal" {
+                "memory"
+            } else {
+                value
+            };
+            assert_eq!(ConfigBuilder::default().set(key, value), Ok(true), "{key}");
+        }
     }
 
     #[test]

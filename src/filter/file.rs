@@ -3,18 +3,24 @@
 //! `filter::change`.)
 //!
 //! Reads and writes to blocks the file already owns go straight between the
-//! client's buffer and the plugin, one request per contiguous run, holding
-//! the map shared and no library lock.  Writes that need new blocks (holes)
-//! or that turn unwritten blocks into data hold the map exclusively, so no
-//! request can use a mapping while it changes.
+//! client's buffer and the plugin, holding the map shared and no library
+//! lock: pieces that follow each other in the image are one plugin request
+//! even with holes between them in the file (see `filter::coalesce`).
+//! Writes that need new blocks (holes) or that turn unwritten blocks into
+//! data hold the map exclusively, so no request can use a mapping while it
+//! changes; they work on a window of the map covering the request, and
+//! the map is read again from the inode afterwards.
 
 use std::ops::Range;
 
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::filter::coalesce;
 use crate::filter::shared::Shared;
+use crate::pool;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::{Content, FileMap, Piece};
+use ext2_rs::lazy_map::LazyMap;
 use ext2_rs::{Ino, Layout};
 
 pub struct ServedFile {
@@ -22,12 +28,14 @@ pub struct ServedFile {
     pub path: String,
     pub size: u64,
     pub(super) layout: Layout,
+    /// Blocks per allocation cluster (bigalloc), 1 otherwise.
+    cluster_ratio: u64,
     /// Blocks can be freed (`mapping::punch`): extents, no bigalloc.
     punchable: bool,
     /// Why the file is never written, if it is not (`ext2_rs::policy::file`,
     /// or inline data).
     read_only: Option<String>,
-    map: RwLock<FileMap>,
+    map: RwLock<LazyMap>,
 }
 
 /// How a range of the file reads, for block status.
@@ -47,7 +55,7 @@ impl ServedFile {
         size: u64,
         layout: Layout,
         cluster_ratio: u64,
-        map: FileMap,
+        map: LazyMap,
         read_only: Option<String>,
     ) -> ServedFile {
         // Inline-data files are served read-only: libext2fs 1.47.0's
@@ -61,6 +69,7 @@ impl ServedFile {
             path,
             size,
             layout,
+            cluster_ratio,
             punchable: layout == Layout::Extents && cluster_ratio == 1,
             read_only,
             map: RwLock::new(map),
@@ -74,25 +83,47 @@ impl ServedFile {
 
     /// Where in `buf` a piece of a request starting at `offset` goes.
     pub(super) fn span(piece: &Piece, offset: u64) -> Range<usize> {
-        let start = (piece.file_offset - offset) as usize;
-        start..start + piece.len as usize
+        coalesce::span(piece, offset)
+    }
+
+    /// The map, shared; read again first if a change left it stale.
+    fn map_shared(&self) -> Result<RwLockReadGuard<'_, LazyMap>> {
+        let map = self.map.read();
+        if !map.is_stale() {
+            return Ok(map);
+        }
+        drop(map);
+        Ok(RwLockWriteGuard::downgrade(self.map_exclusive()?))
+    }
+
+    /// The map, exclusively (to change it); read again first if stale.
+    fn map_exclusive(&self) -> Result<RwLockWriteGuard<'_, LazyMap>> {
+        let mut map = self.map.write();
+        if map.is_stale() {
+            map.reload()?;
+        }
+        Ok(map)
+    }
+
+    /// The window of the map a change of bytes `[offset, offset + len)`
+    /// looks at: its blocks, the block before them (where new blocks are
+    /// best placed), all rounded out to whole clusters.
+    fn change_window(&self, map: &LazyMap, offset: u64, len: u64) -> Result<FileMap> {
+        let bs = map.block_size();
+        let ratio = self.cluster_ratio.max(1);
+        let first = (offset / bs).saturating_sub(1) / ratio * ratio;
+        let end = (offset + len).div_ceil(bs).div_ceil(ratio) * ratio;
+        map.window(first..end)
     }
 
     pub fn read(&self, shared: &Shared, buf: &mut [u8], offset: u64) -> Result<()> {
         if self.layout == Layout::Inline {
             return shared.lock_fs()?.read_via_library(self.ino, buf, offset);
         }
-        let map = self.map.read();
-        for piece in map.pieces(offset, buf.len() as u64) {
-            let span = Self::span(&piece, offset);
-            match piece.content {
-                Content::Data { image_offset } => {
-                    shared.image.pread(&mut buf[span], image_offset)?
-                }
-                Content::Unwritten { .. } | Content::Hole => buf[span].fill(0),
-            }
-        }
-        Ok(())
+        let map = self.map_shared()?;
+        let mut pieces = Vec::new();
+        map.pieces(offset, buf.len() as u64, &mut pieces)?;
+        read_pieces(shared, &pieces, buf, offset)
     }
 
     pub fn write(&self, shared: &Shared, data: &[u8], offset: u64, fua: bool) -> Result<()> {
@@ -103,34 +134,41 @@ impl ServedFile {
             return Err(Error::other(Errno::EROFS, why.clone()));
         }
         {
-            let map = self.map.read();
-            let pieces = map.pieces(offset, data.len() as u64);
+            let map = self.map_shared()?;
+            let mut pieces = Vec::new();
+            map.pieces(offset, data.len() as u64, &mut pieces)?;
             if pieces
                 .iter()
                 .all(|p| matches!(p.content, Content::Data { .. }))
             {
-                return write_direct(shared, &pieces, data, offset, fua);
+                return write_pieces(shared, &pieces, data, offset, fua);
             }
         }
         // Some blocks must be allocated or converted: take the map for
         // ourselves, then look again, as another writer may have got there.
-        let mut map = self.map.write();
-        let pieces = map.pieces(offset, data.len() as u64);
+        let mut map = self.map_exclusive()?;
+        let mut window = self.change_window(&map, offset, data.len() as u64)?;
+        let pieces = window.pieces(offset, data.len() as u64);
         let mut metadata_changed = false;
-        for piece in &pieces {
-            let bytes = &data[Self::span(piece, offset)];
-            match piece.content {
-                Content::Data { image_offset } => shared.image.pwrite(bytes, image_offset, fua)?,
-                Content::Hole => {
-                    self.fill_hole(shared, &mut map, piece, bytes)?;
-                    metadata_changed = true;
-                }
-                Content::Unwritten { image_offset } => {
-                    self.fill_unwritten(shared, &mut map, piece, image_offset, bytes)?;
-                    metadata_changed = true;
+        let result = (|| {
+            write_pieces(shared, &pieces, data, offset, fua)?;
+            for piece in &pieces {
+                let bytes = &data[Self::span(piece, offset)];
+                match piece.content {
+                    Content::Data { .. } => {}
+                    Content::Hole => {
+                        metadata_changed = true;
+                        self.fill_hole(shared, &mut window, piece, bytes)?;
+                    }
+                    Content::Unwritten { image_offset } => {
+                        metadata_changed = true;
+                        self.fill_unwritten(shared, &mut window, piece, image_offset, bytes)?;
+                    }
                 }
             }
-        }
+            Ok(())
+        })();
+        self.after_change(&mut map, metadata_changed, result)?;
         drop(map);
         if fua && metadata_changed {
             shared.flush()?;
@@ -138,14 +176,26 @@ impl ServedFile {
         Ok(())
     }
 
-    /// Block status of `[offset, offset + len)`, as runs of like status.
-    pub fn status(&self, offset: u64, len: u64) -> Vec<(u64, Status)> {
-        if self.layout == Layout::Inline {
-            return vec![(len, Status::Data)];
+    /// Once a change of the map was attempted (`changed`), whether or not
+    /// it succeeded: the map is read again from the inode.
+    fn after_change(&self, map: &mut LazyMap, changed: bool, result: Result<()>) -> Result<()> {
+        if !changed {
+            return result;
         }
-        let map = self.map.read();
+        let reloaded = map.reload();
+        result.and(reloaded)
+    }
+
+    /// Block status of `[offset, offset + len)`, as runs of like status.
+    pub fn status(&self, offset: u64, len: u64) -> Result<Vec<(u64, Status)>> {
+        if self.layout == Layout::Inline {
+            return Ok(vec![(len, Status::Data)]);
+        }
+        let map = self.map_shared()?;
+        let mut pieces = Vec::new();
+        map.pieces(offset, len, &mut pieces)?;
         let mut out: Vec<(u64, Status)> = Vec::new();
-        for piece in map.pieces(offset, len) {
+        for piece in pieces {
             let status = match piece.content {
                 Content::Data { .. } => Status::Data,
                 Content::Unwritten { .. } => Status::Zero,
@@ -156,7 +206,7 @@ impl ServedFile {
                 _ => out.push((piece.len, status)),
             }
         }
-        out
+        Ok(out)
     }
 
     /// Whether trim can free blocks of this file (see `mapping::punch`).
@@ -182,9 +232,11 @@ impl ServedFile {
         if !self.can_trim() {
             return Ok(());
         }
-        let mut map = self.map.write();
-        let blocks = whole_blocks(map.block_size(), self.size, offset, len);
-        self.punch(shared, &mut map, blocks)
+        let mut map = self.map_exclusive()?;
+        let mut window = self.change_window(&map, offset, len)?;
+        let blocks = whole_blocks(window.block_size(), self.size, offset, len);
+        let result = self.punch(shared, &mut window, blocks);
+        self.after_change(&mut map, true, result)
     }
 
     /// Zeroes a range.  Holes and unwritten blocks already read as zeroes;
@@ -201,14 +253,15 @@ impl ServedFile {
     ) -> Result<()> {
         self.check_writable(shared)?;
         let punching = may_trim && self.can_trim();
-        let mut map = self.map.write();
-        let bs = map.block_size();
+        let mut map = self.map_exclusive()?;
+        let mut window = self.change_window(&map, offset, len)?;
+        let bs = window.block_size();
         let freed = if punching {
             whole_blocks(bs, self.size, offset, len)
         } else {
             0..0
         };
-        let in_place: Vec<Piece> = map
+        let in_place: Vec<Piece> = window
             .pieces(offset, len)
             .into_iter()
             .filter(|p| matches!(p.content, Content::Data { .. }))
@@ -217,7 +270,8 @@ impl ServedFile {
         if fast && !in_place.is_empty() && !shared.plugin().capabilities().can_fast_zero {
             return Err(Error::Device(Errno::ENOTSUP));
         }
-        self.punch(shared, &mut map, freed)?;
+        let punched = self.punch(shared, &mut window, freed.clone());
+        self.after_change(&mut map, !freed.is_empty(), punched)?;
         for piece in in_place {
             if let Content::Data { image_offset } = piece.content {
                 shared.image.zero(piece.len, image_offset, may_trim, fast)?;
@@ -225,6 +279,77 @@ impl ServedFile {
         }
         Ok(())
     }
+}
+
+/// A read may span a gap this large in the image between two runs of the
+/// file's data (see `filter::coalesce`).
+const READ_GAP: u64 = 16 << 10;
+
+/// Reads a request's pieces into `buf` (the request at `offset`): each run
+/// of pieces contiguous in the image in one plugin request, several at once
+/// when the plugin allows; holes and unwritten blocks as zeroes.
+fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -> Result<()> {
+    if let [Piece {
+        content: Content::Data { image_offset },
+        ..
+    }] = pieces
+    {
+        // The common case, with nothing to group or allocate.
+        return Ok(shared.image.pread(buf, *image_offset)?);
+    }
+    let runs = coalesce::runs(pieces, offset, READ_GAP);
+    // Zero what no run covers, and give each run its part of the buffer.
+    let mut jobs: Vec<(&coalesce::Run, &mut [u8])> = Vec::with_capacity(runs.len());
+    let mut rest = buf;
+    let mut at = 0usize;
+    for run in &runs {
+        let (gap, tail) = std::mem::take(&mut rest).split_at_mut(run.span.start - at);
+        gap.fill(0);
+        let (dst, tail) = tail.split_at_mut(run.span.len());
+        rest = tail;
+        at = run.span.end;
+        jobs.push((run, dst));
+    }
+    rest.fill(0);
+    let parallel = shared.plugin().parallel();
+    pool::run_all(parallel, pool::FAN_OUT, jobs, &|(run, dst)| -> Result<()> {
+        if run.is_direct() {
+            shared.image.pread(dst, run.image_offset)?;
+        } else {
+            let mut image = vec![0u8; run.image_len as usize];
+            shared.image.pread(&mut image, run.image_offset)?;
+            coalesce::scatter(run, pieces, offset, &image, dst);
+        }
+        Ok(())
+    })
+    .into_iter()
+    .collect()
+}
+
+/// Writes the data pieces of a request (`data`, at `offset`): each run of
+/// pieces contiguous in the image in one plugin request, several at once
+/// when the plugin allows.  Other pieces are left to the caller.
+fn write_pieces(
+    shared: &Shared,
+    pieces: &[Piece],
+    data: &[u8],
+    offset: u64,
+    fua: bool,
+) -> Result<()> {
+    let runs = coalesce::runs(pieces, offset, 0);
+    let parallel = shared.plugin().parallel();
+    pool::run_all(parallel, pool::FAN_OUT, runs, &|run| -> Result<()> {
+        let from = &data[run.span.clone()];
+        if run.is_direct() {
+            shared.image.pwrite(from, run.image_offset, fua)?;
+        } else {
+            let image = coalesce::gather(&run, pieces, offset, from);
+            shared.image.pwrite(&image, run.image_offset, fua)?;
+        }
+        Ok(())
+    })
+    .into_iter()
+    .collect()
 }
 
 /// The whole file blocks inside `[offset, offset + len)` of a file of
@@ -267,34 +392,12 @@ fn outside(piece: &Piece, from: u64, to: u64) -> Vec<Piece> {
     out
 }
 
-/// Writes a request whose every byte lands in blocks the file owns.
-fn write_direct(
-    shared: &Shared,
-    pieces: &[Piece],
-    data: &[u8],
-    offset: u64,
-    fua: bool,
-) -> Result<()> {
-    for piece in pieces {
-        if let Content::Data { image_offset } = piece.content {
-            shared
-                .image
-                .pwrite(&data[ServedFile::span(piece, offset)], image_offset, fua)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn data(file_offset: u64, len: u64, image_offset: u64) -> Piece {
-        Piece {
-            file_offset,
-            len,
-            content: Content::Data { image_offset },
-        }
+        Piece::data(file_offset, len, image_offset)
     }
 
     #[test]

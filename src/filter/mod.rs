@@ -4,6 +4,7 @@
 //! nothing here touches a raw pointer.
 
 mod change;
+mod coalesce;
 pub mod config;
 pub mod exports;
 pub mod file;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::nbdkit::report::error as report_error;
 use crate::nbdkit::{Backend, Plugin};
 use config::{Config, ConfigBuilder, Target};
 use ext2_rs::error::{Errno, Error, Result};
@@ -27,8 +29,8 @@ static BUILDER: Mutex<Option<ConfigBuilder>> = Mutex::new(None);
 static CONFIG: Mutex<Option<Arc<Config>>> = Mutex::new(None);
 /// Whether the plugin takes only one request at a time per handle.
 static SERIALIZE_PLUGIN: AtomicBool = AtomicBool::new(false);
-/// The shared filesystem, opened by the first connection.
-static SHARED: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+/// What `.after_fork` opened, until `.cleanup`.
+static STARTED: Mutex<Option<Arc<Started>>> = Mutex::new(None);
 
 /// `.config`: `Ok(true)` if the key was ours.
 pub fn config(key: &str, value: &str) -> std::result::Result<bool, String> {
@@ -68,14 +70,33 @@ pub fn default_export() -> Option<String> {
 }
 
 /// `.list_exports` in exportname mode: the image's regular files.
-pub fn list_exports(backend: Backend, readonly: bool) -> Result<Vec<exports::ListedFile>> {
+pub fn list_exports() -> Result<Vec<exports::ListedFile>> {
     let max = current_config().max_exports;
     if max == 0 {
         return Ok(Vec::new());
     }
-    let shared = shared(backend, readonly)?;
+    let shared = started()?.shared.clone();
     let mut fs = shared.lock_fs()?;
     exports::list_files(&mut fs, max)
+}
+
+/// `.dump_plugin` (nbdkit 1.43.9 on): what `nbdkit --dump-plugin` shows
+/// about the filter besides its path and name, as `(key, value)` pairs:
+/// our version, the libext2fs we run with, and what we can do that nbdkit's
+/// C filter cannot.
+pub fn dump_fields() -> Vec<(&'static str, String)> {
+    let yes = || "yes".to_string();
+    vec![
+        ("implementation", "ext2filter (Rust)".to_string()),
+        ("version", env!("CARGO_PKG_VERSION").to_string()),
+        ("libext2fs_version", ext2_rs::library_version()),
+        ("exportname", yes()),
+        ("journal_replay", yes()),
+        ("block_status", yes()),
+        ("multi_conn", yes()),
+        ("trim", yes()),
+        ("fast_zero", yes()),
+    ]
 }
 
 /// `.get_ready`: learns the thread model nbdkit settled on.
@@ -83,28 +104,79 @@ pub fn get_ready(serialize_requests: bool) {
     SERIALIZE_PLUGIN.store(serialize_requests, Ordering::Relaxed);
 }
 
-/// The shared filesystem, opening it if no connection has yet.
-///
-/// It is opened here rather than in `.after_fork` because nbdkit 1.32 tells
-/// a filter about `-r` only in per-connection callbacks, and a read-only
-/// server must open the plugin and the filesystem read-only.  A failure is
-/// not remembered: the next connection tries again (the plugin may recover).
-fn shared(backend: Backend, readonly: bool) -> Result<Arc<Shared>> {
-    let mut slot = SHARED.lock();
-    if let Some(shared) = slot.as_ref() {
-        return Ok(shared.clone());
+/// The filesystem every connection shares, opened at start.
+struct Started {
+    shared: Arc<Shared>,
+    /// With `ext2file=/PATH`: that file, found at start and kept for every
+    /// connection.
+    _file: Option<Arc<ServedFile>>,
+    /// Whether the first writable connection's re-open has settled; held
+    /// while it runs, so that other writable connections wait for it.
+    reopened: Mutex<bool>,
+    /// Whether the log says why the journal stays unwritten (told once, by
+    /// the first read-only connection or the re-open).
+    told_read_only: AtomicBool,
+}
+
+/// `.after_fork`: opens the plugin and the filesystem, read-only, and with
+/// `ext2file=/PATH` finds the file, so that a bad image or path stops nbdkit
+/// at start instead of failing every client.
+pub fn after_fork(backend: Backend) -> Result<()> {
+    let config = current_config();
+    let plugin = Plugin::open(backend, true, SERIALIZE_PLUGIN.load(Ordering::Relaxed))?;
+    let shared = Arc::new(Shared::open(plugin, config.map_cache)?);
+    let file = match &config.target {
+        Target::File(path) => Some(shared.open_file(path)?),
+        Target::ExportName => None,
+    };
+    *STARTED.lock() = Some(Arc::new(Started {
+        shared,
+        _file: file,
+        reopened: Mutex::new(false),
+        told_read_only: AtomicBool::new(false),
+    }));
+    Ok(())
+}
+
+fn started() -> Result<Arc<Started>> {
+    STARTED
+        .lock()
+        .clone()
+        .ok_or_else(|| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))
+}
+
+impl Started {
+    /// Readies the filesystem for a connection that may write (`writable`)
+    /// or not.  The first that may write re-opens it read-write, once;
+    /// connections arriving meanwhile wait here until that has settled.
+    fn admit(&self, backend: Backend, writable: bool) -> Result<()> {
+        let journal = current_config().journal;
+        if !writable {
+            if let Some(note) = opening::read_only_note(&self.shared, journal) {
+                if !self.told_read_only.swap(true, Ordering::Relaxed) {
+                    report_error(note);
+                }
+            }
+            return Ok(());
+        }
+        let mut settled = self.reopened.lock();
+        if !*settled {
+            opening::reopen_writable(&self.shared, backend, journal)?;
+            *settled = true;
+            // It said why, if the image stays read-only: a read-only
+            // connection has nothing to add.
+            self.told_read_only.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
-    let plugin = Plugin::open(backend, readonly, SERIALIZE_PLUGIN.load(Ordering::Relaxed))?;
-    let shared = Arc::new(Shared::open(plugin, !readonly, current_config().journal)?);
-    *slot = Some(shared.clone());
-    Ok(shared)
 }
 
 /// `.cleanup`: closes the filesystem (writing its metadata) and the plugin.
 pub fn cleanup() {
-    if let Some(shared) = SHARED.lock().take() {
-        shared.shutdown();
+    if let Some(started) = STARTED.lock().take() {
+        started.shared.shutdown();
     }
+    crate::pool::shutdown();
 }
 
 /// Per-connection state: which file, on which shared filesystem.
@@ -116,12 +188,15 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// `.open`: makes sure the shared filesystem is open.
+    /// `.open`: a connection to the filesystem opened at start; the first
+    /// that may write has it re-opened read-write before it goes on.
     pub fn open(backend: Backend, readonly: bool, export_name: &str) -> Result<Connection> {
+        let started = started()?;
+        started.admit(backend, !readonly)?;
         Ok(Connection {
             export_name: export_name.to_string(),
             readonly,
-            shared: shared(backend, readonly)?,
+            shared: started.shared.clone(),
             file: None,
         })
     }
@@ -207,6 +282,6 @@ impl Connection {
     }
 
     pub fn status(&self, offset: u64, len: u64) -> Result<Vec<(u64, Status)>> {
-        Ok(self.file()?.status(offset, len))
+        self.file()?.status(offset, len)
     }
 }

@@ -1,57 +1,183 @@
-//! How the shared filesystem is opened: read-write when it can be, read-only
-//! when it must be, and with an unclean journal replayed in memory or, on
-//! request, into the image.
+//! How the shared filesystem is opened: read-only at start (in
+//! `.after_fork`), with an unclean journal replayed in memory; then, once,
+//! read-write for the first writable connection when it can be, with
+//! `ext2journal=replay` writing the replay into the image first.
+//!
+//! nbdkit tells a filter about `-r` only per connection, so the start
+//! cannot know whether the server may write: it opens the plugin and the
+//! filesystem read-only, writing nothing, and only a connection that may
+//! write opens them again read-write.  `nbdkit -r` never does.
 
 use std::sync::Arc;
 
 use crate::filter::config::JournalMode;
+use crate::filter::shared::Shared;
 use crate::image::{Image, PluginDevice};
-use crate::nbdkit::report::{ext2_debug_journal, ext2_debug_lock, nbd_debug};
-use crate::nbdkit::Plugin;
+use crate::nbdkit::report::{
+    error as report_error, ext2_debug_journal, ext2_debug_lock, nbd_debug,
+};
+use crate::nbdkit::{Backend, Plugin};
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
 use ext2_rs::mmp::{MmpConfig, Protection};
 use ext2_rs::policy::{Features, Verdict};
 use ext2_rs::{Access, Filesystem};
 
-/// An open filesystem: its image, the filesystem, how it is open, and the
-/// multi-mount protection it is written under (with the `mmp` feature).
-pub type Opened = (Arc<Image>, Filesystem, Access, Option<Protection>);
-
-/// Opens the filesystem over `plugin`.  A filesystem the kernel would only
-/// read is served read-only with a message saying why (`ext2_rs::policy`).
-/// One whose journal needs recovery is served read-only with the journal
-/// replayed in memory, with a message; or, with `ext2journal=replay` when
-/// it could be written, has the replay written into the image first (see
-/// [`replay_into_image`]) and is served read-write.  One with `mmp` is
-/// written only once its MMP block is taken (see [`protect`]).
-pub fn open_filesystem(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Opened> {
+/// Opens the filesystem over `plugin` (a read-only context) read-only.  One
+/// whose journal needs recovery has it replayed in memory, once, here: the
+/// image reads as `e2fsck` would leave it.
+pub fn open_read_only(plugin: Plugin) -> Result<(Arc<Image>, Filesystem)> {
     let plugin = Arc::new(plugin);
     let image = Arc::new(Image::new(plugin.clone()));
-    let can_write = want_write && plugin.capabilities().can_write;
-    // Look read-only first: opening read-write reads and checks the
-    // bitmaps, which in an image whose journal needs recovery may not
-    // match their checksums (in the group descriptors) until the
-    // journal is replayed.
-    let mut fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
-    if fs.needs_recovery() {
-        return open_unclean(plugin, image, fs, can_write, journal);
+    let mut fs = open_checked(&image, Access::ReadOnly)?;
+    if !fs.needs_recovery() {
+        return Ok((image, fs));
     }
-    if !can_write {
-        return Ok((image, fs, Access::ReadOnly, None));
-    }
-    // Decided before the MMP block is taken, which may take seconds.
-    if let Verdict::ReadOnly(why) = ext2_rs::policy::filesystem(Features::of(fs.super_block())) {
-        crate::nbdkit::report::error(&format!("{why}: serving read-only"));
-        return Ok((image, fs, Access::ReadOnly, None));
-    }
-    let mmp = MmpConfig::of(&mut fs)?;
+    let bs = u64::from(fs.block_size());
+    let read_block = |block: u64, buf: &mut [u8]| -> std::result::Result<(), Errno> {
+        plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
+    };
+    let replay = ext2_rs::jbd2::load(&mut fs, &read_block)?;
     drop(fs);
-    let held = protect(&image, mmp)?;
-    let (fs, access) = open_writable(&image, held.as_ref())?;
-    // Served read-only after all: the block is released (marked clean).
-    let held = held.filter(|_| access == Access::ReadWrite);
-    Ok((image, fs, access, held))
+    let image = Arc::new(Image::with_replay(plugin, replay, bs));
+    let fs = open_checked(&image, Access::ReadOnly)?;
+    Ok((image, fs))
+}
+
+/// Opens the filesystem on `image`, refusing one larger than the image as
+/// the kernel refuses to mount it: its files would be served until a read
+/// reaches the missing part and fails.
+fn open_checked(image: &Arc<Image>, access: Access) -> Result<Filesystem> {
+    checked(image, Filesystem::open(image.clone(), access)?)
+}
+
+/// `fs` if it fits in `image` (see [`open_checked`]).
+fn checked(image: &Arc<Image>, fs: Filesystem) -> Result<Filesystem> {
+    let device_blocks = image.size() / u64::from(fs.block_size());
+    if fs.blocks_count() > device_blocks {
+        return Err(Error::other(
+            Errno::EINVAL,
+            format!(
+                "open: bad geometry: block count {} exceeds size of device ({device_blocks} blocks)",
+                fs.blocks_count()
+            ),
+        ));
+    }
+    Ok(fs)
+}
+
+/// Why the filesystem must stay read-only whatever the server allows, if
+/// it must: a feature the kernel only mounts read-only (`ext2_rs::policy`).
+fn unwritable_features(fs: &Filesystem) -> Option<String> {
+    match ext2_rs::policy::filesystem(Features::of(fs.super_block())) {
+        Verdict::ReadOnly(why) => Some(format!("{why}: serving read-only")),
+        // One it refuses was not opened at all.
+        _ => None,
+    }
+}
+
+/// Why a journal replay must not be written into the image, if it must not:
+/// e2fsck would mark the filesystem as having errors after it.
+fn replay_refusal(replay: &Replay) -> Option<String> {
+    match replay.checkpoint() {
+        Some(checkpoint) => checkpoint.errors.clone(),
+        None => Some("the journal superblock is unknown".to_string()),
+    }
+}
+
+/// What a read-only connection is told about `ext2journal=replay` while the
+/// journal is replayed in memory only; `None` when there is nothing to say.
+pub fn read_only_note(shared: &Shared, journal: JournalMode) -> Option<&'static str> {
+    (journal == JournalMode::Replay && shared.image.replaying()).then_some(
+        "ext2journal=replay: the image cannot be written (-r, or a plugin that \
+         cannot write): the journal is replayed in memory only and the image \
+         served read-only",
+    )
+}
+
+/// For the first connection that may write: opens the plugin on `backend`
+/// and the filesystem again read-write, unless the image must stay
+/// read-only (then with a message saying why).  With `ext2journal=replay`
+/// an unclean journal is first written into the image.
+///
+/// `Ok` once that is settled either way; `Err` (the connection fails) when
+/// it failed, leaving the filesystem read-only for the next connection that
+/// may write to try again.  The library lock is held throughout, so requests
+/// of other connections wait, and then see the re-opened filesystem.
+pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) -> Result<()> {
+    let image = &shared.image;
+    let mut fs = shared.lock_fs()?;
+    if let Some(why) = unwritable_features(&fs) {
+        report_error(&why);
+        return Ok(());
+    }
+    if let Some(replay) = image.replay() {
+        if journal == JournalMode::Memory {
+            report_error(
+                "the filesystem's journal needs recovery: replaying it in memory and \
+                 serving read-only (run e2fsck on the image, or add ext2journal=replay, \
+                 to serve it read-write)",
+            );
+            return Ok(());
+        }
+        if let Some(why) = replay_refusal(replay) {
+            report_error(&format!(
+                "the filesystem's journal needs recovery, but ext2journal=replay does \
+                 not write it into the image: {why}, and e2fsck would mark the \
+                 filesystem as having errors and check it: replaying it in memory \
+                 and serving read-only (run e2fsck on the image)"
+            ));
+            return Ok(());
+        }
+    }
+    let plugin = image.plugin();
+    plugin.reopen(backend, false)?;
+    if !plugin.capabilities().can_write {
+        if let Some(note) = read_only_note(shared, journal) {
+            report_error(note);
+        }
+        return Ok(());
+    }
+    // Nothing is written before the MMP block is ours (`mmp`).
+    let held = protect(image, MmpConfig::of(&mut fs)?)?;
+    let bs = u64::from(fs.block_size());
+    let replayed = match image.replay() {
+        Some(replay) => {
+            let count = replay_into_image(image, replay, bs)?;
+            image.replay_is_written();
+            Some(count)
+        }
+        None => None,
+    };
+    let after = |e: Error, what: &str| {
+        e.in_context(format!(
+            "journal: the replay is written and the journal marked empty, \
+             but {what} failed (needs_recovery is still set: e2fsck or the \
+             kernel will clear it)"
+        ))
+    };
+    let (mut fresh, access) = open_writable(image, held.as_ref()).map_err(|e| match replayed {
+        Some(_) => after(e, "opening the filesystem read-write"),
+        None => e,
+    })?;
+    // Set on a writable filesystem only by a replay written into the image,
+    // here or by an earlier try: the journal is empty.
+    if access == Access::ReadWrite && fresh.needs_recovery() {
+        fresh
+            .clear_needs_recovery()
+            .map_err(|e| after(e, "clearing needs_recovery"))?;
+        report_error(&format!(
+            "replayed {} blocks of the journal into the image; the journal is \
+             marked empty and needs_recovery cleared, as e2fsck does: serving read-write",
+            replayed.unwrap_or_default()
+        ));
+    }
+    *fs = fresh;
+    if access == Access::ReadWrite {
+        shared.now_writable(held);
+    }
+    // Otherwise the MMP block is released (marked clean) with `held`.
+    Ok(())
 }
 
 /// Takes the MMP block of a filesystem with the `mmp` feature (`config`),
@@ -76,110 +202,20 @@ fn protect(image: &Arc<Image>, config: Option<MmpConfig>) -> Result<Option<Prote
     Ok(Some(held))
 }
 
-/// Opens the filesystem on `image` read-write, under `held` if it has mmp.
-fn open_read_write(image: &Arc<Image>, held: Option<&Protection>) -> Result<Filesystem> {
-    match held {
-        Some(held) => Filesystem::open_protected(image.clone(), held),
-        None => Filesystem::open(image.clone(), Access::ReadWrite),
-    }
-}
-
-/// Opens a filesystem whose journal needs recovery (`fs` is it, open
-/// read-only): the journal is replayed in memory and served read-only, or,
-/// with `ext2journal=replay` on a writable server, written into the image
-/// first and then served read-write.
-fn open_unclean(
-    plugin: Arc<Plugin>,
-    mut image: Arc<Image>,
-    mut fs: Filesystem,
-    can_write: bool,
-    journal: JournalMode,
-) -> Result<Opened> {
-    let mut access = Access::ReadOnly;
-    let mut held = None;
-    let verdict = ext2_rs::policy::filesystem(Features::of(fs.super_block()));
-    let mut write_out = can_write && journal == JournalMode::Replay;
-    if let (true, Verdict::ReadOnly(why)) = (can_write, &verdict) {
-        crate::nbdkit::report::error(&format!(
-            "{why}: the journal is replayed in memory and the filesystem served read-only"
-        ));
-        write_out = false;
-    } else if can_write && !write_out {
-        crate::nbdkit::report::error(
-            "the filesystem's journal needs recovery: replaying it in memory and \
-             serving read-only (run e2fsck on the image, or add ext2journal=replay, \
-             to serve it read-write)",
-        );
-    } else if !can_write && journal == JournalMode::Replay {
-        crate::nbdkit::report::error(
-            "ext2journal=replay: the image cannot be written (-r, or a plugin that \
-             cannot write): the journal is replayed in memory only and the image \
-             served read-only",
-        );
-    }
-    // The journal is read with the filesystem open read-only:
-    // nothing is written before the replay is known to be good.
-    let bs = u64::from(fs.block_size());
-    let read_block = |block: u64, buf: &mut [u8]| -> std::result::Result<(), Errno> {
-        plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
-    };
-    let replay = ext2_rs::jbd2::load(&mut fs, &read_block)?;
-    let mmp = if write_out {
-        MmpConfig::of(&mut fs)?
-    } else {
-        None
-    };
-    drop(fs);
-    let refusal = match replay.checkpoint() {
-        Some(checkpoint) => checkpoint.errors.clone(),
-        None => Some("the journal superblock is unknown".to_string()),
-    };
-    match refusal {
-        None if write_out => {
-            held = protect(&image, mmp)?;
-            let count = replay_into_image(&plugin, replay, bs)?;
-            let after = |e: Error, what: &str| {
-                e.in_context(format!(
-                    "journal: the replay is written and the journal marked empty, \
-                         but {what} failed (needs_recovery is still set: e2fsck or the \
-                         kernel will clear it)"
-                ))
-            };
-            access = Access::ReadWrite;
-            fs = open_read_write(&image, held.as_ref())
-                .map_err(|e| after(e, "opening the filesystem read-write"))?;
-            fs.clear_needs_recovery()
-                .map_err(|e| after(e, "clearing needs_recovery"))?;
-            crate::nbdkit::report::error(&format!(
-                "replayed {count} blocks of the journal into the image; the journal is \
-                 marked empty and needs_recovery cleared, as e2fsck does: serving read-write"
-            ));
-        }
-        _ => {
-            if let (true, Some(why)) = (write_out, refusal) {
-                crate::nbdkit::report::error(&format!(
-                    "the filesystem's journal needs recovery, but ext2journal=replay does \
-                     not write it into the image: {why}, and e2fsck would mark the \
-                     filesystem as having errors and check it: replaying it in memory \
-                     and serving read-only (run e2fsck on the image)"
-                ));
-            }
-            image = Arc::new(Image::with_replay(plugin.clone(), replay, bs));
-            fs = Filesystem::open(image.clone(), access)?;
-        }
-    }
-    Ok((image, fs, access, held))
-}
-
-/// Opens the filesystem on `image` read-write (under `held`, with mmp) or,
-/// when ext2-rs will not write it (quotas it cannot keep: see
-/// `ext2_rs::policy` and `ext2_rs::quota`), read-only with a message
-/// saying why.
+/// Opens the filesystem on `image` read-write (under `held`, with `mmp`)
+/// or, when ext2-rs will not write it (quota files it cannot keep: see
+/// `ext2_rs::quota`), read-only with a message saying why.
 fn open_writable(image: &Arc<Image>, held: Option<&Protection>) -> Result<(Filesystem, Access)> {
-    match open_read_write(image, held) {
+    let opened = match held {
+        Some(held) => {
+            Filesystem::open_protected(image.clone(), held).and_then(|fs| checked(image, fs))
+        }
+        None => open_checked(image, Access::ReadWrite),
+    };
+    match opened {
         Err(e) if e.errno() == Errno::EROFS => {
-            crate::nbdkit::report::error(&format!("{e}: serving read-only"));
-            let fs = Filesystem::open(image.clone(), Access::ReadOnly)?;
+            report_error(&format!("{e}: serving read-only"));
+            let fs = open_checked(image, Access::ReadOnly)?;
             Ok((fs, Access::ReadOnly))
         }
         other => Ok((other?, Access::ReadWrite)),
@@ -206,7 +242,8 @@ const REPLAY_RUN_BYTES: u64 = 1 << 20;
 /// or the kernel replays it again, writing the same blocks; after it, an
 /// empty journal with `needs_recovery` set has nothing to replay.  A
 /// failure returns an error saying the journal still needs recovery.
-fn replay_into_image(plugin: &Arc<Plugin>, replay: Replay, bs: u64) -> Result<usize> {
+fn replay_into_image(image: &Image, replay: &Replay, bs: u64) -> Result<usize> {
+    let plugin = image.plugin();
     let checkpoint = replay
         .checkpoint()
         .cloned()
@@ -217,7 +254,6 @@ fn replay_into_image(plugin: &Arc<Plugin>, replay: Replay, bs: u64) -> Result<us
         .into_iter()
         .map(|(block, _)| block)
         .collect();
-    let replayed = Image::with_replay(plugin.clone(), replay, bs);
     let still = "the journal still needs recovery: it and needs_recovery are unchanged, and \
                  replaying it again (on the next connection, or with e2fsck) writes the same \
                  blocks";
@@ -232,7 +268,7 @@ fn replay_into_image(plugin: &Arc<Plugin>, replay: Replay, bs: u64) -> Result<us
         let last = first + n as u64 - 1;
         let offset = first * bs;
         let mut buf = vec![0u8; n * bs as usize];
-        replayed.pread(&mut buf, offset).map_err(|errno| {
+        image.pread(&mut buf, offset).map_err(|errno| {
             Error::other(
                 errno,
                 format!(

@@ -6,22 +6,22 @@
 //! file's map lock at most, never under the filesystem lock.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::filter::config::JournalMode;
 use crate::filter::file::ServedFile;
 use crate::filter::opening;
 use crate::image::Image;
 use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
-use ext2_rs::extent_map::FileMap;
+use ext2_rs::lazy_map::{LazyMap, MapSource};
 use ext2_rs::mmp::Protection;
 use ext2_rs::policy::Verdict;
-use ext2_rs::{mapping, Access, Filesystem, Ino};
+use ext2_rs::{Filesystem, Ino};
 
 pub struct Shared {
     /// Where file data and metadata are read and written.
@@ -34,26 +34,33 @@ pub struct Shared {
     /// that no file owns yet.
     alloc_gate: RwLock<()>,
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
+    /// Where served files' maps are read from, and their shared cache.
+    map_source: MapSource,
     /// The MMP block held while the filesystem is written (`mmp`), released
     /// by [`Shared::shutdown`].
     mmp: Mutex<Option<Protection>>,
     pub block_size: u32,
-    pub access: Access,
+    /// Read-only from the start until the first writable connection has
+    /// re-opened the filesystem read-write ([`opening::reopen_writable`]).
+    writable: AtomicBool,
 }
 
 impl Shared {
-    /// Opens the filesystem over `plugin`, read-write if `want_write` and
-    /// the image allows it (see [`opening::open_filesystem`]).
-    pub fn open(plugin: Plugin, want_write: bool, journal: JournalMode) -> Result<Shared> {
-        let (image, fs, access, mmp) = opening::open_filesystem(plugin, want_write, journal)?;
+    /// Opens the filesystem over `plugin` read-only, an unclean journal
+    /// replayed in memory (see [`opening::open_read_only`]); files' maps
+    /// share a cache of about `map_cache` bytes.
+    pub fn open(plugin: Plugin, map_cache: usize) -> Result<Shared> {
+        let (image, fs) = opening::open_read_only(plugin)?;
         Ok(Shared {
-            mmp: Mutex::new(mmp),
+            map_source: MapSource::new(&fs, image.clone(), map_cache)
+                .with_background(Arc::new(crate::pool::spawn)),
+            mmp: Mutex::new(None),
             block_size: fs.block_size(),
             image,
             fs: Mutex::new(Some(fs)),
             alloc_gate: RwLock::new(()),
             files: Mutex::new(HashMap::new()),
-            access,
+            writable: AtomicBool::new(false),
         })
     }
 
@@ -64,7 +71,14 @@ impl Shared {
     /// Opened read-write, and no other node has taken the filesystem since
     /// (multi-mount protection).
     pub fn writable(&self) -> bool {
-        self.access == Access::ReadWrite && !self.image.fenced_off()
+        self.writable.load(Ordering::Acquire) && !self.image.fenced_off()
+    }
+
+    /// Says the filesystem now in the lock is open read-write, under the
+    /// MMP block `held` if it has the `mmp` feature.
+    pub fn now_writable(&self, held: Option<Protection>) {
+        *self.mmp.lock() = held;
+        self.writable.store(true, Ordering::Release);
     }
 
     /// Takes the libext2fs lock.
@@ -110,8 +124,8 @@ impl Shared {
         self.alloc_gate.read()
     }
 
-    /// The shared state of the file at `path`, building its block map the
-    /// first time any connection opens it.
+    /// The shared state of the file at `path`, reading its inode the first
+    /// time any connection opens it.
     pub fn open_file(&self, path: &str) -> Result<Arc<ServedFile>> {
         let lookup = crate::filter::config::lookup_path(path)
             .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
@@ -143,23 +157,18 @@ impl Shared {
             Verdict::ReadOnly(why) => Some(why),
             Verdict::ReadWrite => None,
         };
-        let extents = mapping::read_map(&mut fs, ino, info.layout)
-            .map_err(|e| e.in_context(path.to_string()))?;
-        let count = extents.len();
-        let map = FileMap::new(fs.block_size(), extents).map_err(|msg| {
-            Error::other(Errno::EIO, format!("{path}: {msg}: the image is damaged"))
-        })?;
+        // Only the inode is read: map blocks are read as requests need them.
+        let map = LazyMap::open(&mut fs, self.map_source.clone(), ino, path)?;
         nbd_debug!(
             ext2_debug_map,
-            "{path}: inode {ino}, {} bytes, {:?}, {count} extents in {} runs ({} bytes of map)",
+            "{path}: inode {ino}, {} bytes, {:?}, map read lazily ({:?})",
             info.size,
             info.layout,
-            map.extents().len(),
-            map.memory()
+            self.map_source.cache.stats()
         );
         let cluster_ratio = fs.cluster_ratio();
         drop(fs);
-        if let (Some(why), true) = (&read_only, self.writable()) {
+        if let Some(why) = &read_only {
             crate::nbdkit::report::error(&format!("{why}: serving it read-only"));
         }
         let file = Arc::new(ServedFile::new(

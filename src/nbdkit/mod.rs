@@ -1,11 +1,11 @@
 //! Safe wrappers over nbdkit's filter API: the plugin context beneath us,
-//! reporting, and the small conversions every callback needs.
+//! reporting, and the small conversions every callback needs.  (The panic
+//! guard and the handle conversions are ext2-rs's `ffi`, the one C boundary.)
 
 pub mod next;
 pub mod report;
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr::NonNull;
 
 use crate::sys;
@@ -54,23 +54,6 @@ impl Context {
         let ptr = next.map_or(std::ptr::null_mut(), RawNext::as_ptr);
         // SAFETY: both contexts are live; nbdkit only records the pointer.
         unsafe { sys::nbdkit_context_set_next(self.0.as_ptr(), ptr) };
-    }
-}
-
-/// Runs a callback body, turning a panic into `on_panic` with an error
-/// logged: a panic must never unwind into nbdkit.
-pub fn guard<T>(name: &str, on_panic: T, body: impl FnOnce() -> T) -> T {
-    match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(v) => v,
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            report::error(&format!("ext2: internal error in {name}: {what}"));
-            on_panic
-        }
     }
 }
 
@@ -141,38 +124,4 @@ pub unsafe fn add_extent(
 ) -> bool {
     // SAFETY: guaranteed by the caller.
     unsafe { sys::nbdkit_add_extent(extents, offset, len, flags) == 0 }
-}
-
-/// Boxes connection state into the `void *` nbdkit keeps for us.
-pub fn into_handle<T>(value: T) -> *mut c_void {
-    Box::into_raw(Box::new(value)).cast()
-}
-
-/// Borrows the state behind a handle from `into_handle`.
-///
-/// # Safety
-/// `handle` must come from `into_handle::<T>` and not yet be freed; nbdkit
-/// guarantees that between `.open` and `.close`.
-pub unsafe fn handle_ref<'a, T>(handle: *mut c_void) -> &'a T {
-    // SAFETY: guaranteed by the caller.
-    unsafe { &*handle.cast::<T>() }
-}
-
-/// Mutable access for the callbacks nbdkit never runs concurrently with any
-/// other on the same handle (`.prepare`, `.finalize`).
-///
-/// # Safety
-/// As `handle_ref`, plus no other reference to the state may be live.
-pub unsafe fn handle_mut<'a, T>(handle: *mut c_void) -> &'a mut T {
-    // SAFETY: guaranteed by the caller.
-    unsafe { &mut *handle.cast::<T>() }
-}
-
-/// Takes back and frees the state behind a handle, in `.close`.
-///
-/// # Safety
-/// `handle` must come from `into_handle::<T>`; it is invalid afterwards.
-pub unsafe fn from_handle<T>(handle: *mut c_void) -> T {
-    // SAFETY: guaranteed by the caller.
-    *unsafe { Box::from_raw(handle.cast::<T>()) }
 }

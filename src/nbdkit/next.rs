@@ -69,118 +69,242 @@ pub struct Capabilities {
 }
 
 /// The plugin context that the filter shares between all connections.
+///
+/// It is opened read-only at start; the first connection of a writable
+/// server replaces it, once, by a read-write one ([`Plugin::reopen`]),
+/// without stopping requests for longer than the swap.
 pub struct Plugin {
-    raw: RawNext,
-    caps: Capabilities,
+    state: RwLock<State>,
     /// Held around each request when the plugin cannot take parallel requests
     /// on one handle (thread model `serialize_requests`): all our connections
     /// share this one handle, so nbdkit's own per-connection lock is not enough.
     gate: Option<Mutex<()>>,
-    /// False once the context is closed (at `.cleanup`, which may come while
-    /// connections still exist); requests hold it shared, so the context is
-    /// never closed under one.
-    live: RwLock<bool>,
 }
 
-/// Permission to make one request: the context stays open meanwhile.
+struct State {
+    /// The context requests go to; `None` once closed (at `.cleanup`, which
+    /// may come while connections still exist).  Requests hold the state
+    /// shared, so a context is never closed or replaced under one.
+    current: Option<(RawNext, Capabilities)>,
+    /// Whether the current context was opened read-only.
+    readonly: bool,
+    /// Contexts [`Plugin::reopen`] replaced.  Connections prepared before may
+    /// still have one attached (nbdkit calls through it for what the filter
+    /// leaves to the plugin), so they are closed only with the plugin.
+    retired: Vec<RawNext>,
+}
+
+/// Permission to make requests: the context stays open and current meanwhile.
 struct Entry<'a> {
-    _live: RwLockReadGuard<'a, bool>,
+    state: RwLockReadGuard<'a, State>,
     _gate: Option<MutexGuard<'a, ()>>,
 }
 
-impl Plugin {
-    /// Opens, prepares and queries a context that outlives any connection.
-    /// A failure has already been reported by nbdkit or the plugin.
-    pub fn open(backend: Backend, readonly: bool, serialize: bool) -> Result<Plugin, Errno> {
-        // SAFETY: `backend` is the one nbdkit handed to the calling callback;
-        // the empty export name asks for the plugin's default export.
-        let ptr = unsafe {
-            sys::nbdkit_next_context_open(backend.as_ptr(), readonly as c_int, c"".as_ptr(), 1)
-        };
-        let raw = RawNext::new(ptr).ok_or(Errno::EIO)?;
-        let mut plugin = Plugin {
-            raw,
-            caps: Capabilities::default(),
-            gate: serialize.then(|| Mutex::new(())),
-            live: RwLock::new(true),
-        };
-        if call!(raw, prepare) == -1 {
-            return Err(Errno::EIO);
-        }
-        plugin.caps = plugin.query()?;
-        Ok(plugin)
+impl Entry<'_> {
+    fn raw(&self) -> RawNext {
+        self.state.current.as_ref().expect("checked by enter").0
     }
 
-    fn query(&self) -> Result<Capabilities, Errno> {
-        let raw = self.raw;
-        let check = |r: c_int| if r == -1 { Err(Errno::EIO) } else { Ok(r) };
-        let size = call!(raw, get_size);
-        if size < 0 {
-            return Err(Errno::EIO);
+    fn caps(&self) -> &Capabilities {
+        &self.state.current.as_ref().expect("checked by enter").1
+    }
+
+    /// Fails unless `[offset, offset + len)` lies inside the image.
+    fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<(), Errno> {
+        let size = self.caps().size;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => {
+                nbd_error!(
+                    "{what} of {len} bytes at offset {offset} is beyond the end of the image ({size} bytes): the filesystem is damaged or truncated"
+                );
+                Err(Errno::EIO)
+            }
         }
-        let can_write = check(call!(raw, can_write))? == 1;
-        Ok(Capabilities {
-            size: size as u64,
-            can_write,
-            can_flush: check(call!(raw, can_flush))? == 1,
-            fua: if can_write {
-                check(call!(raw, can_fua))?
-            } else {
-                0
-            },
-            zero: if can_write {
-                check(call!(raw, can_zero))?
-            } else {
-                0
-            },
-            can_fast_zero: can_write && check(call!(raw, can_fast_zero))? == 1,
-            can_trim: can_write && check(call!(raw, can_trim))? == 1,
-            can_multi_conn: check(call!(raw, can_multi_conn))? == 1,
+    }
+
+    fn check_writable(&self) -> Result<(), Errno> {
+        if self.caps().can_write {
+            Ok(())
+        } else {
+            nbd_error!("the plugin is read-only");
+            Err(Errno::EROFS)
+        }
+    }
+
+    /// Splits `len` bytes into requests the plugin can take (its count is a
+    /// u32), makes each with `one(raw, done, n, &mut err)`, and turns a -1
+    /// into the plugin's errno.
+    fn in_requests(
+        &self,
+        len: u64,
+        mut one: impl FnMut(RawNext, u64, u32, &mut c_int) -> c_int,
+    ) -> Result<(), Errno> {
+        let raw = self.raw();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(MAX_REQUEST as u64);
+            let mut err: c_int = 0;
+            if one(raw, done, n as u32, &mut err) == -1 {
+                return Err(Errno::from_plugin(err));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Opens, prepares and queries a context that outlives any connection.  A
+/// failure has already been reported by nbdkit or the plugin.
+fn open_context(backend: Backend, readonly: bool) -> Result<(RawNext, Capabilities), Errno> {
+    // SAFETY: `backend` is the one nbdkit handed to the calling callback;
+    // the empty export name asks for the plugin's default export.
+    let ptr = unsafe {
+        sys::nbdkit_next_context_open(backend.as_ptr(), readonly as c_int, c"".as_ptr(), 1)
+    };
+    let raw = RawNext::new(ptr).ok_or(Errno::EIO)?;
+    let prepared = call!(raw, prepare) != -1;
+    match prepared.then(|| query(raw)) {
+        Some(Ok(caps)) => Ok((raw, caps)),
+        failed => {
+            close_context(raw, prepared);
+            Err(failed.map_or(Errno::EIO, |r| r.err().unwrap_or(Errno::EIO)))
+        }
+    }
+}
+
+/// Finalizes (if it was prepared) and closes a context.
+fn close_context(raw: RawNext, prepared: bool) {
+    if prepared {
+        call!(raw, finalize);
+    }
+    // SAFETY: the context was opened by `open_context` and is closed exactly
+    // once, with no request in flight (the caller holds the state).
+    unsafe { sys::nbdkit_next_context_close(raw.as_ptr()) }
+}
+
+/// What a freshly prepared context can do.
+fn query(raw: RawNext) -> Result<Capabilities, Errno> {
+    let check = |r: c_int| if r == -1 { Err(Errno::EIO) } else { Ok(r) };
+    let size = call!(raw, get_size);
+    if size < 0 {
+        return Err(Errno::EIO);
+    }
+    let can_write = check(call!(raw, can_write))? == 1;
+    Ok(Capabilities {
+        size: size as u64,
+        can_write,
+        can_flush: check(call!(raw, can_flush))? == 1,
+        fua: if can_write {
+            check(call!(raw, can_fua))?
+        } else {
+            0
+        },
+        zero: if can_write {
+            check(call!(raw, can_zero))?
+        } else {
+            0
+        },
+        can_fast_zero: can_write && check(call!(raw, can_fast_zero))? == 1,
+        can_trim: can_write && check(call!(raw, can_trim))? == 1,
+        can_multi_conn: check(call!(raw, can_multi_conn))? == 1,
+    })
+}
+
+impl Plugin {
+    /// Opens, prepares and queries a context on `backend` (read-only if
+    /// `readonly`) that outlives any connection.  A failure has already
+    /// been reported by nbdkit or the plugin.
+    pub fn open(backend: Backend, readonly: bool, serialize: bool) -> Result<Plugin, Errno> {
+        let current = open_context(backend, readonly)?;
+        Ok(Plugin {
+            state: RwLock::new(State {
+                current: Some(current),
+                readonly,
+                retired: Vec::new(),
+            }),
+            gate: serialize.then(|| Mutex::new(())),
         })
     }
 
+    /// Replaces the context by a new one on `backend` (read-write unless
+    /// `readonly`), once requests in flight have finished; requests made
+    /// meanwhile wait.  On failure the old context stays; nothing changes
+    /// when the context is already opened that way.
+    pub fn reopen(&self, backend: Backend, readonly: bool) -> Result<(), Errno> {
+        if self.state.read().readonly == readonly {
+            return Ok(());
+        }
+        let fresh = open_context(backend, readonly)?;
+        let mut state = self.state.write();
+        match state.current.as_mut() {
+            Some(current) => {
+                let old = std::mem::replace(current, fresh);
+                state.retired.push(old.0);
+                state.readonly = readonly;
+                Ok(())
+            }
+            None => {
+                // Closed meanwhile: the server is shutting down.
+                close_context(fresh.0, true);
+                nbd_error!("the server is shutting down");
+                Err(Errno::ESHUTDOWN)
+            }
+        }
+    }
+
     fn enter(&self) -> Result<Entry<'_>, Errno> {
-        let live = self.live.read();
-        if !*live {
+        let state = self.state.read();
+        if state.current.is_none() {
             nbd_error!("the server is shutting down");
             return Err(Errno::ESHUTDOWN);
         }
         Ok(Entry {
-            _live: live,
+            state,
             _gate: self.gate.as_ref().map(|g| g.lock()),
         })
     }
 
-    /// Finalizes and closes the context, waiting for requests in flight;
+    /// Finalizes and closes the contexts, waiting for requests in flight;
     /// later requests fail with ESHUTDOWN.
     pub fn close(&self) {
-        let mut live = self.live.write();
-        if *live {
-            *live = false;
-            let raw = self.raw;
-            call!(raw, finalize);
-            // SAFETY: the context was opened by `Plugin::open` and, guarded by
-            // `live`, is closed exactly once with no request in flight.
-            unsafe { sys::nbdkit_next_context_close(raw.as_ptr()) }
+        let mut state = self.state.write();
+        if let Some((raw, _)) = state.current.take() {
+            close_context(raw, true);
+        }
+        for raw in std::mem::take(&mut state.retired) {
+            close_context(raw, true);
         }
     }
 
-    pub fn raw(&self) -> RawNext {
-        self.raw
+    /// The current context, to attach to a connection; `None` once closed.
+    pub fn raw(&self) -> Option<RawNext> {
+        self.state.read_recursive().current.as_ref().map(|c| c.0)
     }
 
-    pub fn capabilities(&self) -> &Capabilities {
-        &self.caps
+    /// What the current context can do (nothing, once closed).
+    pub fn capabilities(&self) -> Capabilities {
+        self.state
+            .read_recursive()
+            .current
+            .as_ref()
+            .map(|c| c.1)
+            .unwrap_or_default()
+    }
+
+    /// Whether the plugin takes parallel requests on the shared context.
+    pub fn parallel(&self) -> bool {
+        self.gate.is_none()
     }
 
     pub fn size(&self) -> u64 {
-        self.caps.size
+        self.capabilities().size
     }
 
     /// The plugin's export description, if it has one.
     pub fn export_description(&self) -> Option<String> {
-        let _entry = self.enter().ok()?;
-        let ptr = call!(self.raw, export_description);
+        let entry = self.enter().ok()?;
+        let ptr = call!(entry.raw(), export_description);
         if ptr.is_null() {
             return None;
         }
@@ -193,37 +317,15 @@ impl Plugin {
         )
     }
 
-    /// Fails unless `[offset, offset + len)` lies inside the image.
-    fn check_range(&self, what: &str, offset: u64, len: usize) -> Result<(), Errno> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.caps.size => Ok(()),
-            _ => {
-                nbd_error!(
-                    "{what} of {len} bytes at offset {offset} is beyond the end of the image ({} bytes): the filesystem is damaged or truncated",
-                    self.caps.size
-                );
-                Err(Errno::EIO)
-            }
-        }
-    }
-
-    fn check_writable(&self) -> Result<(), Errno> {
-        if self.caps.can_write {
-            Ok(())
-        } else {
-            nbd_error!("the plugin is read-only");
-            Err(Errno::EROFS)
-        }
-    }
-
     /// Reads `buf.len()` bytes of the image at `offset`.
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        self.check_range("read", offset, buf.len())?;
+        let entry = self.enter()?;
         let len = buf.len() as u64;
-        self.in_requests(len, |done, n, err| {
+        entry.check_range("read", offset, len)?;
+        entry.in_requests(len, |raw, done, n, err| {
             let chunk = &mut buf[done as usize..done as usize + n as usize];
             call!(
-                self.raw,
+                raw,
                 pread,
                 chunk.as_mut_ptr().cast(),
                 n,
@@ -234,36 +336,16 @@ impl Plugin {
         })
     }
 
-    /// Splits `len` bytes into requests the plugin can take (its count is a
-    /// u32), makes each with `one(done, n, &mut err)`, and turns a -1 into
-    /// the plugin's errno.  Each request holds an [`Entry`].
-    fn in_requests(
-        &self,
-        len: u64,
-        mut one: impl FnMut(u64, u32, &mut c_int) -> c_int,
-    ) -> Result<(), Errno> {
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(MAX_REQUEST as u64);
-            let mut err: c_int = 0;
-            let _entry = self.enter()?;
-            if one(done, n as u32, &mut err) == -1 {
-                return Err(Errno::from_plugin(err));
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
     /// Writes `buf` to the image at `offset`; `fua` makes it durable first.
     pub fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
-        self.check_writable()?;
-        self.check_range("write", offset, buf.len())?;
-        let (flags, flush_after) = self.fua_plan(fua);
-        self.in_requests(buf.len() as u64, |done, n, err| {
+        let entry = self.enter()?;
+        entry.check_writable()?;
+        entry.check_range("write", offset, buf.len() as u64)?;
+        let (flags, flush_after) = fua_plan(entry.caps(), fua);
+        entry.in_requests(buf.len() as u64, |raw, done, n, err| {
             let chunk = &buf[done as usize..done as usize + n as usize];
             call!(
-                self.raw,
+                raw,
                 pwrite,
                 chunk.as_ptr().cast(),
                 n,
@@ -273,7 +355,7 @@ impl Plugin {
             )
         })?;
         if flush_after {
-            self.flush()?;
+            flush(&entry)?;
         }
         Ok(())
     }
@@ -282,12 +364,15 @@ impl Plugin {
     /// `fast` asks the plugin to fail rather than write zeroes slowly; the
     /// caller checks `can_fast_zero` first.
     pub fn zero(&self, len: u64, offset: u64, may_trim: bool, fast: bool) -> Result<(), Errno> {
-        self.check_writable()?;
-        self.check_range("zero", offset, len as usize)?;
-        if fast && !self.caps.can_fast_zero {
+        let entry = self.enter()?;
+        entry.check_writable()?;
+        entry.check_range("zero", offset, len)?;
+        let caps = *entry.caps();
+        if fast && !caps.can_fast_zero {
             return Err(Errno::ENOTSUP);
         }
-        if self.caps.zero == sys::NBDKIT_ZERO_NONE as i32 {
+        if caps.zero == sys::NBDKIT_ZERO_NONE as i32 {
+            drop(entry);
             return self.write_zeroes(len, offset);
         }
         let mut flags = 0;
@@ -297,8 +382,8 @@ impl Plugin {
         if fast {
             flags |= sys::NBDKIT_FLAG_FAST_ZERO;
         }
-        self.in_requests(len, |done, n, err| {
-            call!(self.raw, zero, n, offset + done, flags, err)
+        entry.in_requests(len, |raw, done, n, err| {
+            call!(raw, zero, n, offset + done, flags, err)
         })
     }
 
@@ -315,27 +400,31 @@ impl Plugin {
 
     /// Makes everything written so far durable, if the plugin can.
     pub fn flush(&self) -> Result<(), Errno> {
-        if !self.caps.can_flush {
-            return Ok(());
-        }
-        let mut err: c_int = 0;
-        let _entry = self.enter()?;
-        if call!(self.raw, flush, 0, &mut err) == -1 {
-            return Err(Errno::from_plugin(err));
-        }
-        Ok(())
+        flush(&self.enter()?)
     }
+}
 
-    /// How to honour FUA: the plugin's flag, a flush afterwards, or nothing
-    /// when the plugin can do neither (it then has no volatile cache to lose).
-    fn fua_plan(&self, fua: bool) -> (u32, bool) {
-        if !fua {
-            (0, false)
-        } else if self.caps.fua > sys::NBDKIT_FUA_NONE as i32 {
-            (sys::NBDKIT_FLAG_FUA, false)
-        } else {
-            (0, self.caps.can_flush)
-        }
+/// Flushes the entry's context, if the plugin can.
+fn flush(entry: &Entry<'_>) -> Result<(), Errno> {
+    if !entry.caps().can_flush {
+        return Ok(());
+    }
+    let mut err: c_int = 0;
+    if call!(entry.raw(), flush, 0, &mut err) == -1 {
+        return Err(Errno::from_plugin(err));
+    }
+    Ok(())
+}
+
+/// How to honour FUA: the plugin's flag, a flush afterwards, or nothing
+/// when the plugin can do neither (it then has no volatile cache to lose).
+fn fua_plan(caps: &Capabilities, fua: bool) -> (u32, bool) {
+    if !fua {
+        (0, false)
+    } else if caps.fua > sys::NBDKIT_FUA_NONE as i32 {
+        (sys::NBDKIT_FLAG_FUA, false)
+    } else {
+        (0, caps.can_flush)
     }
 }
 

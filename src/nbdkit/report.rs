@@ -25,6 +25,14 @@ pub fn debug(msg: &str) {
     unsafe { sys::nbdkit_debug(c"%s".as_ptr(), msg.as_ptr()) }
 }
 
+/// Prints a line on standard output through C's stdio, in order with what
+/// nbdkit prints there (`nbdkit --dump-plugin`).
+pub fn print_line(line: &str) {
+    let line = c_message(line);
+    // SAFETY: a fixed "%s\n" format with one NUL-terminated string argument.
+    unsafe { libc::printf(c"%s\n".as_ptr(), line.as_ptr()) };
+}
+
 /// A debug flag that nbdkit sets before `.load` from `-D ext2.NAME=1`.
 ///
 /// nbdkit finds the exported symbol `ext2_debug_NAME` with `dlsym` and stores

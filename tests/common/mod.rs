@@ -10,6 +10,11 @@
 //! name `ext2` to run the suite against nbdkit's own C filter. Without it the filter is
 //! looked up next to the test executable (`target/<profile>/libext2filter.so`).
 //!
+//! `EXT2FILTER_NBDKIT` selects the server: a path to an `nbdkit` (e.g. one built from
+//! upstream's source, with a filter built against its headers in `EXT2FILTER_SO`), or a
+//! name looked up on PATH; `nbdkit` by default. `EXT2FILTER_SO=ext2` then means that
+//! nbdkit's own C filter.
+//!
 //! `EXT2FILTER_VALGRIND=1` runs every nbdkit these helpers start under valgrind memcheck
 //! (see [`nbdkit_cmd`]); a memcheck error then fails the test.
 
@@ -53,6 +58,32 @@ pub const STATE_ZERO: u32 = 2;
 // ---------------------------------------------------------------------------------------
 // The filter under test
 // ---------------------------------------------------------------------------------------
+
+/// The nbdkit under test: `$EXT2FILTER_NBDKIT`, or `nbdkit` from PATH.
+pub fn nbdkit_program() -> String {
+    env::var("EXT2FILTER_NBDKIT")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "nbdkit".to_string())
+}
+
+/// The version of the nbdkit under test, e.g. `(1, 45, 2)`.
+pub fn nbdkit_version() -> (u32, u32, u32) {
+    let out = run(&nbdkit_program(), &["--version"]);
+    out.assert_success();
+    let text = out.stdout_text();
+    let numbers: Vec<u32> = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .split('.')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match numbers[..] {
+        [major, minor, patch, ..] => (major, minor, patch),
+        _ => panic!("cannot read nbdkit's version from {text:?}"),
+    }
+}
 
 /// The name of nbdkit's installed C filter, for running the suite against it.
 pub fn c_filter() -> &'static str {
@@ -321,7 +352,17 @@ fn describe(cmd: &Command) -> String {
 
 /// Runs `cmd` with `stdin` as its input, capturing stdout and stderr, failing the test
 /// (after killing the child) if it runs longer than [`command_timeout`].
-pub fn run_command(mut cmd: Command, stdin: &[u8]) -> CmdOutput {
+pub fn run_command(cmd: Command, stdin: &[u8]) -> CmdOutput {
+    run_command_within(cmd, stdin, command_timeout()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `cmd` like [`run_command`]; `Err` (after killing it) if it runs longer than
+/// `timeout`.
+pub fn run_command_within(
+    mut cmd: Command,
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<CmdOutput, String> {
     let description = describe(&cmd);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -348,7 +389,6 @@ pub fn run_command(mut cmd: Command, stdin: &[u8]) -> CmdOutput {
         buf
     });
     let started = Instant::now();
-    let timeout = command_timeout();
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
             break status;
@@ -356,19 +396,23 @@ pub fn run_command(mut cmd: Command, stdin: &[u8]) -> CmdOutput {
         if started.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("timed out after {timeout:?}: {description}");
+            let stderr = String::from_utf8_lossy(&stderr_reader.join().unwrap()).into_owned();
+            return Err(format!(
+                "timed out after {timeout:?}: {description}\n--- stderr ---\n{}",
+                truncate_for_display(&stderr)
+            ));
         }
         thread::sleep(Duration::from_millis(5));
     };
     let _ = writer.join();
     let stdout = stdout_reader.join().unwrap();
     let stderr = String::from_utf8_lossy(&stderr_reader.join().unwrap()).into_owned();
-    CmdOutput {
+    Ok(CmdOutput {
         description,
         status,
         stdout,
         stderr,
-    }
+    })
 }
 
 /// Runs a program with arguments (no stdin), capturing its output.
@@ -871,14 +915,14 @@ impl ValgrindLogs {
 /// has exited.
 pub fn nbdkit_cmd() -> (Command, ValgrindLogs) {
     if !valgrind_enabled() {
-        return (command("nbdkit"), ValgrindLogs { prefix: None });
+        return (command(&nbdkit_program()), ValgrindLogs { prefix: None });
     }
     let prefix = format!("ext2filter-vg-{}-{}-", process::id(), unique_number());
     let mut cmd = command("valgrind");
     cmd.args(valgrind_options(
         &valgrind_log_dir().join(format!("{prefix}%p.log")),
     ));
-    cmd.arg("nbdkit");
+    cmd.arg(nbdkit_program());
     let logs = ValgrindLogs {
         prefix: Some(prefix),
     };
@@ -1008,6 +1052,78 @@ pub fn nbdkit_query(options: &[&str], plugin_args: &[&str]) -> CmdOutput {
     output
 }
 
+/// Waits up to `limit` for `child` to exit: its status, or `None` once it has been
+/// killed for taking longer.
+pub fn wait_or_kill(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// How long a server that should stop at start may take to do so.
+pub fn start_failure_timeout() -> Duration {
+    if valgrind_enabled() {
+        VALGRIND_TIMEOUT
+    } else {
+        Duration::from_secs(30)
+    }
+}
+
+/// Starts `nbdkit -f -U SOCKET OPTIONS --filter=<filter> PLUGIN_ARGS` and, with no
+/// client ever connecting, waits for it to exit: for a server that must stop at start
+/// (`.after_fork` failing on a bad image or path). Panics if it still serves after
+/// [`start_failure_timeout`]. (Not `--run`: nbdkit starts the command before
+/// `.after_fork` and keeps the socket open while it runs, so a command that connects
+/// would wait forever.)
+#[track_caller]
+pub fn nbdkit_start_failure(dir: &TestDir, options: &[&str], plugin_args: &[&str]) -> CmdOutput {
+    let (mut cmd, logs) = nbdkit_cmd();
+    cmd.arg("-f")
+        .arg("-U")
+        .arg(dir.join(&format!("s{}.sock", unique_number())));
+    cmd.args(options);
+    cmd.arg(format!("--filter={}", filter_so()));
+    cmd.args(plugin_args);
+    let output = run_command_within(cmd, &[], start_failure_timeout())
+        .unwrap_or_else(|e| panic!("nbdkit did not stop at start: {e}"));
+    assert_valgrind_clean(&logs, &output);
+    output
+}
+
+/// Asserts nbdkit stopped at start the way a failed `.after_fork` stops it: exit status
+/// 1 (not a signal), `message` in its stderr, and no crash.
+#[track_caller]
+pub fn assert_stopped_at_start(output: &CmdOutput, message: &str) {
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "nbdkit should exit 1 at start: {}\n{}",
+        output.description,
+        truncate_for_display(&output.stderr)
+    );
+    assert!(
+        output.stderr.contains(message),
+        "expected {message:?} in nbdkit's stderr:\n{}",
+        output.stderr
+    );
+    for bad in ["panicked", "Assertion", "internal error", "(null)"] {
+        assert!(
+            !output.stderr.contains(bad),
+            "nbdkit's stderr shows {bad:?}:\n{}",
+            output.stderr
+        );
+    }
+}
+
 /// A background `nbdkit -f -U SOCKET ...` server, killed when dropped.
 pub struct Server {
     child: Option<Child>,
@@ -1065,7 +1181,37 @@ impl Server {
             }
             thread::sleep(Duration::from_millis(5));
         }
+        server.wait_for_greeting(started, limit, &description);
         server
+    }
+
+    /// Waits until nbdkit greets a connection: it listens a moment after the socket
+    /// appears, and accepts only once `.after_fork` (where the filter opens the image)
+    /// is done. The probe reads the greeting before closing, which nbdkit does not log.
+    fn wait_for_greeting(&mut self, started: Instant, limit: Duration, description: &str) {
+        loop {
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.socket) {
+                let _ = stream.set_read_timeout(Some(limit));
+                let mut magic = [0u8; 8];
+                if stream.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
+                    return;
+                }
+            }
+            if !self.is_running() {
+                panic!(
+                    "nbdkit stopped at start: {description}\n{}{}",
+                    self.log(),
+                    self.valgrind_report()
+                );
+            }
+            if started.elapsed() > limit {
+                panic!(
+                    "nbdkit did not greet a connection in {limit:?}: {description}\n{}",
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -1138,20 +1284,11 @@ impl Server {
         } else {
             Duration::from_secs(60)
         };
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
-                    self.log()
-                ));
-            }
-            thread::sleep(Duration::from_millis(5));
+        let Some(status) = wait_or_kill(&mut child, limit) else {
+            return Err(format!(
+                "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
+                self.log()
+            ));
         };
         self.valgrind_logs.check()?;
         if status.success() {

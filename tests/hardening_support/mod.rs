@@ -495,6 +495,15 @@ pub const BAD_LOG_MARKERS: &[&str] = &[
     "core dumped",
 ];
 
+/// What became of a server started with [`Srv::start_or_stop`].
+pub enum Started {
+    /// nbdkit serves: it greeted a connection.
+    Serving(Srv),
+    /// nbdkit stopped at start the way a failed `.after_fork` stops it (a bad image
+    /// or path): exit status 1, an error in its log, no crash. Its log.
+    Stopped(String),
+}
+
 /// A background `nbdkit -f -U SOCKET [--filter=ours] ...` (optionally under valgrind).
 pub struct Srv {
     child: Option<Child>,
@@ -559,6 +568,73 @@ impl Srv {
             thread::sleep(Duration::from_millis(2));
         }
         Ok(srv)
+    }
+
+    /// Starts nbdkit as [`Srv::start`] does and waits until it serves (it greets a
+    /// connection, which it does only after `.after_fork`) or has stopped at start
+    /// ([`Started::Stopped`]); `Err` if it did anything else (crashed, exited
+    /// otherwise, a memcheck error).
+    pub fn start_or_stop(
+        dir: &Path,
+        options: &[&str],
+        plugin_args: &[&str],
+    ) -> Result<Started, String> {
+        let mut srv = Self::try_start(dir, options, plugin_args)?;
+        if srv.greets() {
+            return Ok(Started::Serving(srv));
+        }
+        srv.stopped_at_start().map(Started::Stopped)
+    }
+
+    /// Whether nbdkit accepts a connection and sends the NBD greeting. The probe
+    /// connection is closed at once; nbdkit logs nothing for it.
+    fn greets(&mut self) -> bool {
+        let started = Instant::now();
+        loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(mut stream) => {
+                    let _ = stream.set_read_timeout(Some(io_timeout()));
+                    let mut magic = [0u8; 8];
+                    return stream.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC";
+                }
+                // The socket exists a moment before nbdkit listens on it.
+                Err(_) if self.is_running() && started.elapsed() < io_timeout() => {
+                    thread::sleep(Duration::from_millis(2))
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// `Ok(log)` if nbdkit exits (soon) the way a failed `.after_fork` stops it.
+    fn stopped_at_start(&mut self) -> Result<String, String> {
+        let limit = Duration::from_secs(if valgrind_enabled() { 600 } else { 30 });
+        let mut child = self.child.take().ok_or("the server was already stopped")?;
+        let status = common::wait_or_kill(&mut child, limit).ok_or_else(|| {
+            format!(
+                "nbdkit neither served nor stopped within {limit:?}: {}\n{}",
+                self.description,
+                tail(&self.log(), 6000)
+            )
+        })?;
+        let log = self.log();
+        if status.code() != Some(1) || !log.contains("error:") {
+            return Err(format!(
+                "nbdkit stopped at start with {status} and no message: {}\n{}",
+                self.description,
+                tail(&log, 6000)
+            ));
+        }
+        if let Some(line) = self.bad_log_line() {
+            return Err(format!(
+                "nbdkit's log shows a failure: {line}\n--- log ---\n{}",
+                tail(&log, 6000)
+            ));
+        }
+        if let Some(report) = self.valgrind_report() {
+            return Err(report);
+        }
+        Ok(log)
     }
 
     pub fn socket(&self) -> &Path {
@@ -636,21 +712,12 @@ impl Srv {
             return Err("server already stopped".into());
         };
         let _ = run("kill", &["-TERM", &child.id().to_string()]);
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return Ok(status);
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
-                    tail(&self.log(), 6000)
-                ));
-            }
-            thread::sleep(Duration::from_millis(2));
-        }
+        common::wait_or_kill(&mut child, limit).ok_or_else(|| {
+            format!(
+                "nbdkit did not exit within {limit:?} of SIGTERM\n{}",
+                tail(&self.log(), 6000)
+            )
+        })
     }
 
     /// Stops the server with SIGTERM (it closes the filesystem and the plugin): `Err`
@@ -715,7 +782,7 @@ impl Drop for Srv {
 /// `--track-origins=yes`.
 fn nbdkit_command(n: u64, args: &[String]) -> (Command, Option<PathBuf>) {
     if !valgrind_enabled() {
-        let mut cmd = common::command("nbdkit");
+        let mut cmd = common::command(&common::nbdkit_program());
         cmd.args(args);
         return (cmd, None);
     }
@@ -725,7 +792,7 @@ fn nbdkit_command(n: u64, args: &[String]) -> (Command, Option<PathBuf>) {
     let mut cmd = common::command("valgrind");
     cmd.args(["--track-origins=yes", "--child-silent-after-fork=yes"]);
     cmd.args(common::valgrind_options(&vg_log));
-    cmd.arg("nbdkit");
+    cmd.arg(common::nbdkit_program());
     cmd.args(args);
     (cmd, Some(vg_log))
 }

@@ -67,6 +67,28 @@ impl JournalMap {
         (e.logical <= logical).then(|| e.physical + (logical - e.logical))
     }
 
+    /// How many journal blocks from `logical` on lie one after the other in
+    /// the image (0 if `logical` is past the journal).
+    pub fn contiguous_from(&self, logical: u32) -> u32 {
+        let logical = u64::from(logical);
+        if logical >= u64::from(self.len) {
+            return 0;
+        }
+        let i = self.extents.partition_point(|e| e.end() <= logical);
+        let mut count = 0u64;
+        let mut next_physical = None;
+        for e in &self.extents[i..] {
+            let from = logical.max(e.logical);
+            let physical = e.physical + (from - e.logical);
+            if next_physical.is_some_and(|p| p != physical) {
+                break;
+            }
+            count += e.end().min(u64::from(self.len)) - from;
+            next_physical = Some(e.physical + e.len);
+        }
+        count.min(u64::from(u32::MAX)) as u32
+    }
+
     /// Whether image block `block` is one of the journal's own.
     pub fn holds_image_block(&self, block: u64) -> bool {
         self.extents
@@ -99,6 +121,19 @@ mod tests {
         assert!(map.holds_image_block(905));
         assert!(!map.holds_image_block(906));
         assert!(!map.holds_image_block(99));
+    }
+
+    #[test]
+    fn contiguous_runs_cross_extents_that_touch() {
+        let map = JournalMap::new(
+            vec![extent(0, 100, 4), extent(4, 104, 2), extent(6, 900, 4)],
+            10,
+        )
+        .unwrap();
+        assert_eq!(map.contiguous_from(0), 6);
+        assert_eq!(map.contiguous_from(5), 1);
+        assert_eq!(map.contiguous_from(7), 3);
+        assert_eq!(map.contiguous_from(10), 0);
     }
 
     #[test]

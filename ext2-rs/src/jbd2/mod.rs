@@ -18,7 +18,7 @@
 //! `needs_recovery` before the journal is empty.
 
 mod block;
-mod crc;
+pub(crate) mod crc;
 mod map;
 mod recovery;
 mod superblock;
@@ -169,38 +169,86 @@ pub fn keep_needs_recovery(buf: &mut [u8], offset: u64) -> bool {
     true
 }
 
-/// Reads one filesystem block of the raw image: `read_block(image_block, buf)`.
+/// Reads the raw image from a filesystem block on:
+/// `read_block(image_block, buf)` fills `buf` (one block or more).
 pub type ReadBlock<'a> = dyn Fn(u64, &mut [u8]) -> Result<(), Errno> + 'a;
 
-/// Replays, in memory, the journal of `fs` (opened on the raw image) the
-/// way `e2fsck` would, and says where each replayed block's copy lies.
-///
-/// `read_block(image_block, buf)` reads one filesystem block of the raw
-/// image.  Nothing is written.  An empty journal (`s_start == 0`) gives an
-/// empty replay.  Fails when the journal is external, unusable (e2fsck
-/// would reset or delete it rather than replay it), holds fast commits, or
-/// when recovery itself fails (e2fsck would then repair the filesystem,
-/// which cannot be done in memory).  A transaction with a bad commit
-/// checksum is dropped with everything after it, as recovery drops it, and
-/// reported with `nbdkit_error`.
-pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
-    let (ino, map) = locate(fs)?;
-    let block_size = fs.block_size();
-    let mut superblock: Option<Vec<u8>> = None;
-    let mut read = |logical: u32| -> Result<Vec<u8>> {
-        let image_block = map.image_block(logical).ok_or_else(|| {
+/// The journal is read ahead in requests of up to this many bytes: its
+/// passes walk the log in order, a block at a time.
+const JOURNAL_READ_AHEAD: u64 = 1 << 20;
+
+/// Journal blocks read ahead of recovery, one request per run that is
+/// contiguous in the image.
+struct ReadAhead<'a> {
+    map: &'a JournalMap,
+    read_block: &'a ReadBlock<'a>,
+    block_size: usize,
+    /// The journal blocks held: `first..first + count`, their bytes.
+    first: u32,
+    count: u32,
+    bytes: Vec<u8>,
+}
+
+impl ReadAhead<'_> {
+    fn block(&mut self, logical: u32) -> Result<Vec<u8>> {
+        if logical < self.first || logical - self.first >= self.count {
+            self.fill(logical)?;
+        }
+        let at = (logical - self.first) as usize * self.block_size;
+        Ok(self.bytes[at..at + self.block_size].to_vec())
+    }
+
+    fn fill(&mut self, logical: u32) -> Result<()> {
+        let image_block = self.map.image_block(logical).ok_or_else(|| {
             Error::other(
                 Errno::EIO,
                 format!("journal: log block {logical} is not mapped"),
             )
         })?;
-        let mut buf = vec![0u8; block_size as usize];
-        read_block(image_block, &mut buf).map_err(|errno| {
+        let most = (JOURNAL_READ_AHEAD / self.block_size as u64).max(1) as u32;
+        let count = self.map.contiguous_from(logical).clamp(1, most);
+        self.bytes.resize(count as usize * self.block_size, 0);
+        self.count = 0;
+        (self.read_block)(image_block, &mut self.bytes).map_err(|errno| {
             Error::other(
                 errno,
-                format!("journal: reading log block {logical} (image block {image_block}) failed"),
+                format!(
+                    "journal: reading log blocks {logical}-{} (image block {image_block}) failed",
+                    logical + count - 1
+                ),
             )
         })?;
+        self.first = logical;
+        self.count = count;
+        Ok(())
+    }
+}
+
+/// Replays, in memory, the journal of `fs` (opened on the raw image) the
+/// way `e2fsck` would, and says where each replayed block's copy lies.
+///
+/// `read_block(image_block, buf)` reads the raw image; the log is read
+/// ahead in requests of up to 1 MiB.  Nothing is written.  An empty journal
+/// (`s_start == 0`) gives an empty replay.  Fails when the journal is
+/// external, unusable (e2fsck would reset or delete it rather than replay
+/// it), holds fast commits, or when recovery itself fails (e2fsck would
+/// then repair the filesystem, which cannot be done in memory).  A
+/// transaction with a bad commit checksum is dropped with everything after
+/// it, as recovery drops it, and reported with `nbdkit_error`.
+pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
+    let (ino, map) = locate(fs)?;
+    let block_size = fs.block_size();
+    let mut superblock: Option<Vec<u8>> = None;
+    let mut ahead = ReadAhead {
+        map: &map,
+        read_block,
+        block_size: block_size as usize,
+        first: 0,
+        count: 0,
+        bytes: Vec::new(),
+    };
+    let mut read = |logical: u32| -> Result<Vec<u8>> {
+        let buf = ahead.block(logical)?;
         if logical == 0 && superblock.is_none() {
             superblock = Some(buf.clone());
         }
