@@ -78,7 +78,13 @@ pub const DEFAULT_MAX_EXPORTS: usize = 1000;
 pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.\next2mapcache=<SIZE>  Memory for files' map blocks (default 16M).";
 
 /// The parameters that are ours; nbdkit hands every other one to the plugin.
-pub const KEYS: &[&str] = &["ext2file", "ext2exports", "ext2default", "ext2journal"];
+pub const KEYS: &[&str] = &[
+    "ext2file",
+    "ext2exports",
+    "ext2default",
+    "ext2journal",
+    "ext2mapcache",
+];
 
 /// Whether `key` is one of our parameters.
 pub fn is_ours(key: &str) -> bool {
