@@ -351,11 +351,11 @@ mod tests {
     fn every_key_of_ours_is_taken() {
         for key in KEYS {
             assert!(is_ours(key));
-            let value = if *key == "ext2exports" { "1" } else { "/a" };
-            let value = if *key == "ext2journal" {
-                "memory"
-            } else {
-                value
+            let value = match *key {
+                "ext2exports" => "1",
+                "ext2journal" => "memory",
+                "ext2mapcache" => "16M",
+                _ => "/a",
             };
             assert_eq!(ConfigBuilder::default().set(key, value), Ok(true), "{key}");
         }
