@@ -49,6 +49,10 @@ case "$nbdkit_version" in
   "$header_version"-*|"$header_version") ;;
   *) die "$owner $nbdkit_version does not match its header's version $header_version" ;;
 esac
+# nbdkit loads only a filter stamped with its own upstream version: pin that
+# version, but not the Debian revision, so a stable update of the same
+# release (1.32.5-1+deb12u1) keeps the package installable.
+nbdkit_depends="nbdkit (>= $header_version), nbdkit (<< $header_version.~)"
 filterdir="$(pkg-config --variable=filterdir nbdkit)"
 arch="$(dpkg --print-architecture)"
 
@@ -93,7 +97,7 @@ Version: $version
 Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: $installed_size
-Depends: nbdkit (= $nbdkit_version), $shlibs
+Depends: $nbdkit_depends, $shlibs
 Section: admin
 Priority: optional
 Description: nbdkit filter serving one file from inside an ext2/3/4 image
@@ -119,4 +123,4 @@ lintian_rc=0
 lintian_out="$(lintian --fail-on error --tag-display-limit 0 "$deb" 2>&1)" || lintian_rc=$?
 grep -v '^running with root privileges' <<<"$lintian_out" || true
 [ "$lintian_rc" = 0 ] || die "lintian reports errors in $deb"
-echo "package-deb: $deb (Depends: nbdkit (= $nbdkit_version), $shlibs)"
+echo "package-deb: $deb (Depends: $nbdkit_depends, $shlibs)"

@@ -1,4 +1,4 @@
-//! An in-memory block device for in-process tests (feature `testing`):
+//! An in-memory block device for in-process tests:
 //! real libext2fs over bytes in memory, with injected faults and latency,
 //! and images made by the real `mke2fs`.
 

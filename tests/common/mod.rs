@@ -121,7 +121,42 @@ pub fn filter_so() -> String {
          or set EXT2FILTER_SO to its path (or to `ext2` for nbdkit's C filter)",
         so.display()
     );
+    assert_not_stale(&so);
     so.to_string_lossy().into_owned()
+}
+
+/// `cargo test` builds the test executables but not the cdylib they load, so
+/// a source change without `cargo build` would test the old filter: refuse
+/// to, loudly.  (`scripts/test.sh` builds first.)
+fn assert_not_stale(so: &Path) {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        fs::read_dir(dir)
+            .ok()?
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                let path = entry.path();
+                if path.is_dir() {
+                    newest(&path)
+                } else {
+                    entry.metadata().ok()?.modified().ok()
+                }
+            })
+            .max()
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = fs::metadata(so).and_then(|m| m.modified()).ok();
+    let edited = [repo.join("src"), repo.join("ext2-rs/src")]
+        .iter()
+        .filter_map(|dir| newest(dir))
+        .max();
+    if let (Some(built), Some(edited)) = (built, edited) {
+        assert!(
+            built >= edited,
+            "{} is older than the sources: run `cargo build --release` (same profile as \
+             the tests) before `cargo test`",
+            so.display()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
