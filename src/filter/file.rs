@@ -32,6 +32,9 @@ pub struct ServedFile {
     cluster_ratio: u64,
     /// Blocks can be freed (`mapping::punch`): extents, no bigalloc.
     punchable: bool,
+    /// Why the file is never written, if it is not (`ext2_rs::policy::file`,
+    /// or inline data).
+    read_only: Option<String>,
     map: RwLock<LazyMap>,
 }
 
@@ -53,7 +56,14 @@ impl ServedFile {
         layout: Layout,
         cluster_ratio: u64,
         map: LazyMap,
+        read_only: Option<String>,
     ) -> ServedFile {
+        // Inline-data files are served read-only: libext2fs 1.47.0's
+        // inline-data write path corrupts them.
+        let read_only = read_only.or_else(|| {
+            (layout == Layout::Inline)
+                .then(|| format!("{path}: writing inline-data files is not supported"))
+        });
         ServedFile {
             ino,
             path,
@@ -61,14 +71,14 @@ impl ServedFile {
             layout,
             cluster_ratio,
             punchable: layout == Layout::Extents && cluster_ratio == 1,
+            read_only,
             map: RwLock::new(map),
         }
     }
 
-    /// Inline-data files are served read-only: libext2fs 1.47.0's
-    /// inline-data write path corrupts them.
+    /// Whether the file may be written (see `read_only`).
     pub fn writable(&self) -> bool {
-        self.layout != Layout::Inline
+        self.read_only.is_none()
     }
 
     /// Where in `buf` a piece of a request starting at `offset` goes.
@@ -120,11 +130,8 @@ impl ServedFile {
         if !shared.writable() {
             return Err(Error::other(Errno::EROFS, "the filesystem is read-only"));
         }
-        if !self.writable() {
-            return Err(Error::other(
-                Errno::EROFS,
-                format!("{}: writing inline-data files is not supported", self.path),
-            ));
+        if let Some(why) = &self.read_only {
+            return Err(Error::other(Errno::EROFS, why.clone()));
         }
         {
             let map = self.map_shared()?;
@@ -208,13 +215,13 @@ impl ServedFile {
     }
 
     fn check_writable(&self, shared: &Shared) -> Result<()> {
-        if shared.writable() && self.writable() {
-            Ok(())
-        } else {
-            Err(Error::other(
+        match &self.read_only {
+            Some(why) => Err(Error::other(Errno::EROFS, why.clone())),
+            None if !shared.writable() => Err(Error::other(
                 Errno::EROFS,
                 format!("{}: read-only", self.path),
-            ))
+            )),
+            None => Ok(()),
         }
     }
 

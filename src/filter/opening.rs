@@ -12,11 +12,15 @@ use std::sync::Arc;
 
 use crate::filter::config::JournalMode;
 use crate::filter::shared::Shared;
-use crate::image::Image;
-use crate::nbdkit::report::{error as report_error, ext2_debug_journal, nbd_debug};
+use crate::image::{Image, PluginDevice};
+use crate::nbdkit::report::{
+    error as report_error, ext2_debug_journal, ext2_debug_lock, nbd_debug,
+};
 use crate::nbdkit::{Backend, Plugin};
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
+use ext2_rs::mmp::{MmpConfig, Protection};
+use ext2_rs::policy::{Features, Verdict};
 use ext2_rs::{Access, Filesystem};
 
 /// Opens the filesystem over `plugin` (a read-only context) read-only.  One
@@ -44,7 +48,11 @@ pub fn open_read_only(plugin: Plugin) -> Result<(Arc<Image>, Filesystem)> {
 /// the kernel refuses to mount it: its files would be served until a read
 /// reaches the missing part and fails.
 fn open_checked(image: &Arc<Image>, access: Access) -> Result<Filesystem> {
-    let fs = Filesystem::open(image.clone(), access)?;
+    checked(image, Filesystem::open(image.clone(), access)?)
+}
+
+/// `fs` if it fits in `image` (see [`open_checked`]).
+fn checked(image: &Arc<Image>, fs: Filesystem) -> Result<Filesystem> {
     let device_blocks = image.size() / u64::from(fs.block_size());
     if fs.blocks_count() > device_blocks {
         return Err(Error::other(
@@ -59,13 +67,13 @@ fn open_checked(image: &Arc<Image>, access: Access) -> Result<Filesystem> {
 }
 
 /// Why the filesystem must stay read-only whatever the server allows, if
-/// it must: features libext2fs can read but not write.
-fn unwritable_features(fs: &Filesystem) -> Option<&'static str> {
-    let unknown =
-        fs.super_block().s_feature_ro_compat & !ext2_rs::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
-    (unknown != 0).then_some(
-        "the filesystem has features libext2fs can read but not write: serving read-only",
-    )
+/// it must: a feature the kernel only mounts read-only (`ext2_rs::policy`).
+fn unwritable_features(fs: &Filesystem) -> Option<String> {
+    match ext2_rs::policy::filesystem(Features::of(fs.super_block())) {
+        Verdict::ReadOnly(why) => Some(format!("{why}: serving read-only")),
+        // One it refuses was not opened at all.
+        _ => None,
+    }
 }
 
 /// Why a journal replay must not be written into the image, if it must not:
@@ -100,7 +108,7 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
     let image = &shared.image;
     let mut fs = shared.lock_fs()?;
     if let Some(why) = unwritable_features(&fs) {
-        report_error(why);
+        report_error(&why);
         return Ok(());
     }
     if let Some(replay) = image.replay() {
@@ -130,6 +138,8 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
         }
         return Ok(());
     }
+    // Nothing is written before the MMP block is ours (`mmp`).
+    let held = protect(image, MmpConfig::of(&mut fs)?)?;
     let bs = u64::from(fs.block_size());
     let replayed = match image.replay() {
         Some(replay) => {
@@ -146,7 +156,7 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
              kernel will clear it)"
         ))
     };
-    let (mut fresh, access) = open_writable(image).map_err(|e| match replayed {
+    let (mut fresh, access) = open_writable(image, held.as_ref()).map_err(|e| match replayed {
         Some(_) => after(e, "opening the filesystem read-write"),
         None => e,
     })?;
@@ -164,21 +174,47 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
     }
     *fs = fresh;
     if access == Access::ReadWrite {
-        shared.now_writable();
+        shared.now_writable(held);
     }
+    // Otherwise the MMP block is released (marked clean) with `held`.
     Ok(())
 }
 
-/// Opens the filesystem on `image` read-write or, when it has features
-/// libext2fs can read but not write, read-only with a message.
-fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Access)> {
-    match open_checked(image, Access::ReadWrite) {
-        Err(Error::Ext2 { code, .. })
-            if code.0 == ext2_rs::sys::EXT2_ET_RO_UNSUPP_FEATURE as ext2_rs::sys::errcode_t =>
-        {
-            report_error(
-                "the filesystem has features libext2fs can read but not write: serving read-only",
-            );
+/// Takes the MMP block of a filesystem with the `mmp` feature (`config`),
+/// as the kernel does at a read-write mount, before anything is written:
+/// refused, with a message naming the node, while another node holds it.
+/// Once taken, `image` refuses every write if another node takes it over.
+fn protect(image: &Arc<Image>, config: Option<MmpConfig>) -> Result<Option<Protection>> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let device = Arc::new(PluginDevice(image.plugin().clone()));
+    let host = ext2_rs::mmp::host_name();
+    let name = format!("nbdkit[{}]", std::process::id());
+    nbd_debug!(
+        ext2_debug_lock,
+        "multi-mount protection: taking MMP block {} (update interval {} s)",
+        config.block,
+        config.update_interval
+    );
+    let held = Protection::take(device, config, &host, &name)?;
+    image.fence(held.watch());
+    Ok(Some(held))
+}
+
+/// Opens the filesystem on `image` read-write (under `held`, with `mmp`)
+/// or, when ext2-rs will not write it (quota files it cannot keep: see
+/// `ext2_rs::quota`), read-only with a message saying why.
+fn open_writable(image: &Arc<Image>, held: Option<&Protection>) -> Result<(Filesystem, Access)> {
+    let opened = match held {
+        Some(held) => {
+            Filesystem::open_protected(image.clone(), held).and_then(|fs| checked(image, fs))
+        }
+        None => open_checked(image, Access::ReadWrite),
+    };
+    match opened {
+        Err(e) if e.errno() == Errno::EROFS => {
+            report_error(&format!("{e}: serving read-only"));
             let fs = open_checked(image, Access::ReadOnly)?;
             Ok((fs, Access::ReadOnly))
         }

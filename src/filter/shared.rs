@@ -19,6 +19,8 @@ use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_erro
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::lazy_map::{LazyMap, MapSource};
+use ext2_rs::mmp::Protection;
+use ext2_rs::policy::Verdict;
 use ext2_rs::{Filesystem, Ino};
 
 pub struct Shared {
@@ -34,6 +36,9 @@ pub struct Shared {
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
     /// Where served files' maps are read from, and their shared cache.
     map_source: MapSource,
+    /// The MMP block held while the filesystem is written (`mmp`), released
+    /// by [`Shared::shutdown`].
+    mmp: Mutex<Option<Protection>>,
     pub block_size: u32,
     /// Read-only from the start until the first writable connection has
     /// re-opened the filesystem read-write ([`opening::reopen_writable`]).
@@ -49,6 +54,7 @@ impl Shared {
         Ok(Shared {
             map_source: MapSource::new(&fs, image.clone(), map_cache)
                 .with_background(Arc::new(crate::pool::spawn)),
+            mmp: Mutex::new(None),
             block_size: fs.block_size(),
             image,
             fs: Mutex::new(Some(fs)),
@@ -62,12 +68,16 @@ impl Shared {
         self.image.plugin()
     }
 
+    /// Opened read-write, and no other node has taken the filesystem since
+    /// (multi-mount protection).
     pub fn writable(&self) -> bool {
-        self.writable.load(Ordering::Acquire)
+        self.writable.load(Ordering::Acquire) && !self.image.fenced_off()
     }
 
-    /// Says the filesystem now in the lock is open read-write.
-    pub fn now_writable(&self) {
+    /// Says the filesystem now in the lock is open read-write, under the
+    /// MMP block `held` if it has the `mmp` feature.
+    pub fn now_writable(&self, held: Option<Protection>) {
+        *self.mmp.lock() = held;
         self.writable.store(true, Ordering::Release);
     }
 
@@ -99,6 +109,13 @@ impl Shared {
         }
         if let Err(e) = self.image.flush() {
             nbd_error!("flushing the plugin at shutdown failed (errno {})", e.get());
+        }
+        // Everything is written: the MMP block can say the filesystem is
+        // free (unless another node took it).
+        if let Some(held) = self.mmp.lock().take() {
+            if let Err(e) = held.release() {
+                nbd_error!("{e}");
+            }
         }
         self.image.plugin().close();
     }
@@ -133,6 +150,13 @@ impl Shared {
                 format!("{path}: must be a regular file in the disk image"),
             ));
         }
+        // The kernel's rules for the file's inode flags: encrypted files are
+        // refused, immutable ones served read-only...
+        let read_only = match ext2_rs::policy::file(path, info.flags) {
+            Verdict::Refused(why) => return Err(Error::other(Errno::ENOTSUP, why)),
+            Verdict::ReadOnly(why) => Some(why),
+            Verdict::ReadWrite => None,
+        };
         // Only the inode is read: map blocks are read as requests need them.
         let map = LazyMap::open(&mut fs, self.map_source.clone(), ino, path)?;
         nbd_debug!(
@@ -144,6 +168,9 @@ impl Shared {
         );
         let cluster_ratio = fs.cluster_ratio();
         drop(fs);
+        if let Some(why) = &read_only {
+            crate::nbdkit::report::error(&format!("{why}: serving it read-only"));
+        }
         let file = Arc::new(ServedFile::new(
             ino,
             path.to_string(),
@@ -151,6 +178,7 @@ impl Shared {
             info.layout,
             cluster_ratio,
             map,
+            read_only,
         ));
         files.retain(|_, weak| weak.strong_count() > 0);
         files.insert(ino, Arc::downgrade(&file));
