@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use ext2_rs::error::Errno;
 use ext2_rs::jbd2::{Replay, JBD2_MAGIC};
+use ext2_rs::mmp::Watch;
 use ext2_rs::BlockDevice;
 
 use crate::nbdkit::report::nbd_error;
@@ -23,6 +24,10 @@ pub struct Image {
     /// Set once the replay is written into the image (`ext2journal=replay`):
     /// the plugin then holds what it stood in for.
     replay_written: AtomicBool,
+    /// The multi-mount protection this server writes under, if any: once
+    /// another node has taken the filesystem, nothing more is written
+    /// (data, and the metadata the transactions write through here).
+    fence: OnceLock<Watch>,
 }
 
 impl Image {
@@ -31,6 +36,7 @@ impl Image {
             plugin,
             replay: None,
             replay_written: AtomicBool::new(false),
+            fence: OnceLock::new(),
         }
     }
 
@@ -41,6 +47,7 @@ impl Image {
             plugin,
             replay: Some((replay, block_size)),
             replay_written: AtomicBool::new(false),
+            fence: OnceLock::new(),
         }
     }
 
@@ -127,7 +134,22 @@ impl Image {
             nbd_error!("the image's journal is replayed in memory only: it is served read-only");
             return Err(Errno::EROFS);
         }
+        if let Some(why) = self.fence.get().and_then(Watch::lost) {
+            nbd_error!("{why}");
+            return Err(Errno::EROFS);
+        }
         Ok(())
+    }
+
+    /// From now on, writes are refused once `watch` says another node took
+    /// the filesystem (multi-mount protection).
+    pub fn fence(&self, watch: Watch) {
+        let _ = self.fence.set(watch);
+    }
+
+    /// Whether multi-mount protection says another node took the filesystem.
+    pub fn fenced_off(&self) -> bool {
+        self.fence.get().and_then(Watch::lost).is_some()
     }
 
     pub fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
@@ -235,5 +257,33 @@ impl BlockDevice for MapDevice {
 
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
         self.device().read_many(reads)
+    }
+}
+
+/// The plugin's bytes as they are, for multi-mount protection
+/// (`ext2_rs::mmp`): its block is written behind our back by other nodes,
+/// so it is read from the plugin every time, past any journal replay or
+/// cached metadata.
+pub struct PluginDevice(pub Arc<Plugin>);
+
+impl BlockDevice for PluginDevice {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.0.pread(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Errno> {
+        self.0.pwrite(buf, offset, false)
+    }
+
+    fn zero_at(&self, len: u64, offset: u64) -> Result<(), Errno> {
+        self.0.zero(len, offset, false, false)
+    }
+
+    fn flush(&self) -> Result<(), Errno> {
+        self.0.flush()
     }
 }

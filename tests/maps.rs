@@ -172,7 +172,7 @@ fn read_only_compat_features_serve_read_only() {
         .size(16 * MIB)
         .file("/f", &content)
         .build(&dir, "fs.img");
-    // REPLICA is a read-only-compat feature libext2fs 1.47.0 does not write.
+    // REPLICA is a read-only-compat feature the kernel does not write.
     debugfs_write(&image, &["feature replica".to_string()]);
     let before = read_file(&image);
     let copy = dir.join("copy");
@@ -188,8 +188,9 @@ fn read_only_compat_features_serve_read_only() {
     assert_eq!(out.stdout_text().trim(), "True", "the export is read-only");
     assert!(
         out.stderr
-            .contains("can read but not write: serving read-only"),
-        "the reason is logged: {}",
+            .contains("the ro_compat feature replica, which the kernel mounts read-only")
+            && out.stderr.contains("serving read-only"),
+        "the reason, naming the feature, is logged: {}",
         out.stderr
     );
     assert_bytes_eq(&read_file(&copy), &content, "reads");

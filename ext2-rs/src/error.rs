@@ -24,6 +24,7 @@ impl Errno {
     pub const ENAMETOOLONG: Errno = Errno::new_const(libc::ENAMETOOLONG);
     pub const EISDIR: Errno = Errno::new_const(libc::EISDIR);
     pub const ESHUTDOWN: Errno = Errno::new_const(libc::ESHUTDOWN);
+    pub const EBUSY: Errno = Errno::new_const(libc::EBUSY);
 
     const fn new_const(value: i32) -> Errno {
         match NonZeroI32::new(value) {

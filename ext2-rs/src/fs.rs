@@ -10,8 +10,10 @@ use std::ffi::{CStr, CString};
 use std::ptr;
 
 use crate::device::BlockDevice;
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::io;
+use crate::policy::{self, Features, Verdict};
+use crate::quota::Quotas;
 use crate::sys;
 use std::sync::Arc;
 
@@ -35,6 +37,9 @@ pub struct InodeInfo {
     pub mode: u16,
     pub size: u64,
     pub layout: Layout,
+    /// `i_flags` (immutable, append-only, encrypted...: see
+    /// [`crate::policy::file`]).
+    pub flags: u32,
 }
 
 impl InodeInfo {
@@ -59,6 +64,8 @@ pub struct Filesystem {
     device: CString,
     access: Access,
     reserved: crate::reserved::Reserved,
+    /// The quota files kept while open read-write.
+    quotas: Option<Quotas>,
 }
 
 // SAFETY: the handle is only used behind the process-wide filesystem lock;
@@ -77,9 +84,31 @@ pub(crate) fn check(code: sys::errcode_t, context: impl FnOnce() -> String) -> R
 impl Filesystem {
     /// Opens the filesystem on `device`.  The error text follows nbdkit's
     /// C filter (`open: Bad magic number in super-block`).
+    ///
+    /// Read-write only where [`crate::policy::filesystem`] allows it, and
+    /// not for a filesystem with `mmp` (see [`Filesystem::open_protected`]);
+    /// otherwise the error has errno EROFS and says why.  Read-write also
+    /// loads the quota files ([`crate::quota`]): a filesystem whose quotas
+    /// cannot be kept is not opened read-write either.
     pub fn open(device: Arc<dyn BlockDevice>, access: Access) -> Result<Filesystem> {
+        Filesystem::open_as(device, access, false)
+    }
+
+    /// Opens read-write a filesystem with the `mmp` feature, while `held`
+    /// runs the multi-mount protection protocol on its device.
+    pub fn open_protected(
+        device: Arc<dyn BlockDevice>,
+        _held: &crate::mmp::Protection,
+    ) -> Result<Filesystem> {
+        Filesystem::open_as(device, Access::ReadWrite, true)
+    }
+
+    fn open_as(device: Arc<dyn BlockDevice>, access: Access, mmp_held: bool) -> Result<Filesystem> {
+        let raw_device = device.clone();
         let device = io::register(device);
-        let mut flags = sys::EXT2_FLAG_64BITS as i32;
+        // libext2fs would run MMP itself by opening the device by name
+        // (with O_DIRECT), bypassing the io_manager: the host runs it.
+        let mut flags = (sys::EXT2_FLAG_64BITS | sys::EXT2_FLAG_SKIP_MMP) as i32;
         if access == Access::ReadWrite {
             flags |= sys::EXT2_FLAG_RW as i32;
         }
@@ -91,13 +120,23 @@ impl Filesystem {
         };
         if code != 0 {
             io::unregister(&device);
-            return Err(Error::ext2("open", code));
+            return Err(open_failure(&*raw_device, code));
+        }
+        // SAFETY: an open filesystem always has its superblock loaded.
+        let features = Features::of(unsafe { &*(*fs).super_ });
+        if let Err(e) = permitted(features, access, mmp_held) {
+            // Freed without closing: closing could write the superblock.
+            // SAFETY: `fs` is open and not used again.
+            unsafe { sys::ext2fs_free(fs) };
+            io::unregister(&device);
+            return Err(e);
         }
         let mut this = Filesystem {
             fs,
             device,
             access,
             reserved: Default::default(),
+            quotas: None,
         };
         this.reserved = crate::reserved::collect(&mut this)?;
         // SAFETY: `fs` is open; flags is a plain field.
@@ -112,8 +151,39 @@ impl Filesystem {
             let code = unsafe { sys::ext2fs_read_bitmaps(this.fs) };
             check(code, || "read_bitmaps".into())?;
             crate::undo::install(&mut this);
+            this.quotas = Quotas::load(&mut this).map_err(|e| {
+                Error::other(
+                    Errno::EROFS,
+                    format!("quotas cannot be kept ({e}): the filesystem is not written"),
+                )
+            })?;
         }
         Ok(this)
+    }
+
+    /// Whether block changes are charged to quota files ([`crate::quota`]).
+    pub fn keeps_quotas(&self) -> bool {
+        self.quotas.is_some()
+    }
+
+    /// The quota files kept, if any.
+    pub fn quotas(&self) -> Option<&Quotas> {
+        self.quotas.as_ref()
+    }
+
+    /// Runs `f` with the quota state taken out of the filesystem (both are
+    /// needed mutably); an error if there is none.
+    pub(crate) fn with_quotas<T>(
+        &mut self,
+        f: impl FnOnce(&mut Filesystem, &mut Quotas) -> Result<T>,
+    ) -> Result<T> {
+        let mut quotas = self
+            .quotas
+            .take()
+            .ok_or_else(|| Error::other(Errno::EINVAL, "the filesystem keeps no quotas"))?;
+        let result = f(self, &mut quotas);
+        self.quotas = Some(quotas);
+        result
     }
 
     /// The first block of `[start, start + len)` that the filesystem keeps
@@ -227,42 +297,14 @@ impl Filesystem {
             mode: inode.i_mode,
             size: u64::from(inode.i_size) | (u64::from(inode.i_size_high) << 32),
             layout,
+            flags: inode.i_flags,
         })
     }
 
     /// Reads `buf.len()` bytes at `offset` through the library's own file
     /// code (used only for inline-data files, whose bytes live in the inode).
     pub fn read_via_library(&mut self, ino: Ino, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut file: sys::ext2_file_t = ptr::null_mut();
-        // SAFETY: open filesystem; read-only file handle, closed below.
-        let code = unsafe { sys::ext2fs_file_open2(self.fs, ino, ptr::null_mut(), 0, &mut file) };
-        check(code, || "file_open".into())?;
-        let result = (|| {
-            // SAFETY: `file` is open.
-            let code = unsafe {
-                sys::ext2fs_file_llseek(file, offset, sys::EXT2_SEEK_SET as i32, ptr::null_mut())
-            };
-            check(code, || "llseek".into())?;
-            let mut done = 0usize;
-            while done < buf.len() {
-                let mut got: u32 = 0;
-                let want = (buf.len() - done).min(u32::MAX as usize) as u32;
-                // SAFETY: `file` is open; the buffer has `want` bytes left.
-                let code = unsafe {
-                    sys::ext2fs_file_read(file, buf[done..].as_mut_ptr().cast(), want, &mut got)
-                };
-                check(code, || "read".into())?;
-                if got == 0 {
-                    buf[done..].fill(0);
-                    break;
-                }
-                done += got as usize;
-            }
-            Ok(())
-        })();
-        // SAFETY: `file` is open and closed once.
-        unsafe { sys::ext2fs_file_close(file) };
-        result
+        crate::libfile::LibraryFile::open(self, ino, false)?.read_at(buf, offset)
     }
 
     /// Writes bitmaps, group descriptors and the superblock, then flushes the
@@ -292,6 +334,48 @@ impl Filesystem {
     pub fn device(&self) -> &CStr {
         &self.device
     }
+}
+
+/// Whether a filesystem with `features` may be opened for `access`.
+fn permitted(features: Features, access: Access, mmp_held: bool) -> Result<()> {
+    match policy::filesystem(features) {
+        Verdict::Refused(why) => Err(Error::other(Errno::ENOTSUP, format!("open: {why}"))),
+        Verdict::ReadOnly(why) if access == Access::ReadWrite => {
+            Err(Error::other(Errno::EROFS, why))
+        }
+        _ if access == Access::ReadWrite
+            && features.has_incompat(sys::EXT4_FEATURE_INCOMPAT_MMP)
+            && !mmp_held =>
+        {
+            Err(Error::other(
+                Errno::EROFS,
+                "the filesystem has the mmp feature (multi-mount protection): it is \
+                 written only while the protocol runs",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The error for a failed `ext2fs_open`; where libext2fs only says it does
+/// not support a feature, the features are named.
+fn open_failure(device: &dyn BlockDevice, code: sys::errcode_t) -> Error {
+    let unsupported = [sys::EXT2_ET_UNSUPP_FEATURE, sys::EXT2_ET_RO_UNSUPP_FEATURE]
+        .iter()
+        .any(|&c| code == c as sys::errcode_t);
+    if unsupported {
+        let mut sb = vec![0u8; 1024];
+        if device.read_at(&mut sb, 1024).is_ok() {
+            match Features::parse(&sb).map(policy::filesystem) {
+                Some(Verdict::Refused(why)) => {
+                    return Error::other(Errno::ENOTSUP, format!("open: {why}"))
+                }
+                Some(Verdict::ReadOnly(why)) => return Error::other(Errno::EROFS, why),
+                _ => {}
+            }
+        }
+    }
+    Error::ext2("open", code)
 }
 
 impl Drop for Filesystem {

@@ -7,10 +7,13 @@
 //!   the one C boundary (panic guard, typed `void *` conversions).
 //! - [`device`]: the block-device trait a filesystem lives on; [`io`] is the
 //!   libext2fs `io_manager` over it.
+//! - [`policy`]: what may be written, read only, or refused, by the
+//!   kernel's rules for features and inode flags.
 //! - [`fs`], [`dir`], [`reserved`], [`undo`], [`mapping`]: one open
 //!   filesystem, its directories, the blocks it keeps for itself, undoing a
 //!   failed change in the library's memory, and reading and changing where
-//!   a file's blocks live.
+//!   a file's blocks live; [`quota`] keeps quota usage in step with those
+//!   changes, and [`mmp`] runs multi-mount protection on the device.
 //! - [`extent_map`]: a file's block map, pure Rust.
 //! - [`lazy_map`]: a served file's block map read lazily from the device,
 //!   without the library, checked as the kernel checks it, with a shared
@@ -37,8 +40,12 @@ pub mod fs;
 pub mod io;
 pub mod jbd2;
 pub mod lazy_map;
+mod libfile;
 pub mod log;
 pub mod mapping;
+pub mod mmp;
+pub mod policy;
+pub mod quota;
 pub mod reserved;
 pub mod sb;
 pub mod sys;

@@ -13,6 +13,7 @@ use crate::error::{Errno, Error, Result};
 use crate::extent_map::Extent;
 use crate::ffi::{self, Walk};
 use crate::fs::{check, Filesystem, Ino, Layout};
+use crate::quota;
 use crate::sys;
 use crate::undo;
 
@@ -460,8 +461,22 @@ pub fn goal_for(fs: &mut Filesystem, ino: Ino, logical: u64) -> Result<u64> {
 
 /// Links already-filled blocks into a file: `runs` are (first image block,
 /// count) laid out in order from file block `logical`, which must be a hole.
-/// Adds `new_clusters` (blocks, without bigalloc) to the inode's count.
+/// Adds `new_clusters` (blocks, without bigalloc) to the inode's count, and
+/// charges the owner's quotas with what the file grew by (tree blocks too).
 pub fn link_blocks(
+    fs: &mut Filesystem,
+    ino: Ino,
+    layout: Layout,
+    logical: u64,
+    runs: &[(u64, u64)],
+    new_clusters: u64,
+) -> Result<()> {
+    quota::charging(fs, ino, |fs| {
+        link_uncharged(fs, ino, layout, logical, runs, new_clusters)
+    })
+}
+
+fn link_uncharged(
     fs: &mut Filesystem,
     ino: Ino,
     layout: Layout,
@@ -525,8 +540,17 @@ fn already_mapped(logical: u64) -> Error {
 /// The tree is walked from the root only for an extent that does not start
 /// where the previous one ended; one that does is added where the handle
 /// already rests (extending the previous extent when they are contiguous in
-/// the image too).  Not for bigalloc filesystems.
+/// the image too).  Not for bigalloc filesystems.  The owner's quotas are
+/// charged with what the file grew by (tree blocks too).
 pub fn link_extents(fs: &mut Filesystem, ino: Ino, extents: &[(u64, u64, u64)]) -> Result<()> {
+    quota::charging(fs, ino, |fs| link_extents_uncharged(fs, ino, extents))
+}
+
+fn link_extents_uncharged(
+    fs: &mut Filesystem,
+    ino: Ino,
+    extents: &[(u64, u64, u64)],
+) -> Result<()> {
     let mut handle = ExtentHandle::open(fs, ino)?;
     let mut resting_at: Option<u64> = None;
     let mut total = 0u64;
@@ -587,8 +611,13 @@ fn link_block_pointers(
 }
 
 /// Marks the unwritten blocks in `[start, end)` written, splitting extents
-/// at the range's edges.  The caller has already filled the blocks.
+/// at the range's edges.  The caller has already filled the blocks.  A split
+/// may add a tree block, charged to the owner's quotas.
 pub fn mark_written(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Result<()> {
+    quota::charging(fs, ino, |fs| mark_written_uncharged(fs, ino, start, end))
+}
+
+fn mark_written_uncharged(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Result<()> {
     let mut handle = ExtentHandle::open(fs, ino)?;
     let mut block = start;
     while block < end {
@@ -640,7 +669,22 @@ pub fn mark_written(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Resu
 /// it edit the wrong node.  Here every step is checked, one extent at a
 /// time.  Not on bigalloc filesystems, where a cluster may stay partly in
 /// use (the caller does not offer it).
+///
+/// What is freed is taken off the owner's quotas.
 pub fn punch(
+    fs: &mut Filesystem,
+    ino: Ino,
+    layout: Layout,
+    start: u64,
+    end: u64,
+    budget: u64,
+) -> Result<u64> {
+    quota::charging(fs, ino, |fs| {
+        punch_uncharged(fs, ino, layout, start, end, budget)
+    })
+}
+
+fn punch_uncharged(
     fs: &mut Filesystem,
     ino: Ino,
     layout: Layout,

@@ -208,3 +208,33 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 }
+
+/// The quota usage `debugfs -R 'lq KIND' IMAGE` lists (`kind` is `user`,
+/// `group` or `project`): id -> (bytes in use, inodes).  Panics with
+/// debugfs's output if it fails.
+pub fn listed_quota_usage(image: &Path, kind: &str) -> std::collections::BTreeMap<u32, (u64, u64)> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("lq {kind}")])
+        .arg(image)
+        .output()
+        .expect("debugfs runs (install e2fsprogs)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "debugfs lq {kind}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Rows: id, space, quota, limit, inodes, quota, limit.
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .map(|w| w.parse().ok())
+                .collect::<Option<_>>()?;
+            if f.len() != 7 {
+                return None;
+            }
+            Some((u32::try_from(f[0]).ok()?, (f[1], f[4])))
+        })
+        .collect()
+}

@@ -36,6 +36,9 @@ pub struct ServedFile {
     cluster_ratio: u64,
     /// Blocks can be freed (`mapping::punch`): extents, no bigalloc.
     punchable: bool,
+    /// Why the file is never written, if it is not (`ext2_rs::policy::file`,
+    /// or inline data).
+    read_only: Option<String>,
     map: RwLock<OverlaidMap>,
     /// The last write needed new blocks: the next one likely does too, and
     /// takes the map exclusively at once instead of looking first.
@@ -60,7 +63,14 @@ impl ServedFile {
         layout: Layout,
         cluster_ratio: u64,
         map: LazyMap,
+        read_only: Option<String>,
     ) -> ServedFile {
+        // Inline-data files are served read-only: libext2fs 1.47.0's
+        // inline-data write path corrupts them.
+        let read_only = read_only.or_else(|| {
+            (layout == Layout::Inline)
+                .then(|| format!("{path}: writing inline-data files is not supported"))
+        });
         ServedFile {
             ino,
             path,
@@ -68,15 +78,15 @@ impl ServedFile {
             layout,
             cluster_ratio,
             punchable: layout == Layout::Extents && cluster_ratio == 1,
+            read_only,
             map: RwLock::new(OverlaidMap::new(map)),
             filling: AtomicBool::new(false),
         }
     }
 
-    /// Inline-data files are served read-only: libext2fs 1.47.0's
-    /// inline-data write path corrupts them.
+    /// Whether the file may be written (see `read_only`).
     pub fn writable(&self) -> bool {
-        self.layout != Layout::Inline
+        self.read_only.is_none()
     }
 
     /// Where in `buf` a piece of a request starting at `offset` goes.
@@ -128,11 +138,8 @@ impl ServedFile {
         if !shared.writable() {
             return Err(Error::other(Errno::EROFS, "the filesystem is read-only"));
         }
-        if !self.writable() {
-            return Err(Error::other(
-                Errno::EROFS,
-                format!("{}: writing inline-data files is not supported", self.path),
-            ));
+        if let Some(why) = &self.read_only {
+            return Err(Error::other(Errno::EROFS, why.clone()));
         }
         if !self.filling.load(Ordering::Relaxed) {
             let map = self.map_shared()?;
@@ -241,13 +248,13 @@ impl ServedFile {
     }
 
     fn check_writable(&self, shared: &Shared) -> Result<()> {
-        if shared.writable() && self.writable() {
-            Ok(())
-        } else {
-            Err(Error::other(
+        match &self.read_only {
+            Some(why) => Err(Error::other(Errno::EROFS, why.clone())),
+            None if !shared.writable() => Err(Error::other(
                 Errno::EROFS,
                 format!("{}: read-only", self.path),
-            ))
+            )),
+            None => Ok(()),
         }
     }
 

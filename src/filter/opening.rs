@@ -14,11 +14,15 @@ use std::sync::Arc;
 
 use crate::filter::config::JournalMode;
 use crate::filter::shared::Shared;
-use crate::image::Image;
-use crate::nbdkit::report::{error as report_error, ext2_debug_journal, nbd_debug};
+use crate::image::{Image, PluginDevice};
+use crate::nbdkit::report::{
+    error as report_error, ext2_debug_journal, ext2_debug_lock, nbd_debug,
+};
 use crate::nbdkit::{Backend, Plugin};
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
+use ext2_rs::mmp::{MmpConfig, Protection};
+use ext2_rs::policy::{Features, Verdict};
 use ext2_rs::txn::Transactions;
 use ext2_rs::{Access, Filesystem};
 
@@ -68,13 +72,13 @@ fn check_geometry(image: &Image, fs: &Filesystem) -> Result<()> {
 }
 
 /// Why the filesystem must stay read-only whatever the server allows, if
-/// it must: features libext2fs can read but not write.
-fn unwritable_features(fs: &Filesystem) -> Option<&'static str> {
-    let unknown =
-        fs.super_block().s_feature_ro_compat & !ext2_rs::sys::EXT2_LIB_FEATURE_RO_COMPAT_SUPP;
-    (unknown != 0).then_some(
-        "the filesystem has features libext2fs can read but not write: serving read-only",
-    )
+/// it must: a feature the kernel only mounts read-only (`ext2_rs::policy`).
+fn unwritable_features(fs: &Filesystem) -> Option<String> {
+    match ext2_rs::policy::filesystem(Features::of(fs.super_block())) {
+        Verdict::ReadOnly(why) => Some(format!("{why}: serving read-only")),
+        // One it refuses was not opened at all.
+        _ => None,
+    }
 }
 
 /// Why a journal replay must not be written into the image, if it must not:
@@ -110,7 +114,7 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
     let mut state = shared.lock_state()?;
     let fs = &mut state.fs;
     if let Some(why) = unwritable_features(fs) {
-        report_error(why);
+        report_error(&why);
         return Ok(());
     }
     if let Some(replay) = image.replay() {
@@ -140,6 +144,8 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
         }
         return Ok(());
     }
+    // Nothing is written before the MMP block is ours (`mmp`).
+    let held = protect(image, MmpConfig::of(fs)?)?;
     let bs = u64::from(fs.block_size());
     let replayed = match image.replay() {
         Some(replay) => {
@@ -160,7 +166,8 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
     // `needs_recovery` set over an empty journal: cleared first, directly,
     // as e2fsck does (the transactions would keep it set).
     if image.replay_was_written()
-        && clear_needs_recovery(image).map_err(|e| after(e, "clearing needs_recovery"))?
+        && clear_needs_recovery(image, held.as_ref())
+            .map_err(|e| after(e, "clearing needs_recovery"))?
     {
         report_error(&format!(
             "replayed {} blocks of the journal into the image; the journal is \
@@ -168,28 +175,52 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
             replayed.unwrap_or_default()
         ));
     }
-    match open_writable(image).map_err(|e| match replayed {
+    match open_writable(image, held.as_ref()).map_err(|e| match replayed {
         Some(_) => after(e, "opening the filesystem read-write"),
         None => e,
     })? {
-        (fresh, Some(tx)) => shared.now_writable(&mut state, fresh, tx),
+        (fresh, Some(tx)) => shared.now_writable(&mut state, fresh, tx, held),
+        // The MMP block is released (marked clean) with `held`.
         (fresh, None) => state.fs = fresh,
     }
     Ok(())
 }
 
-/// Opens the filesystem on `image` read-write, its metadata changed only
-/// through crash-consistent transactions (`ext2_rs::txn`, which says how it
-/// keeps them, and why when it cannot use the journal), or, when it has
-/// features libext2fs can read but not write, read-only with a message.
-fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Option<Transactions>)> {
-    match ext2_rs::txn::open_read_write(image.clone()) {
-        Err(Error::Ext2 { code, .. })
-            if code.0 == ext2_rs::sys::EXT2_ET_RO_UNSUPP_FEATURE as ext2_rs::sys::errcode_t =>
-        {
-            report_error(
-                "the filesystem has features libext2fs can read but not write: serving read-only",
-            );
+/// Takes the MMP block of a filesystem with the `mmp` feature (`config`),
+/// as the kernel does at a read-write mount, before anything is written:
+/// refused, with a message naming the node, while another node holds it.
+/// Once taken, `image` refuses every write if another node takes it over.
+fn protect(image: &Arc<Image>, config: Option<MmpConfig>) -> Result<Option<Protection>> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let device = Arc::new(PluginDevice(image.plugin().clone()));
+    let host = ext2_rs::mmp::host_name();
+    let name = format!("nbdkit[{}]", std::process::id());
+    nbd_debug!(
+        ext2_debug_lock,
+        "multi-mount protection: taking MMP block {} (update interval {} s)",
+        config.block,
+        config.update_interval
+    );
+    let held = Protection::take(device, config, &host, &name)?;
+    image.fence(held.watch());
+    Ok(Some(held))
+}
+
+/// Opens the filesystem on `image` read-write (under `held`, with `mmp`),
+/// its metadata changed only through crash-consistent transactions
+/// (`ext2_rs::txn`, which says how it keeps them, and why when it cannot
+/// use the journal), or, when ext2-rs will not write it (features libext2fs
+/// cannot write, quota files ext2-rs cannot keep: see `ext2_rs::policy`
+/// and `ext2_rs::quota`), read-only with a message saying why.
+fn open_writable(
+    image: &Arc<Image>,
+    held: Option<&Protection>,
+) -> Result<(Filesystem, Option<Transactions>)> {
+    match ext2_rs::txn::open_read_write(image.clone(), held) {
+        Err(e) if e.errno() == Errno::EROFS => {
+            report_error(&format!("{e}: serving read-only"));
             let fs = open_checked(image, Access::ReadOnly)?;
             Ok((fs, None))
         }
@@ -204,8 +235,12 @@ fn open_writable(image: &Arc<Image>) -> Result<(Filesystem, Option<Transactions>
 /// Clears `needs_recovery` on the device directly, if it is set, as
 /// e2fsck does once a journal replayed into the image is marked empty;
 /// says whether it was set.
-fn clear_needs_recovery(image: &Arc<Image>) -> Result<bool> {
-    let mut fs = open_checked(image, Access::ReadWrite)?;
+fn clear_needs_recovery(image: &Arc<Image>, held: Option<&Protection>) -> Result<bool> {
+    let mut fs = match held {
+        Some(held) => Filesystem::open_protected(image.clone(), held)?,
+        None => Filesystem::open(image.clone(), Access::ReadWrite)?,
+    };
+    check_geometry(image, &fs)?;
     if !fs.needs_recovery() {
         return Ok(false);
     }

@@ -32,6 +32,8 @@ use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::Extent;
 use ext2_rs::lazy_map::{LazyMap, MapSource};
 use ext2_rs::mapping::BlockRuns;
+use ext2_rs::mmp::Protection;
+use ext2_rs::policy::Verdict;
 use ext2_rs::txn::{Durability, Transactions};
 use ext2_rs::{Filesystem, Ino};
 
@@ -55,6 +57,9 @@ pub struct Shared {
     /// The device under `map_source`, switched to the transactions'
     /// metadata cache once the filesystem is writable.
     map_device: Arc<MapDevice>,
+    /// The MMP block held while the filesystem is written (`mmp`), released
+    /// by [`Shared::shutdown`].
+    mmp: Mutex<Option<Protection>>,
     pub block_size: u32,
     /// Blocks per allocation cluster (bigalloc; 1 otherwise).
     pub cluster_ratio: u64,
@@ -106,6 +111,7 @@ impl Shared {
             map_source: MapSource::new(&fs, map_device.clone(), map_cache)
                 .with_background(Arc::new(crate::pool::spawn)),
             map_device,
+            mmp: Mutex::new(None),
             block_size: fs.block_size(),
             cluster_ratio: fs.cluster_ratio(),
             image,
@@ -120,17 +126,27 @@ impl Shared {
         self.image.plugin()
     }
 
+    /// Opened read-write, and no other node has taken the filesystem since
+    /// (multi-mount protection).
     pub fn writable(&self) -> bool {
-        self.writable.load(Ordering::Acquire)
+        self.writable.load(Ordering::Acquire) && !self.image.fenced_off()
     }
 
     /// Puts the filesystem re-opened read-write (`fs`, changed through
-    /// `tx`) in the lock's `state`; from now on maps are read through the
-    /// transactions' metadata cache and the filesystem counts as writable.
-    pub fn now_writable(&self, state: &mut FsState, fs: Filesystem, tx: Transactions) {
+    /// `tx`, under the MMP block `held` if it has the `mmp` feature) in the
+    /// lock's `state`; from now on maps are read through the transactions'
+    /// metadata cache and the filesystem counts as writable.
+    pub fn now_writable(
+        &self,
+        state: &mut FsState,
+        fs: Filesystem,
+        tx: Transactions,
+        held: Option<Protection>,
+    ) {
         self.map_device.read_through(tx.cache().clone());
         state.fs = fs;
         state.tx = Some(tx);
+        *self.mmp.lock() = held;
         self.writable.store(true, Ordering::Release);
     }
 
@@ -184,6 +200,13 @@ impl Shared {
         if let Err(e) = self.image.flush() {
             nbd_error!("flushing the plugin at shutdown failed (errno {})", e.get());
         }
+        // Everything is written: the MMP block can say the filesystem is
+        // free (unless another node took it).
+        if let Some(held) = self.mmp.lock().take() {
+            if let Err(e) = held.release() {
+                nbd_error!("{e}");
+            }
+        }
         self.image.plugin().close();
     }
 
@@ -221,6 +244,13 @@ impl Shared {
                 format!("{path}: must be a regular file in the disk image"),
             ));
         }
+        // The kernel's rules for the file's inode flags: encrypted files are
+        // refused, immutable ones served read-only...
+        let read_only = match ext2_rs::policy::file(path, info.flags) {
+            Verdict::Refused(why) => return Err(Error::other(Errno::ENOTSUP, why)),
+            Verdict::ReadOnly(why) => Some(why),
+            Verdict::ReadWrite => None,
+        };
         // Only the inode is read: map blocks are read as requests need them.
         let map = LazyMap::open(fs, self.map_source.clone(), ino, path)?;
         nbd_debug!(
@@ -232,6 +262,9 @@ impl Shared {
         );
         let cluster_ratio = fs.cluster_ratio();
         drop(state);
+        if let Some(why) = &read_only {
+            crate::nbdkit::report::error(&format!("{why}: serving it read-only"));
+        }
         let file = Arc::new(ServedFile::new(
             ino,
             path.to_string(),
@@ -239,6 +272,7 @@ impl Shared {
             info.layout,
             cluster_ratio,
             map,
+            read_only,
         ));
         files.retain(|_, weak| weak.strong_count() > 0);
         files.insert(ino, Arc::downgrade(&file));

@@ -132,11 +132,18 @@ fn block_size_of(raw: &dyn BlockDevice) -> u64 {
 /// through a [`MetaCache`] and committed by the returned [`Transactions`]:
 /// in the journal when there is one this crate can write, in crash-safe
 /// order otherwise (saying why, when a journal is there but not used).
-/// Nothing is written until the first commit.
-pub fn open_read_write(raw: Arc<dyn BlockDevice>) -> Result<(Filesystem, Transactions)> {
+/// Nothing is written until the first commit.  A filesystem with the `mmp`
+/// feature is opened only under `held`, its MMP block taken.
+pub fn open_read_write(
+    raw: Arc<dyn BlockDevice>,
+    held: Option<&crate::mmp::Protection>,
+) -> Result<(Filesystem, Transactions)> {
     let bs = block_size_of(raw.as_ref());
     let cache = Arc::new(MetaCache::new(raw, bs));
-    let mut fs = Filesystem::open(cache.clone(), Access::ReadWrite)?;
+    let mut fs = match held {
+        Some(held) => Filesystem::open_protected(cache.clone(), held)?,
+        None => Filesystem::open(cache.clone(), Access::ReadWrite)?,
+    };
     // SAFETY: open filesystem; orig_super is libext2fs's copy of the
     // superblock as last written, freed and cleared here so that every
     // flush writes the whole superblock as it is in memory (instead of
@@ -496,7 +503,14 @@ impl Transactions {
         let result = match outcome {
             Ok(Ok(value)) => {
                 let size = self.estimated_blocks();
-                if size > self.change_limit() + self.commit_threshold() / 2 {
+                if let Some(block) = self.reused_in_place(&changes) {
+                    Err(Error::other(
+                        Errno::EIO,
+                        format!(
+                            "block {block} was freed and allocated again in one change:                              without a journal that cannot be written in a crash-safe order"
+                        ),
+                    ))
+                } else if size > self.change_limit() + self.commit_threshold() / 2 {
                     Err(Error::other(
                         Errno::EFBIG,
                         format!(
@@ -547,6 +561,30 @@ impl Transactions {
             }
         }
         Ok(value)
+    }
+
+    /// Without a journal, a block that was in use at the last commit and
+    /// that one change frees and then allocates again (libext2fs may split
+    /// a leaf, or add a quota tree block, on blocks a punch just freed)
+    /// would be written while the old pointer to it may still be on disk:
+    /// the first such block, if any.  With a journal the change is atomic.
+    fn reused_in_place(&self, changes: &[undo::Change]) -> Option<u64> {
+        if self.method() != Method::Ordered || changes.iter().all(|c| c.2 >= 0) {
+            return None;
+        }
+        let mut freed = std::collections::HashSet::new();
+        for &(start, count, inuse) in changes {
+            for block in start..start + count {
+                if inuse < 0 {
+                    if self.touched.was_used(block) != Some(false) {
+                        freed.insert(block);
+                    }
+                } else if inuse > 0 && freed.contains(&block) {
+                    return Some(block);
+                }
+            }
+        }
+        None
     }
 
     /// Commits the running transaction as far as `durability` asks; with

@@ -137,7 +137,7 @@ impl Rig {
         let base = make_image(&scratch.0, mkfs, size, &specs, debugfs);
         let mem = Arc::new(MemDevice::new(base.clone()));
         let rec = Arc::new(RecordingDevice::new(mem.clone()));
-        let (mut fs, tx) = open_read_write(rec.clone()).unwrap();
+        let (mut fs, tx) = open_read_write(rec.clone(), None).unwrap();
         let bs = u64::from(fs.block_size());
         let mut files = Vec::new();
         let mut others = Vec::new();
@@ -714,7 +714,7 @@ fn a_journal_with_fast_commits_is_left_alone() {
         &[],
     );
     let mem = Arc::new(MemDevice::new(base.clone()));
-    let (mut fs, _) = open_read_write(mem.clone()).unwrap();
+    let (mut fs, _) = open_read_write(mem.clone(), None).unwrap();
     let (_, map) = crate::jbd2::locate(&mut fs).unwrap();
     drop(fs);
     let at = (map.image_block(0).unwrap() * 1024) as usize;
@@ -722,7 +722,7 @@ fn a_journal_with_fast_commits_is_left_alone() {
     base[at + 0x28..at + 0x2c].copy_from_slice(&incompat.to_be_bytes());
     let journal_before = base[at..at + 1024].to_vec();
     let mem = Arc::new(MemDevice::new(base));
-    let (mut fs, mut tx) = open_read_write(mem.clone()).unwrap();
+    let (mut fs, mut tx) = open_read_write(mem.clone(), None).unwrap();
     assert_eq!(tx.method(), Method::Ordered);
     let ino = fs.lookup("/f").unwrap();
     tx.fill_hole(&mut fs, ino, 100, 4, None, |fs, goal| {
