@@ -81,6 +81,27 @@ fn unwritable_features(fs: &Filesystem) -> Option<String> {
     }
 }
 
+/// Why the filesystem, whose journal needs `replay`, stays read-only in
+/// `ext2journal=` mode `journal`, if it does.
+fn journal_refusal(replay: &Replay, journal: JournalMode) -> Option<String> {
+    if journal == JournalMode::Memory {
+        return Some(
+            "the filesystem's journal needs recovery: replaying it in memory and \
+             serving read-only (run e2fsck on the image, or add ext2journal=replay, \
+             to serve it read-write)"
+                .to_string(),
+        );
+    }
+    replay_refusal(replay).map(|why| {
+        format!(
+            "the filesystem's journal needs recovery, but ext2journal=replay does \
+             not write it into the image: {why}, and e2fsck would mark the \
+             filesystem as having errors and check it: replaying it in memory \
+             and serving read-only (run e2fsck on the image)"
+        )
+    })
+}
+
 /// Why a journal replay must not be written into the image, if it must not:
 /// e2fsck would mark the filesystem as having errors after it.
 fn replay_refusal(replay: &Replay) -> Option<String> {
@@ -117,24 +138,16 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
         report_error(&why);
         return Ok(());
     }
-    if let Some(replay) = image.replay() {
-        if journal == JournalMode::Memory {
-            report_error(
-                "the filesystem's journal needs recovery: replaying it in memory and \
-                 serving read-only (run e2fsck on the image, or add ext2journal=replay, \
-                 to serve it read-write)",
-            );
-            return Ok(());
-        }
-        if let Some(why) = replay_refusal(replay) {
-            report_error(&format!(
-                "the filesystem's journal needs recovery, but ext2journal=replay does \
-                 not write it into the image: {why}, and e2fsck would mark the \
-                 filesystem as having errors and check it: replaying it in memory \
-                 and serving read-only (run e2fsck on the image)"
-            ));
-            return Ok(());
-        }
+    // As the kernel, multi-mount protection comes before the journal: a
+    // filesystem another node has open (its journal in use) is refused
+    // for that, not served read-only for the journal it is writing.
+    let mmp = MmpConfig::of(fs)?;
+    let refusal = image
+        .replay()
+        .and_then(|replay| journal_refusal(replay, journal));
+    if let (Some(why), None) = (&refusal, &mmp) {
+        report_error(why);
+        return Ok(());
     }
     let plugin = image.plugin();
     plugin.reopen(backend, false)?;
@@ -145,7 +158,12 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
         return Ok(());
     }
     // Nothing is written before the MMP block is ours (`mmp`).
-    let held = protect(image, MmpConfig::of(fs)?)?;
+    let held = protect(image, mmp)?;
+    if let Some(why) = refusal {
+        // Released (marked clean) with `held`.
+        report_error(&why);
+        return Ok(());
+    }
     let bs = u64::from(fs.block_size());
     let replayed = match image.replay() {
         Some(replay) => {
