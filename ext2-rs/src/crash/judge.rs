@@ -206,6 +206,43 @@ pub fn judge(
 
 static NO_MOUNT_SAID: AtomicBool = AtomicBool::new(false);
 
+/// Whether this machine's kernel mounts `image` read-write as it is (the filesystem a
+/// workload starts from): `Err` with why not, the kernel's own words when
+/// `dmesg` can be read (a kernel built without `CONFIG_QUOTA` refuses every
+/// filesystem with the `quota` feature), so that the caller can skip the
+/// kernel's half of the check for it, saying so.
+pub fn kernel_mounts(image: &[u8], dir: &Path) -> Result<(), String> {
+    let path = dir.join("probe.img");
+    std::fs::write(&path, image).map_err(|e| e.to_string())?;
+    let img = path.to_string_lossy().into_owned();
+    let mnt: PathBuf = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+    let (code, text) = run("mount", &["-o", "loop", &img, &mnt.to_string_lossy()]);
+    let result = if code == 0 {
+        let (code, text) = run("umount", &[&mnt.to_string_lossy()]);
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(format!("umount failed: {text}"))
+        }
+    } else {
+        let kernel = Command::new("dmesg")
+            .output()
+            .ok()
+            .and_then(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .rev()
+                    .find(|line| line.contains("EXT4-fs"))
+                    .map(|line| line.to_string())
+            })
+            .unwrap_or_default();
+        Err(format!("{} {}", text.trim(), kernel.trim()))
+    };
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
 /// The kernel as a second judge: loop-mounts `state` (replaying its
 /// journal; for an unjournalled filesystem after `e2fsck -p`), reads each
 /// file through the mount, unmounts, and runs `e2fsck -fn`.  `Ok(false)`
