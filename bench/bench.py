@@ -61,7 +61,9 @@ SCENARIOS = [
     ("delay", 3, "sequential read through delay rdelay=1ms (under the filter)", "read"),
     ("rand4k", 4, "random 4 KiB reads, 8 connections", "rand"),
     ("write", 5, "sequential write into an allocated file + flush", "write"),
-    ("fill", 6, "sequential write filling a sparse file + flush", "write"),
+    ("fill", 6, "sequential write filling a sparse file + flush (journalled)", "write"),
+    ("randw", 12, "random 4 KiB writes into holes, fio 2 jobs x 16 deep + flush (journalled)",
+     "fio"),
 ]
 SCEN_BY_KEY = {s[0]: s for s in SCENARIOS}
 SCEN_BY_NUM = {str(s[1]): s for s in SCENARIOS}
@@ -216,6 +218,34 @@ def fmt_s(x):
 
 def fmt_ratio(x):
     return "-" if x is None else "%.2f" % x
+
+
+# --------------------------------------------------------------------------
+# Random writes into holes (scenario "randw"): fio's nbd engine
+# --------------------------------------------------------------------------
+
+def randw_cmd(uri, size, verify):
+    """fio writing every 4 KiB block of a `size`-byte file once, in random
+    order, from 2 jobs (each its own half) with 16 writes in flight each,
+    then flushing.  Into a sparse file every write fills a hole.  With
+    `verify`, fio then reads every block back and checks its checksum and
+    offset header."""
+    half = size // 2
+    cmd = ["fio", "--name=randw", "--ioengine=nbd", "--uri=" + uri,
+           "--rw=randwrite", "--bs=4k", "--iodepth=16", "--numjobs=2",
+           "--size=%d" % half, "--offset_increment=%d" % half,
+           "--end_fsync=1", "--group_reporting", "--output-format=json"]
+    if verify:
+        cmd += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                "--verify_state_save=0"]
+    return cmd
+
+
+def randw_result(stdout):
+    """(IOPS, seconds) of the write phase of a randw_cmd run."""
+    out = json.loads(stdout[stdout.index("{"):])
+    write = out["jobs"][0]["write"]
+    return write["iops"], write["runtime"] / 1000.0
 
 
 # --------------------------------------------------------------------------
@@ -417,6 +447,9 @@ class Bench:
             fs = self.image("fs4k_small")
             S.update(fs=fs, plain=data, digest=digest, nbytes=self.delay_size,
                      under=("--filter=delay",), params=("rdelay=1ms",), fresh=False)
+        elif key == "randw":
+            S.update(fs=self.image("fs_sparse"), plain=self.image("sparse_plain"),
+                     nbytes=self.size, under=(), params=(), fresh=True)
         elif key in ("write", "fill"):
             src, digest = self.image("src")
             if key == "write":
@@ -445,6 +478,8 @@ class Bench:
 
     def client_cmd(self, S, srv, verify=False):
         key = S["key"]
+        if key == "randw":
+            return randw_cmd(srv.uri, self.size, verify)
         if key == "rand4k":
             cmd = [self.a.python, os.path.abspath(__file__), "--randread-client", srv.sock,
                    str(self.a.rand_count), "8", str(self.a.rand_depth), "42"]
@@ -467,7 +502,14 @@ class Bench:
                 return "wrong size %d" % size
             cmd = self.client_cmd(S, srv, verify=True)
             timeout = self.a.timeout
-            if key == "rand4k":
+            if key == "randw":
+                r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, timeout=timeout)
+                if r.returncode != 0:
+                    return "client failed: fio: %s" % (r.stderr.strip() or r.stdout)[-500:]
+                if cand == "raw":
+                    return "ok"
+            elif key == "rand4k":
                 r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, timeout=timeout)
                 if r.returncode != 0:
@@ -479,7 +521,9 @@ class Bench:
                     return "%d of %d random reads returned wrong bytes" % (
                         res["mismatches"], res["reads"])
                 return "ok"
-            if key in ("write", "fill"):
+            if key == "randw":
+                pass  # checked once the server has stopped, below
+            elif key in ("write", "fill"):
                 r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    text=True, timeout=timeout)
                 if r.returncode != 0:
@@ -510,6 +554,12 @@ class Bench:
         finally:
             srv.stop()
         # write scenarios: check what landed in the image, server stopped
+        if key == "randw":
+            fsck = subprocess.run(["e2fsck", "-fn", target], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+            if fsck.returncode != 0:
+                return "e2fsck -fn after a clean shutdown exited %d" % fsck.returncode
+            return "ok"
         if cand == "raw":
             got = sha256_file(target)
         else:
@@ -554,6 +604,8 @@ class Bench:
                 out = json.loads(r.stdout)
                 wall = out["elapsed"]
                 res["iops"] = out["reads"] / wall
+            if key == "randw":
+                res["iops"], wall = randw_result(r.stdout)
             res["wall"] = wall
         finally:
             cpu, rss = srv.stop()
@@ -615,7 +667,7 @@ class Bench:
                 d["cpu"] = statistics.median(cpus)
                 d["rss"] = max(x["rss"] for x in runs) / 1024.0
                 d["cpu_gib"] = d["cpu"] / (S["nbytes"] / GiB)
-                if key == "rand4k":
+                if key in ("rand4k", "randw"):
                     d["speed"] = statistics.median([x["iops"] for x in runs])
                 else:
                     d["speed"] = S["nbytes"] / MiB / d["wall"]
@@ -640,6 +692,7 @@ class Bench:
             "rand4k": [("IOPS ours/raw", "speed_ratio", ">=", 0.8)],
             "write": [("time ours/raw", "wall_ratio", "<=", 1.2)],
             "fill": [("throughput ours/raw", "speed_ratio", ">=", 0.5)],
+            "randw": [("IOPS ours/raw", "speed_ratio", ">=", 0.5)],
         }
         for key, _, _, _ in SCENARIOS:
             if key not in self.results:
@@ -716,7 +769,8 @@ class Bench:
                     rows.append((num, name, CAND_LABEL[c], why, "-", "-", "-", "-", "-",
                                  "-", "-", ver))
                     continue
-                speed = ("%.0f IOPS" % d["speed"]) if key == "rand4k" else "%.0f" % d["speed"]
+                speed = ("%.0f IOPS" % d["speed"]) if key in ("rand4k", "randw") \
+                    else "%.0f" % d["speed"]
                 rows.append((num, name, CAND_LABEL[c], fmt_s(d["wall"]),
                              "%s–%s" % (fmt_s(d["wmin"]), fmt_s(d["wmax"])), speed,
                              fmt_s(d["cpu"]), fmt_s(d["cpu_gib"]), "%.0f" % d["rss"],
@@ -1102,6 +1156,8 @@ def preflight(args):
             if not os.path.exists(os.path.join(filterdir, "nbdkit-%s-filter.so" % f)):
                 problems.append("nbdkit filter %r not installed in %s (apt-get install nbdkit)"
                                 % (f, filterdir))
+    if "randw" in args.scenarios and shutil.which("fio") is None:
+        problems.append("missing tool 'fio' on PATH (apt-get install fio)")
     if {"rand4k", "meta-first", "connrate"} & set(args.scenarios):
         r = subprocess.run([args.python, "-c", "import nbd"], stderr=subprocess.DEVNULL)
         if r.returncode != 0:
@@ -1117,7 +1173,7 @@ def parse_args(argv):
                     help="our filter .so (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=None, help="timed runs per candidate (default 5)")
     ap.add_argument("--scenarios", default="all",
-                    help="comma list of %s or numbers 1-11 (default all)"
+                    help="comma list of %s or numbers 1-12 (default all)"
                     % ",".join(s[0] for s in SCENARIOS))
     ap.add_argument("--candidates", default="ours,c,cnew,raw" if OTHER_NBDKIT else "ours,c,raw",
                     help="subset of ours,c,raw, and cnew (the C filter of "

@@ -9,6 +9,8 @@ PACKAGES=(
   libext2fs-dev comerr-dev e2fsprogs # libext2fs, its error tables, mke2fs/e2fsck/debugfs
   libclang-dev clang pkg-config     # bindgen's parser
   libnbd-bin python3-libnbd qemu-utils # clients: nbdsh, nbdcopy, nbdinfo, qemu-img
+  nbdkit-plugin-python              # the crash tests' recording plugin
+  fio                               # the benchmark's random-write client
 )
 
 need_install=0

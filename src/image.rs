@@ -1,15 +1,14 @@
 //! The image as the filesystem sees it: the plugin's bytes, with the blocks
 //! a journal replay stands in for read from their journal copies.
 //!
-//! Both libext2fs (through the io_manager) and the direct data path read
+//! Both libext2fs (through the io_manager, and for a writable filesystem
+//! through ext2-rs's metadata transactions) and the direct data path read
 //! and write through an [`Image`], so they always agree on what it holds.
 //! An image with a replay is never written: it is served read-only.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-
-use parking_lot::Mutex;
 
 use ext2_rs::error::Errno;
 use ext2_rs::jbd2::{Replay, JBD2_MAGIC};
@@ -26,19 +25,9 @@ pub struct Image {
     /// the plugin then holds what it stood in for.
     replay_written: AtomicBool,
     /// The multi-mount protection this server writes under, if any: once
-    /// another node has taken the filesystem, nothing more is written.
+    /// another node has taken the filesystem, nothing more is written
+    /// (data, and the metadata the transactions write through here).
     fence: OnceLock<Watch>,
-    /// libext2fs's writes held back during a metadata change, and any that
-    /// failed to reach the plugin since; see [`Image::begin_changes`].
-    pending: Mutex<Pending>,
-}
-
-#[derive(Default)]
-struct Pending {
-    /// A metadata change is in progress: hold its writes back.
-    active: bool,
-    /// Writes not yet in the plugin, oldest first: (offset, bytes).
-    writes: Vec<(u64, Vec<u8>)>,
 }
 
 impl Image {
@@ -48,7 +37,6 @@ impl Image {
             replay: None,
             replay_written: AtomicBool::new(false),
             fence: OnceLock::new(),
-            pending: Mutex::new(Pending::default()),
         }
     }
 
@@ -60,7 +48,6 @@ impl Image {
             replay: Some((replay, block_size)),
             replay_written: AtomicBool::new(false),
             fence: OnceLock::new(),
-            pending: Mutex::new(Pending::default()),
         }
     }
 
@@ -82,6 +69,12 @@ impl Image {
     /// The replay reads see, while they see one.
     pub fn replay(&self) -> Option<&Replay> {
         self.overlay().map(|(replay, _)| replay)
+    }
+
+    /// Whether the image was opened with a replay that is now written
+    /// into it.
+    pub fn replay_was_written(&self) -> bool {
+        self.replay.is_some() && !self.replaying()
     }
 
     /// Says the replay is now in the image: reads go to the plugin, and
@@ -172,112 +165,26 @@ impl Image {
     pub fn flush(&self) -> Result<(), Errno> {
         self.plugin.flush()
     }
-
-    // libext2fs's own I/O (through the io_manager) goes through the
-    // functions below, so that a metadata change is all or nothing: its
-    // writes are held back until it has succeeded in memory
-    // (`begin_changes`/`end_changes`), then written in order; what fails
-    // to reach the plugin stays pending, is read back from here, and is
-    // written again before the next change and at every flush.
-
-    /// Starts holding back libext2fs's writes.
-    pub fn begin_changes(&self) {
-        self.pending.lock().active = true;
-    }
-
-    /// Stops holding writes back; `keep` false drops those of the failed
-    /// change (earlier pending writes stay).
-    pub fn end_changes(&self, keep: bool, kept_before: usize) {
-        let mut pending = self.pending.lock();
-        pending.active = false;
-        if !keep {
-            pending.writes.truncate(kept_before);
-        }
-    }
-
-    /// How many writes are pending (to roll a failed change back to).
-    pub fn pending_count(&self) -> usize {
-        self.pending.lock().writes.len()
-    }
-
-    /// Writes the pending writes to the plugin, oldest first; on failure
-    /// the unwritten ones stay pending.
-    pub fn write_pending(&self) -> Result<(), Errno> {
-        let mut pending = self.pending.lock();
-        let mut done = 0;
-        let result = pending.writes.iter().try_for_each(|(offset, data)| {
-            self.pwrite(data, *offset, false)?;
-            done += 1;
-            Ok(())
-        });
-        pending.writes.drain(..done);
-        result
-    }
-
-    /// A libext2fs read: the image, with pending writes laid over it.
-    pub fn metadata_pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        self.pread(buf, offset)?;
-        let pending = self.pending.lock();
-        let end = offset + buf.len() as u64;
-        for (at, data) in &pending.writes {
-            let from = offset.max(*at);
-            let to = end.min(at + data.len() as u64);
-            if from < to {
-                buf[(from - offset) as usize..(to - offset) as usize]
-                    .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
-            }
-        }
-        Ok(())
-    }
-
-    /// A libext2fs write: held back during a change, or queued behind
-    /// pending writes (so that they land in order), else written at once.
-    pub fn metadata_pwrite(&self, buf: &[u8], offset: u64) -> Result<(), Errno> {
-        let mut pending = self.pending.lock();
-        if pending.active || !pending.writes.is_empty() {
-            self.refuse_write()?;
-            pending.writes.push((offset, buf.to_vec()));
-            if pending.active {
-                return Ok(());
-            }
-            drop(pending);
-            return self.write_pending();
-        }
-        drop(pending);
-        self.pwrite(buf, offset, false)
-    }
-
-    /// A libext2fs request to zero blocks (e.g. a new extent node).
-    pub fn metadata_zero(&self, len: u64, offset: u64) -> Result<(), Errno> {
-        let queue = {
-            let pending = self.pending.lock();
-            pending.active || !pending.writes.is_empty()
-        };
-        if queue && len <= 1 << 20 {
-            return self.metadata_pwrite(&vec![0u8; len as usize], offset);
-        }
-        self.write_pending()?;
-        self.zero(len, offset, false, false)
-    }
 }
 
-/// The device libext2fs sees (through ext2-rs's io_manager): the image,
-/// with a metadata change's writes held back until it succeeds.
+/// The device the filesystem lives on: read-only, libext2fs reads it
+/// directly; read-write, it is the device under ext2-rs's transactions
+/// (`ext2_rs::txn`), which alone write metadata to it.
 impl BlockDevice for Image {
     fn size(&self) -> u64 {
         Image::size(self)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        self.metadata_pread(buf, offset)
+        self.pread(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Errno> {
-        self.metadata_pwrite(buf, offset)
+        self.pwrite(buf, offset, false)
     }
 
     fn zero_at(&self, len: u64, offset: u64) -> Result<(), Errno> {
-        self.metadata_zero(len, offset)
+        self.zero(len, offset, false, false)
     }
 
     fn flush(&self) -> Result<(), Errno> {
@@ -289,15 +196,74 @@ impl BlockDevice for Image {
         let items: Vec<&mut (u64, &mut [u8])> = reads.iter_mut().collect();
         let limit = crate::pool::WORKERS;
         crate::pool::run_all(self.plugin.parallel(), limit, items, &|read| {
-            self.metadata_pread(read.1, read.0)
+            self.pread(read.1, read.0)
         })
+    }
+}
+
+/// What served files' maps are read through (`ext2_rs::lazy_map`): the
+/// image while the filesystem is read-only; once it is open read-write,
+/// the metadata cache of its transactions over the image, which holds the
+/// metadata not yet written home (a map read from the image alone would
+/// miss it).
+pub struct MapDevice {
+    image: Arc<Image>,
+    metadata: OnceLock<Arc<dyn BlockDevice>>,
+}
+
+impl MapDevice {
+    pub fn new(image: Arc<Image>) -> MapDevice {
+        MapDevice {
+            image,
+            metadata: OnceLock::new(),
+        }
+    }
+
+    /// From now on, maps are read through `metadata` (set once: the
+    /// filesystem is opened read-write once).
+    pub fn read_through(&self, metadata: Arc<dyn BlockDevice>) {
+        let _ = self.metadata.set(metadata);
+    }
+
+    fn device(&self) -> &dyn BlockDevice {
+        match self.metadata.get() {
+            Some(metadata) => metadata.as_ref(),
+            None => self.image.as_ref(),
+        }
+    }
+}
+
+/// Reads only: maps are never written through here.
+impl BlockDevice for MapDevice {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.device().read_at(buf, offset)
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<(), Errno> {
+        Err(Errno::EROFS)
+    }
+
+    fn zero_at(&self, _len: u64, _offset: u64) -> Result<(), Errno> {
+        Err(Errno::EROFS)
+    }
+
+    fn flush(&self) -> Result<(), Errno> {
+        Ok(())
+    }
+
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        self.device().read_many(reads)
     }
 }
 
 /// The plugin's bytes as they are, for multi-mount protection
 /// (`ext2_rs::mmp`): its block is written behind our back by other nodes,
 /// so it is read from the plugin every time, past any journal replay or
-/// held-back metadata.
+/// cached metadata.
 pub struct PluginDevice(pub Arc<Plugin>);
 
 impl BlockDevice for PluginDevice {

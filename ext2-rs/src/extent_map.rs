@@ -25,6 +25,24 @@ impl Extent {
         self.logical + self.len
     }
 
+    /// Runs of image blocks `(physical, len)` laid out in file order from
+    /// file block `logical`, as written extents.
+    pub fn written_runs(logical: u64, runs: &[(u64, u64)]) -> Vec<Extent> {
+        let mut at = logical;
+        runs.iter()
+            .map(|&(physical, len)| {
+                let e = Extent {
+                    logical: at,
+                    physical,
+                    len,
+                    unwritten: false,
+                };
+                at += len;
+                e
+            })
+            .collect()
+    }
+
     /// Whether `next` continues this run in both spaces with the same state.
     fn continued_by(&self, next: &Extent) -> bool {
         self.end() == next.logical
@@ -170,12 +188,26 @@ impl FileMap {
                 });
             }
         }
-        let tail = self.extents.split_off(max(first, last));
-        self.extents.truncate(first);
-        // Merge across both seams.
-        for e in replacement.into_iter().chain(tail) {
-            self.push_merged(e);
+        // Merge across both seams: the replacement with the extents either
+        // side of it, spliced in place (one move of the tail, not a push
+        // per extent: a write into a hole of a file of many extents does
+        // this every time).
+        let hi = max(first, last);
+        let from = first.saturating_sub(1);
+        let to = (hi + 1).min(self.extents.len());
+        let mut window: Vec<Extent> = Vec::with_capacity(replacement.len() + 2);
+        let neighbours = self.extents[from..first]
+            .iter()
+            .copied()
+            .chain(replacement)
+            .chain(self.extents[hi..to].iter().copied());
+        for e in neighbours {
+            match window.last_mut() {
+                Some(prev) if prev.continued_by(&e) => prev.len += e.len,
+                _ => window.push(e),
+            }
         }
+        self.extents.splice(from..to, window);
     }
 }
 
@@ -260,6 +292,15 @@ mod tests {
             len,
             unwritten: false,
         }
+    }
+
+    #[test]
+    fn runs_become_extents_in_file_order() {
+        assert_eq!(
+            Extent::written_runs(10, &[(500, 2), (900, 3)]),
+            vec![ext(10, 500, 2), ext(12, 900, 3)]
+        );
+        assert!(Extent::written_runs(7, &[]).is_empty());
     }
 
     fn unwritten(logical: u64, physical: u64, len: u64) -> Extent {

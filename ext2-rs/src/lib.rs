@@ -18,12 +18,19 @@
 //! - [`lazy_map`]: a served file's block map read lazily from the device,
 //!   without the library, checked as the kernel checks it, with a shared
 //!   bounded cache.
-//! - [`jbd2`]: the JBD2 journal format: parsing and recovery.
+//! - [`jbd2`]: the JBD2 journal format: parsing, recovery and writing.
+//! - [`sb`], [`txn`]: the superblock's raw fields, and crash-consistent
+//!   metadata changes (journalled, or ordered without a journal) through a
+//!   metadata cache libext2fs reads and writes.
+//! - [`testing`], [`crash`]: an in-memory device for tests, and crash
+//!   states of recorded writes with their judge (`e2fsck`, the kernel).
 //!
 //! libext2fs is not thread-safe, not even for reads: a [`Filesystem`] is
 //! `Send` but not `Sync`, and every method that calls the library takes
 //! `&mut self`, so its owner decides how calls are serialized.
 
+// Built always, as `testing` is: the filter's crash tests use it.
+pub mod crash;
 pub mod device;
 pub mod dir;
 pub mod error;
@@ -40,11 +47,13 @@ pub mod mmp;
 pub mod policy;
 pub mod quota;
 pub mod reserved;
+pub mod sb;
 pub mod sys;
 // Always built, not behind a feature: a dev-dependency feature would make
 // `cargo test` and `cargo build` link different filters, each rebuilding
 // the .so the other's integration tests are running.
 pub mod testing;
+pub mod txn;
 pub mod undo;
 
 pub use device::BlockDevice;

@@ -80,6 +80,53 @@ impl ExtentHandle {
         let code = unsafe { sys::ext2fs_extent_fix_parents(self.0) };
         check(code, || "extent_fix_parents".into())
     }
+
+    /// Updates the index entries above the current extent if it is the
+    /// first of a node below the root, whose start its parent must repeat.
+    /// (`ext2fs_extent_fix_parents` walks the tree from the root again
+    /// afterwards even when there is nothing to fix: a cost on every
+    /// insert otherwise.)
+    fn fix_parents_if_first(&mut self) -> Result<()> {
+        let mut info = sys::ext2_extent_info::default();
+        // SAFETY: open handle, valid out-pointer.
+        let code = unsafe { sys::ext2fs_extent_get_info(self.0, &mut info) };
+        check(code, || "extent_get_info".into())?;
+        // Entry 0 is the node's header: the first extent is entry 1.
+        if info.curr_level > 0 && info.curr_entry <= 1 {
+            self.fix_parents()?;
+        }
+        Ok(())
+    }
+
+    /// Records written extent `new` where the handle rests (after a
+    /// `goto` to its start that found a hole, or after the extent just
+    /// before it): extends the current extent when they are contiguous,
+    /// inserts otherwise.
+    fn add_written(&mut self, new: &sys::ext2fs_extent) -> Result<()> {
+        let (logical, physical, len) = (new.e_lblk, new.e_pblk, u64::from(new.e_len));
+        match self.get(sys::EXT2_EXTENT_CURRENT) {
+            // An empty tree: the first extent goes into the root.
+            Err(_) => self.insert(false, new)?,
+            Ok(cur) => {
+                let cur_end = cur.e_lblk + u64::from(cur.e_len);
+                let contiguous = cur_end == logical
+                    && cur.e_pblk + u64::from(cur.e_len) == physical
+                    && cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT == 0
+                    && u64::from(cur.e_len) + len <= MAX_INIT_LEN;
+                if contiguous {
+                    // The start stays: no parent to fix.
+                    return self.replace(&raw_extent(
+                        cur.e_lblk,
+                        cur.e_pblk,
+                        u64::from(cur.e_len) + len,
+                        false,
+                    ));
+                }
+                self.insert(cur.e_lblk < logical, new)?;
+            }
+        }
+        self.fix_parents_if_first()
+    }
 }
 
 impl Drop for ExtentHandle {
@@ -475,35 +522,58 @@ fn insert_extent(
     len: u64,
 ) -> Result<()> {
     let mut handle = ExtentHandle::open(fs, ino)?;
-    let new = raw_extent(logical, physical, len, false);
     if handle.goto(logical)? {
-        return Err(Error::other(
-            Errno::EIO,
-            format!("file block {logical} is already mapped"),
-        ));
+        return Err(already_mapped(logical));
     }
-    match handle.get(sys::EXT2_EXTENT_CURRENT) {
-        // An empty tree: the first extent goes into the root.
-        Err(_) => handle.insert(false, &new)?,
-        Ok(cur) => {
-            let cur_end = cur.e_lblk + u64::from(cur.e_len);
-            let contiguous = cur_end == logical
-                && cur.e_pblk + u64::from(cur.e_len) == physical
-                && cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT == 0
-                && u64::from(cur.e_len) + len <= MAX_INIT_LEN;
-            if contiguous {
-                handle.replace(&raw_extent(
-                    cur.e_lblk,
-                    cur.e_pblk,
-                    u64::from(cur.e_len) + len,
-                    false,
-                ))?;
-            } else {
-                handle.insert(cur.e_lblk < logical, &new)?;
+    handle.add_written(&raw_extent(logical, physical, len, false))
+}
+
+fn already_mapped(logical: u64) -> Error {
+    Error::other(
+        Errno::EIO,
+        format!("file block {logical} is already mapped"),
+    )
+}
+
+/// Links extents `(logical, physical, len)`, in file order, each into a
+/// hole of extent file `ino`, and adds their blocks to the inode's count.
+/// The tree is walked from the root only for an extent that does not start
+/// where the previous one ended; one that does is added where the handle
+/// already rests (extending the previous extent when they are contiguous in
+/// the image too).  Not for bigalloc filesystems.  The owner's quotas are
+/// charged with what the file grew by (tree blocks too).
+pub fn link_extents(fs: &mut Filesystem, ino: Ino, extents: &[(u64, u64, u64)]) -> Result<()> {
+    quota::charging(fs, ino, |fs| link_extents_uncharged(fs, ino, extents))
+}
+
+fn link_extents_uncharged(
+    fs: &mut Filesystem,
+    ino: Ino,
+    extents: &[(u64, u64, u64)],
+) -> Result<()> {
+    let mut handle = ExtentHandle::open(fs, ino)?;
+    let mut resting_at: Option<u64> = None;
+    let mut total = 0u64;
+    for &(logical, physical, len) in extents {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_INIT_LEN);
+            let at = logical + done;
+            if resting_at != Some(at) && handle.goto(at)? {
+                return Err(already_mapped(at));
             }
+            handle.add_written(&raw_extent(at, physical + done, n, false))?;
+            resting_at = Some(at + n);
+            done += n;
         }
+        total += len;
     }
-    handle.fix_parents()
+    drop(handle);
+    let mut inode = fs.read_inode_raw(ino)?;
+    // SAFETY: open filesystem and an inode buffer we own.
+    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, total) };
+    check(code, || "iblk_add_blocks".into())?;
+    fs.write_inode_raw(ino, &mut inode)
 }
 
 /// Sets block pointers one by one (ext2/ext3 have nothing better); the
@@ -587,7 +657,11 @@ fn mark_written_uncharged(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -
     Ok(())
 }
 
-/// Frees the blocks of file blocks `[start, end)` of an extent file.
+/// Frees the blocks of file blocks `[start, end)` of an extent file, or
+/// of its first part: it stops once it has changed about `budget` metadata
+/// blocks (extent edits and block groups freed into, each a node or bitmap
+/// a transaction must write) and returns the file block it stopped at,
+/// `end` when it is done.  Call it again from there.
 ///
 /// Not `ext2fs_punch`: in 1.47.0 it frees far more than asked on
 /// block-pointer files, overflows its count past 2^31 blocks, and ignores a
@@ -597,8 +671,17 @@ fn mark_written_uncharged(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -
 /// use (the caller does not offer it).
 ///
 /// What is freed is taken off the owner's quotas.
-pub fn punch(fs: &mut Filesystem, ino: Ino, layout: Layout, start: u64, end: u64) -> Result<()> {
-    quota::charging(fs, ino, |fs| punch_uncharged(fs, ino, layout, start, end))
+pub fn punch(
+    fs: &mut Filesystem,
+    ino: Ino,
+    layout: Layout,
+    start: u64,
+    end: u64,
+    budget: u64,
+) -> Result<u64> {
+    quota::charging(fs, ino, |fs| {
+        punch_uncharged(fs, ino, layout, start, end, budget)
+    })
 }
 
 fn punch_uncharged(
@@ -607,7 +690,8 @@ fn punch_uncharged(
     layout: Layout,
     start: u64,
     end: u64,
-) -> Result<()> {
+    budget: u64,
+) -> Result<u64> {
     if layout != Layout::Extents || fs.cluster_ratio() != 1 {
         return Err(Error::other(
             Errno::ENOTSUP,
@@ -615,7 +699,7 @@ fn punch_uncharged(
         ));
     }
     let mut freed = 0u64;
-    let result = punch_extents(fs, ino, start, end, &mut freed);
+    let result = punch_extents(fs, ino, start, end, budget.max(1), &mut freed);
     if freed > 0 {
         // Whatever happened, the inode must count what was freed.
         let mut inode = fs.read_inode_raw(ino)?;
@@ -632,16 +716,24 @@ fn punch_extents(
     ino: Ino,
     start: u64,
     end: u64,
+    budget: u64,
     freed: &mut u64,
-) -> Result<()> {
+) -> Result<u64> {
+    let first_data = u64::from(fs.super_block().s_first_data_block);
+    let per_group = u64::from(fs.super_block().s_blocks_per_group).max(1);
+    let mut groups = std::collections::BTreeSet::new();
+    let mut edits = 0u64;
     let mut block = start;
     while block < end {
+        if edits + groups.len() as u64 >= budget {
+            return Ok(block);
+        }
         let mut handle = ExtentHandle::open(fs, ino)?;
         let found = handle.goto(block)?;
         let cur = match handle.get(sys::EXT2_EXTENT_CURRENT) {
             Ok(cur) => cur,
             // An empty tree: nothing left to free.
-            Err(code) if code == sys::EXT2_ET_NO_CURRENT_NODE as sys::errcode_t => return Ok(()),
+            Err(code) if code == sys::EXT2_ET_NO_CURRENT_NODE as sys::errcode_t => return Ok(end),
             Err(code) => return Err(Error::ext2("extent_get", code)),
         };
         let (c_start, c_len) = (cur.e_lblk, u64::from(cur.e_len));
@@ -662,7 +754,7 @@ fn punch_extents(
                     block = next;
                     continue;
                 }
-                _ => return Ok(()),
+                _ => return Ok(end),
             }
         }
         let cut_end = end.min(c_end);
@@ -699,9 +791,15 @@ fn punch_extents(
         // The blocks were the file's and are no longer referenced.
         undo::block_stats_range(fs, at(block), count, -1);
         *freed += count;
+        edits += 1;
+        let (g1, g2) = (
+            at(block).saturating_sub(first_data) / per_group,
+            (at(block) + count - 1).saturating_sub(first_data) / per_group,
+        );
+        groups.extend(g1..=g2.min(g1 + budget));
         block = cut_end;
     }
-    Ok(())
+    Ok(end)
 }
 
 #[cfg(test)]

@@ -1,33 +1,43 @@
-//! Undoing a failed metadata change in libext2fs's memory.
+//! Recording the block allocations and releases of a metadata change, so
+//! that a failed change can be undone in libext2fs's memory and a
+//! successful one tells its transaction which blocks it took and freed.
 //!
 //! A change such as linking blocks into an extent tree is several library
 //! steps; if a read fails halfway, the library's memory holds part of it:
 //! blocks marked in use (an extent node it allocated) and a cached inode
-//! that the disk never got.  [`with_undo`] records every block allocation
-//! and release libext2fs makes during the change, through its allocation
-//! callbacks, and on failure reverses them and drops the inode cache, so the
-//! library's memory again matches the image.  (The writes themselves are
-//! held back by the caller until the change succeeded; see `crate::image`.)
+//! that the disk never got.  A [`Recording`] collects every allocation and
+//! release libext2fs makes while it lives, through the library's
+//! allocation callback and [`block_stats_range`]; [`reverse`] undoes them
+//! and drops the inode cache, so the library's memory again matches what
+//! was committed.  (The change's writes are held back by the caller until
+//! it succeeded; see `crate::txn`.)
+
+use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
-use crate::error::Result;
 use crate::fs::Filesystem;
 use crate::sys;
 
 /// One change: `count` blocks from `start` marked in use (+1) or free (-1).
-type Change = (u64, u64, i32);
+pub type Change = (u64, u64, i32);
 
-/// The changes of the operation in progress; `None` when not recording.
-/// Only touched with the filesystem lock held.
-static LOG: Mutex<Option<Vec<Change>>> = Mutex::new(None);
+/// The changes of the recordings in progress, by filesystem handle (as an
+/// address): one at a time per filesystem, whose owner serializes calls.
+static LOG: Mutex<Option<HashMap<usize, Vec<Change>>>> = Mutex::new(None);
 
-unsafe extern "C" fn record_block(_fs: sys::ext2_filsys, blk: sys::blk64_t, inuse: i32) {
-    crate::ffi::guard("block allocation callback", || {
-        if let Some(log) = LOG.lock().as_mut() {
-            log.push((blk, 1, inuse));
-        }
-    })
+fn record(fs: sys::ext2_filsys, change: Change) {
+    if let Some(log) = LOG
+        .lock()
+        .as_mut()
+        .and_then(|logs| logs.get_mut(&(fs as usize)))
+    {
+        log.push(change);
+    }
+}
+
+unsafe extern "C" fn record_block(fs: sys::ext2_filsys, blk: sys::blk64_t, inuse: i32) {
+    crate::ffi::guard("block allocation callback", || record(fs, (blk, 1, inuse)))
 }
 
 /// Installs the recording callback (once per open filesystem).
@@ -46,15 +56,15 @@ pub fn install(fs: &mut Filesystem) {
 }
 
 /// Marks `count` blocks from `start` in use (`inuse` 1) or free (-1) in the
-/// bitmap and the free counts, recorded for [`with_undo`].
+/// bitmap and the free counts, recorded if a [`Recording`] is running.
 pub fn block_stats_range(fs: &mut Filesystem, start: u64, count: u64, inuse: i32) {
-    if let Some(log) = LOG.lock().as_mut() {
-        log.push((start, count, inuse));
-    }
+    record(fs.raw(), (start, count, inuse));
     apply(fs, start, count, inuse);
 }
 
-fn apply(fs: &mut Filesystem, start: u64, count: u64, inuse: i32) {
+/// Marks blocks in use or free without recording it: for the temporary
+/// and reversing changes a transaction makes itself.
+pub(crate) fn apply(fs: &mut Filesystem, start: u64, count: u64, inuse: i32) {
     let mut done = 0;
     while done < count {
         let n = (count - done).min(u64::from(u32::MAX));
@@ -64,22 +74,64 @@ fn apply(fs: &mut Filesystem, start: u64, count: u64, inuse: i32) {
     }
 }
 
-/// Runs `op`; if it fails, reverses the block allocations and releases it
-/// made and forgets cached inodes.
-pub fn with_undo<T>(
-    fs: &mut Filesystem,
-    op: impl FnOnce(&mut Filesystem) -> Result<T>,
-) -> Result<T> {
-    *LOG.lock() = Some(Vec::new());
-    let result = op(fs);
-    let changes = LOG.lock().take().unwrap_or_default();
-    if result.is_err() {
-        for &(start, count, inuse) in changes.iter().rev() {
-            // Reverses a change made during `op` (not recorded: LOG is None).
-            apply(fs, start, count, -inuse);
-        }
-        // SAFETY: open filesystem; only invalidates cached inodes.
-        unsafe { sys::ext2fs_flush_icache(fs.raw()) };
+/// Records the allocations and releases on one filesystem until
+/// [`Recording::finish`], or until dropped (a panic unwinding through the
+/// change), which stops recording so that nothing later is attributed to
+/// it.
+#[must_use]
+pub struct Recording(usize);
+
+impl Recording {
+    /// Starts recording on `fs`.  One recording at a time per filesystem:
+    /// its owner serializes the calls.
+    pub fn start(fs: &mut Filesystem) -> Recording {
+        let key = fs.raw() as usize;
+        LOG.lock()
+            .get_or_insert_with(HashMap::new)
+            .insert(key, Vec::new());
+        Recording(key)
     }
-    result
+
+    /// What was recorded so far, oldest first (recording goes on).
+    pub fn so_far(&self) -> Vec<Change> {
+        LOG.lock()
+            .as_ref()
+            .and_then(|logs| logs.get(&self.0))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Stops recording and returns what was recorded, oldest first.
+    pub fn finish(self) -> Vec<Change> {
+        self.take()
+    }
+
+    fn take(&self) -> Vec<Change> {
+        let mut logs = LOG.lock();
+        let Some(map) = logs.as_mut() else {
+            return Vec::new();
+        };
+        let changes = map.remove(&self.0).unwrap_or_default();
+        if map.is_empty() {
+            // Nothing stays allocated: a host may unload us.
+            *logs = None;
+        }
+        changes
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        self.take();
+    }
+}
+
+/// Undoes `changes` (as a [`Recording`] returned them) in the library's
+/// memory, newest first, and forgets cached inodes.
+pub fn reverse(fs: &mut Filesystem, changes: &[Change]) {
+    for &(start, count, inuse) in changes.iter().rev() {
+        apply(fs, start, count, -inuse);
+    }
+    // SAFETY: open filesystem; only invalidates cached inodes.
+    unsafe { sys::ext2fs_flush_icache(fs.raw()) };
 }

@@ -1,16 +1,25 @@
 //! Changing a served file's block map: filling holes, writing unwritten
 //! blocks, freeing blocks.  Each holds the file's map exclusively and makes
-//! its metadata change through [`Shared`].
+//! its metadata change through [`Shared`], working on a window of the map
+//! (a [`FileMap`] of the blocks the request touches) that it keeps up to
+//! date for the rest of the request.
 
 use std::ops::Range;
 
 use ext2_rs::extent_map::{Content, Extent, FileMap, Piece};
-use ext2_rs::mapping;
-use ext2_rs::Result;
+use ext2_rs::mapping::{self, BlockRuns};
+use ext2_rs::{Layout, Result};
 
 use crate::filter::file::ServedFile;
 use crate::filter::shared::Shared;
+use crate::filter::unlinked::{MapChanges, OverlaidMap};
+use crate::image::Image;
 use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
+
+/// The most blocks one change links into a hole: even if each lands in an
+/// extent of its own, their tree nodes and bitmaps stay well inside the
+/// smallest journal's transaction.
+const HOLE_CHUNK_BLOCKS: u64 = 1024;
 
 impl ServedFile {
     /// The whole blocks a piece touches, and a buffer for them holding the
@@ -26,78 +35,122 @@ impl ServedFile {
         (first..end, buf)
     }
 
-    /// Allocates blocks for a hole, fills them, then links them to the file.
+    /// Allocates blocks for a hole, fills them, then links them to the
+    /// file.  A hole of up to [`HOLE_CHUNK_BLOCKS`] blocks is one change (if
+    /// any step fails, nothing happened); a longer one is filled in chunks
+    /// of that many, each one change, so that no change outgrows a
+    /// transaction however fragmented the free space (a failure part way
+    /// leaves the chunks before it written, as a failed write may).
+    ///
+    /// `map` is the file's whole map (for a neighbour to place the blocks
+    /// near), `window` the part the request touches; what changed is
+    /// added to `changes`.
     pub(super) fn fill_hole(
         &self,
         shared: &Shared,
-        map: &mut FileMap,
+        map: &OverlaidMap,
+        window: &mut FileMap,
         piece: &Piece,
         bytes: &[u8],
+        changes: &mut MapChanges,
     ) -> Result<()> {
-        let bs = map.block_size();
-        let (blocks, buf) = self.padded_blocks(map, piece, bytes);
+        let bs = window.block_size();
+        let (blocks, buf) = self.padded_blocks(window, piece, bytes);
+        // Chunks start on cluster boundaries (bigalloc places blocks by
+        // their offset in the cluster).
+        let chunk = HOLE_CHUNK_BLOCKS.max(shared.cluster_ratio);
+        let mut start = blocks.start;
+        while start < blocks.end {
+            let end = ((start / chunk + 1) * chunk).min(blocks.end);
+            let at = ((start - blocks.start) * bs) as usize;
+            let len = ((end - start) * bs) as usize;
+            self.fill_hole_chunk(shared, map, window, start..end, &buf[at..at + len], changes)?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Fills file blocks `blocks` (a hole) with `buf`, as one change.
+    fn fill_hole_chunk(
+        &self,
+        shared: &Shared,
+        map: &OverlaidMap,
+        window: &mut FileMap,
+        blocks: Range<u64>,
+        buf: &[u8],
+        changes: &mut MapChanges,
+    ) -> Result<()> {
+        let bs = window.block_size();
         let count = blocks.end - blocks.start;
-        // Keep flush from recording these blocks as used before they are linked.
-        let _pass = shared.allocation_pass();
-        let (runs, new_units) = {
-            let mut fs = shared.lock_fs()?;
-            shared.change_metadata(&mut fs, |fs| {
-                let goal = match blocks
-                    .start
-                    .checked_sub(1)
-                    .map(|b| map.pieces(b * bs, 1)[0].content)
-                {
+        // The data first: the blocks are linked only once they hold it (and
+        // a commit flushes the plugin before it makes the link durable), so
+        // the file never exposes what they held before.
+        let write_runs = |image: &Image, runs: &BlockRuns| -> Result<()> {
+            let mut at = 0usize;
+            for &(physical, len) in runs {
+                let n = (len * bs) as usize;
+                image.pwrite(&buf[at..at + n], physical * bs, false)?;
+                at += n;
+            }
+            Ok(())
+        };
+        let before = blocks
+            .start
+            .checked_sub(1)
+            .map(|block| window.pieces(block * bs, 1)[0].content);
+        let runs = if self.layout == Layout::Extents && shared.cluster_ratio == 1 {
+            // The blocks go where the nearest extent says they would be had
+            // the file been written in order (as ext2fs_find_inode_goal
+            // places them), so that neighbours merge as the file fills; the
+            // tree learns of them later (the map's overlay serves them
+            // until then).
+            let near = match before {
+                // The block before is in the window: no lookup.
+                Some(Content::Data { image_offset })
+                | Some(Content::Unwritten { image_offset }) => Some(image_offset / bs + 1),
+                _ => map.placement_goal(blocks.start),
+            };
+            let (runs, tree_changed) =
+                shared.fill_hole(self.ino, blocks.start, count, near, |fs, image, goal| {
+                    let runs = mapping::allocate(fs, goal, count)?;
+                    write_runs(image, &runs)?;
+                    Ok(runs)
+                })?;
+            changes.tree |= tree_changed;
+            changes
+                .unlinked
+                .extend(Extent::written_runs(blocks.start, &runs));
+            runs
+        } else {
+            let runs = shared.change_allocating(self.ino, count, |tx| {
+                let fs = tx.fs();
+                let goal = match before {
                     Some(Content::Data { image_offset })
                     | Some(Content::Unwritten { image_offset }) => image_offset / bs + 1,
                     _ => mapping::goal_for(fs, self.ino, blocks.start)?,
                 };
                 let ratio = fs.cluster_ratio();
-                if ratio == 1 {
+                let (runs, new_units) = if ratio == 1 {
                     let runs = mapping::allocate(fs, goal, count)?;
-                    Ok((runs.clone(), runs))
+                    (runs.clone(), runs)
                 } else {
-                    let existing = |cluster: u64| physical_cluster(map, cluster, ratio);
-                    mapping::allocate_clustered(fs, blocks.clone(), existing, goal)
-                }
-            })?
-        };
-        let mut at = 0usize;
-        for &(physical, len) in &runs {
-            let n = (len * bs) as usize;
-            if let Err(e) = shared.image.pwrite(&buf[at..at + n], physical * bs, false) {
-                if let Ok(mut fs) = shared.lock_fs() {
-                    mapping::free_blocks(&mut fs, &new_units);
-                }
-                return Err(e.into());
-            }
-            at += n;
-        }
-        let mut fs = shared.lock_fs()?;
-        let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
-        let linked = shared.change_metadata(&mut fs, |fs| {
-            mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)
-        });
-        if let Err(e) = linked {
-            // Rolled back: nothing was linked, so the blocks go back.
-            mapping::free_blocks(&mut fs, &new_units);
-            return Err(e);
-        }
-        drop(fs);
-        let mut logical = blocks.start;
-        let new: Vec<Extent> = runs
-            .iter()
-            .map(|&(physical, len)| {
-                let e = Extent {
-                    logical,
-                    physical,
-                    len,
-                    unwritten: false,
+                    let existing = |cluster: u64| physical_cluster(window, cluster, ratio);
+                    mapping::allocate_clustered(fs, blocks.clone(), existing, goal)?
                 };
-                logical += len;
-                e
-            })
-            .collect();
-        map.replace_range(blocks.start, blocks.end, &new);
+                write_runs(tx.image(), &runs)?;
+                let fs = tx.fs();
+                let new_count = new_units.iter().map(|r| r.1).sum::<u64>() / fs.cluster_ratio();
+                mapping::link_blocks(fs, self.ino, self.layout, blocks.start, &runs, new_count)?;
+                Ok(runs)
+            });
+            changes.tree = true;
+            runs?
+        };
+        window.replace_range(
+            blocks.start,
+            blocks.end,
+            &Extent::written_runs(blocks.start, &runs),
+        );
         nbd_debug!(
             ext2_debug_map,
             "{}: allocated blocks {:?} at {:?}",
@@ -108,7 +161,7 @@ impl ServedFile {
         Ok(())
     }
 
-    /// Fills unwritten blocks, then marks them written.
+    /// Fills unwritten blocks, then marks them written, as one change.
     pub(super) fn fill_unwritten(
         &self,
         shared: &Shared,
@@ -120,12 +173,10 @@ impl ServedFile {
         let bs = map.block_size();
         let (blocks, buf) = self.padded_blocks(map, piece, bytes);
         let physical = (image_offset - (piece.file_offset - blocks.start * bs)) / bs;
-        shared.image.pwrite(&buf, physical * bs, false)?;
-        let mut fs = shared.lock_fs()?;
-        shared.change_metadata(&mut fs, |fs| {
-            mapping::mark_written(fs, self.ino, blocks.start, blocks.end)
+        shared.change(self.ino, |tx| {
+            tx.write_data(&buf, physical * bs)?;
+            mapping::mark_written(tx.fs(), self.ino, blocks.start, blocks.end)
         })?;
-        drop(fs);
         map.replace_range(
             blocks.start,
             blocks.end,
@@ -145,6 +196,10 @@ impl ServedFile {
         Ok(())
     }
 
+    /// Frees the blocks of file blocks `blocks`, in as many changes as the
+    /// range needs to keep each transaction small.  Each change is
+    /// committed before the next one runs (see `Shared::change`), so no
+    /// freed block is reused while a crash could bring its owner back.
     pub(super) fn punch(
         &self,
         shared: &Shared,
@@ -159,12 +214,15 @@ impl ServedFile {
         if blocks.is_empty() || !owns_blocks {
             return Ok(());
         }
-        let mut fs = shared.lock_fs()?;
-        shared.change_metadata(&mut fs, |fs| {
-            mapping::punch(fs, self.ino, self.layout, blocks.start, blocks.end)
-        })?;
-        drop(fs);
-        map.replace_range(blocks.start, blocks.end, &[]);
+        let mut at = blocks.start;
+        while at < blocks.end {
+            let done = shared.change(self.ino, |tx| {
+                let budget = tx.budget();
+                mapping::punch(tx.fs(), self.ino, self.layout, at, blocks.end, budget)
+            })?;
+            map.replace_range(at, done, &[]);
+            at = done;
+        }
         nbd_debug!(ext2_debug_map, "{}: freed blocks {:?}", self.path, blocks);
         Ok(())
     }

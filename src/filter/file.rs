@@ -9,14 +9,18 @@
 //! Writes that need new blocks (holes) or that turn unwritten blocks into
 //! data hold the map exclusively, so no request can use a mapping while it
 //! changes; they work on a window of the map covering the request, and
-//! the map is read again from the inode afterwards.
+//! the map is read again from the inode afterwards, unless the tree did
+//! not change: writes into holes of an extent file are linked into it
+//! later, and laid over it meanwhile (`filter::unlinked`).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::filter::coalesce;
 use crate::filter::shared::Shared;
+use crate::filter::unlinked::{MapChanges, OverlaidMap};
 use crate::pool;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::{Content, FileMap, Piece};
@@ -35,7 +39,10 @@ pub struct ServedFile {
     /// Why the file is never written, if it is not (`ext2_rs::policy::file`,
     /// or inline data).
     read_only: Option<String>,
-    map: RwLock<LazyMap>,
+    map: RwLock<OverlaidMap>,
+    /// The last write needed new blocks: the next one likely does too, and
+    /// takes the map exclusively at once instead of looking first.
+    filling: AtomicBool,
 }
 
 /// How a range of the file reads, for block status.
@@ -72,7 +79,8 @@ impl ServedFile {
             cluster_ratio,
             punchable: layout == Layout::Extents && cluster_ratio == 1,
             read_only,
-            map: RwLock::new(map),
+            map: RwLock::new(OverlaidMap::new(map)),
+            filling: AtomicBool::new(false),
         }
     }
 
@@ -87,7 +95,7 @@ impl ServedFile {
     }
 
     /// The map, shared; read again first if a change left it stale.
-    fn map_shared(&self) -> Result<RwLockReadGuard<'_, LazyMap>> {
+    pub(super) fn map_shared(&self) -> Result<RwLockReadGuard<'_, OverlaidMap>> {
         let map = self.map.read();
         if !map.is_stale() {
             return Ok(map);
@@ -97,7 +105,7 @@ impl ServedFile {
     }
 
     /// The map, exclusively (to change it); read again first if stale.
-    fn map_exclusive(&self) -> Result<RwLockWriteGuard<'_, LazyMap>> {
+    pub(super) fn map_exclusive(&self) -> Result<RwLockWriteGuard<'_, OverlaidMap>> {
         let mut map = self.map.write();
         if map.is_stale() {
             map.reload()?;
@@ -108,7 +116,7 @@ impl ServedFile {
     /// The window of the map a change of bytes `[offset, offset + len)`
     /// looks at: its blocks, the block before them (where new blocks are
     /// best placed), all rounded out to whole clusters.
-    fn change_window(&self, map: &LazyMap, offset: u64, len: u64) -> Result<FileMap> {
+    fn change_window(&self, map: &OverlaidMap, offset: u64, len: u64) -> Result<FileMap> {
         let bs = map.block_size();
         let ratio = self.cluster_ratio.max(1);
         let first = (offset / bs).saturating_sub(1) / ratio * ratio;
@@ -133,7 +141,7 @@ impl ServedFile {
         if let Some(why) = &self.read_only {
             return Err(Error::other(Errno::EROFS, why.clone()));
         }
-        {
+        if !self.filling.load(Ordering::Relaxed) {
             let map = self.map_shared()?;
             let mut pieces = Vec::new();
             map.pieces(offset, data.len() as u64, &mut pieces)?;
@@ -149,7 +157,11 @@ impl ServedFile {
         let mut map = self.map_exclusive()?;
         let mut window = self.change_window(&map, offset, data.len() as u64)?;
         let pieces = window.pieces(offset, data.len() as u64);
-        let mut metadata_changed = false;
+        let needs_blocks = pieces
+            .iter()
+            .any(|p| !matches!(p.content, Content::Data { .. }));
+        self.filling.store(needs_blocks, Ordering::Relaxed);
+        let mut changes = MapChanges::default();
         let result = (|| {
             write_pieces(shared, &pieces, data, offset, fua)?;
             for piece in &pieces {
@@ -157,33 +169,54 @@ impl ServedFile {
                 match piece.content {
                     Content::Data { .. } => {}
                     Content::Hole => {
-                        metadata_changed = true;
-                        self.fill_hole(shared, &mut window, piece, bytes)?;
+                        self.fill_hole(shared, &map, &mut window, piece, bytes, &mut changes)?;
                     }
                     Content::Unwritten { image_offset } => {
-                        metadata_changed = true;
+                        changes.tree = true;
                         self.fill_unwritten(shared, &mut window, piece, image_offset, bytes)?;
                     }
                 }
             }
             Ok(())
         })();
-        self.after_change(&mut map, metadata_changed, result)?;
+        let changed = changes.any();
+        self.after_change(shared, &mut map, changes, result)?;
         drop(map);
-        if fua && metadata_changed {
+        if fua && changed {
             shared.flush()?;
         }
         Ok(())
     }
 
-    /// Once a change of the map was attempted (`changed`), whether or not
-    /// it succeeded: the map is read again from the inode.
-    fn after_change(&self, map: &mut LazyMap, changed: bool, result: Result<()>) -> Result<()> {
-        if !changed {
+    /// Once changes of the map were attempted, whether or not they
+    /// succeeded: the map follows them (see [`OverlaidMap::follow`]).
+    fn after_change(
+        &self,
+        shared: &Shared,
+        map: &mut OverlaidMap,
+        changes: MapChanges,
+        result: Result<()>,
+    ) -> Result<()> {
+        if !changes.any() {
             return result;
         }
-        let reloaded = map.reload();
-        result.and(reloaded)
+        let followed = map.follow(changes, || shared.unlinked(self.ino));
+        result.and(followed)
+    }
+
+    /// Links this file's writes into holes that wait (see
+    /// `filter::unlinked`) into its tree, holding its map exclusively.
+    pub(super) fn link_unlinked(&self, shared: &Shared) -> Result<()> {
+        if !self.map.read().has_unlinked() {
+            return Ok(());
+        }
+        let mut map = self.map_exclusive()?;
+        if !map.has_unlinked() {
+            return Ok(());
+        }
+        let linked = shared.link_pending(self.ino);
+        let changes = MapChanges::tree_changed();
+        self.after_change(shared, &mut map, changes, linked)
     }
 
     /// Block status of `[offset, offset + len)`, as runs of like status.
@@ -236,7 +269,7 @@ impl ServedFile {
         let mut window = self.change_window(&map, offset, len)?;
         let blocks = whole_blocks(window.block_size(), self.size, offset, len);
         let result = self.punch(shared, &mut window, blocks);
-        self.after_change(&mut map, true, result)
+        self.after_change(shared, &mut map, MapChanges::tree_changed(), result)
     }
 
     /// Zeroes a range.  Holes and unwritten blocks already read as zeroes;
@@ -271,7 +304,12 @@ impl ServedFile {
             return Err(Error::Device(Errno::ENOTSUP));
         }
         let punched = self.punch(shared, &mut window, freed.clone());
-        self.after_change(&mut map, !freed.is_empty(), punched)?;
+        let changes = if freed.is_empty() {
+            MapChanges::default()
+        } else {
+            MapChanges::tree_changed()
+        };
+        self.after_change(shared, &mut map, changes, punched)?;
         for piece in in_place {
             if let Content::Data { image_offset } = piece.content {
                 shared.image.zero(piece.len, image_offset, may_trim, fast)?;

@@ -5,11 +5,13 @@
 
 mod change;
 mod coalesce;
+mod committer;
 pub mod config;
 pub mod exports;
 pub mod file;
 mod opening;
 pub mod shared;
+mod unlinked;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

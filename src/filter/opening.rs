@@ -1,7 +1,9 @@
 //! How the shared filesystem is opened: read-only at start (in
 //! `.after_fork`), with an unclean journal replayed in memory; then, once,
 //! read-write for the first writable connection when it can be, with
-//! `ext2journal=replay` writing the replay into the image first.
+//! `ext2journal=replay` writing the replay into the image first, its
+//! metadata changed from then on only through crash-consistent
+//! transactions (`ext2_rs::txn`: [`open_writable`]).
 //!
 //! nbdkit tells a filter about `-r` only per connection, so the start
 //! cannot know whether the server may write: it opens the plugin and the
@@ -21,6 +23,7 @@ use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
 use ext2_rs::mmp::{MmpConfig, Protection};
 use ext2_rs::policy::{Features, Verdict};
+use ext2_rs::txn::Transactions;
 use ext2_rs::{Access, Filesystem};
 
 /// Opens the filesystem over `plugin` (a read-only context) read-only.  One
@@ -48,11 +51,13 @@ pub fn open_read_only(plugin: Plugin) -> Result<(Arc<Image>, Filesystem)> {
 /// the kernel refuses to mount it: its files would be served until a read
 /// reaches the missing part and fails.
 fn open_checked(image: &Arc<Image>, access: Access) -> Result<Filesystem> {
-    checked(image, Filesystem::open(image.clone(), access)?)
+    let fs = Filesystem::open(image.clone(), access)?;
+    check_geometry(image, &fs)?;
+    Ok(fs)
 }
 
-/// `fs` if it fits in `image` (see [`open_checked`]).
-fn checked(image: &Arc<Image>, fs: Filesystem) -> Result<Filesystem> {
+/// Refuses a filesystem `fs` larger than `image`.
+fn check_geometry(image: &Image, fs: &Filesystem) -> Result<()> {
     let device_blocks = image.size() / u64::from(fs.block_size());
     if fs.blocks_count() > device_blocks {
         return Err(Error::other(
@@ -63,7 +68,7 @@ fn checked(image: &Arc<Image>, fs: Filesystem) -> Result<Filesystem> {
             ),
         ));
     }
-    Ok(fs)
+    Ok(())
 }
 
 /// Why the filesystem must stay read-only whatever the server allows, if
@@ -74,6 +79,27 @@ fn unwritable_features(fs: &Filesystem) -> Option<String> {
         // One it refuses was not opened at all.
         _ => None,
     }
+}
+
+/// Why the filesystem, whose journal needs `replay`, stays read-only in
+/// `ext2journal=` mode `journal`, if it does.
+fn journal_refusal(replay: &Replay, journal: JournalMode) -> Option<String> {
+    if journal == JournalMode::Memory {
+        return Some(
+            "the filesystem's journal needs recovery: replaying it in memory and \
+             serving read-only (run e2fsck on the image, or add ext2journal=replay, \
+             to serve it read-write)"
+                .to_string(),
+        );
+    }
+    replay_refusal(replay).map(|why| {
+        format!(
+            "the filesystem's journal needs recovery, but ext2journal=replay does \
+             not write it into the image: {why}, and e2fsck would mark the \
+             filesystem as having errors and check it: replaying it in memory \
+             and serving read-only (run e2fsck on the image)"
+        )
+    })
 }
 
 /// Why a journal replay must not be written into the image, if it must not:
@@ -106,29 +132,22 @@ pub fn read_only_note(shared: &Shared, journal: JournalMode) -> Option<&'static 
 /// of other connections wait, and then see the re-opened filesystem.
 pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) -> Result<()> {
     let image = &shared.image;
-    let mut fs = shared.lock_fs()?;
-    if let Some(why) = unwritable_features(&fs) {
+    let mut state = shared.lock_state()?;
+    let fs = &mut state.fs;
+    if let Some(why) = unwritable_features(fs) {
         report_error(&why);
         return Ok(());
     }
-    if let Some(replay) = image.replay() {
-        if journal == JournalMode::Memory {
-            report_error(
-                "the filesystem's journal needs recovery: replaying it in memory and \
-                 serving read-only (run e2fsck on the image, or add ext2journal=replay, \
-                 to serve it read-write)",
-            );
-            return Ok(());
-        }
-        if let Some(why) = replay_refusal(replay) {
-            report_error(&format!(
-                "the filesystem's journal needs recovery, but ext2journal=replay does \
-                 not write it into the image: {why}, and e2fsck would mark the \
-                 filesystem as having errors and check it: replaying it in memory \
-                 and serving read-only (run e2fsck on the image)"
-            ));
-            return Ok(());
-        }
+    // As the kernel, multi-mount protection comes before the journal: a
+    // filesystem another node has open (its journal in use) is refused
+    // for that, not served read-only for the journal it is writing.
+    let mmp = MmpConfig::of(fs)?;
+    let refusal = image
+        .replay()
+        .and_then(|replay| journal_refusal(replay, journal));
+    if let (Some(why), None) = (&refusal, &mmp) {
+        report_error(why);
+        return Ok(());
     }
     let plugin = image.plugin();
     plugin.reopen(backend, false)?;
@@ -139,7 +158,12 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
         return Ok(());
     }
     // Nothing is written before the MMP block is ours (`mmp`).
-    let held = protect(image, MmpConfig::of(&mut fs)?)?;
+    let held = protect(image, mmp)?;
+    if let Some(why) = refusal {
+        // Released (marked clean) with `held`.
+        report_error(&why);
+        return Ok(());
+    }
     let bs = u64::from(fs.block_size());
     let replayed = match image.replay() {
         Some(replay) => {
@@ -156,27 +180,27 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
              kernel will clear it)"
         ))
     };
-    let (mut fresh, access) = open_writable(image, held.as_ref()).map_err(|e| match replayed {
-        Some(_) => after(e, "opening the filesystem read-write"),
-        None => e,
-    })?;
-    // Set on a writable filesystem only by a replay written into the image,
-    // here or by an earlier try: the journal is empty.
-    if access == Access::ReadWrite && fresh.needs_recovery() {
-        fresh
-            .clear_needs_recovery()
-            .map_err(|e| after(e, "clearing needs_recovery"))?;
+    // A replay written into the image, here or by an earlier try, leaves
+    // `needs_recovery` set over an empty journal: cleared first, directly,
+    // as e2fsck does (the transactions would keep it set).
+    if image.replay_was_written()
+        && clear_needs_recovery(image, held.as_ref())
+            .map_err(|e| after(e, "clearing needs_recovery"))?
+    {
         report_error(&format!(
             "replayed {} blocks of the journal into the image; the journal is \
              marked empty and needs_recovery cleared, as e2fsck does: serving read-write",
             replayed.unwrap_or_default()
         ));
     }
-    *fs = fresh;
-    if access == Access::ReadWrite {
-        shared.now_writable(held);
+    match open_writable(image, held.as_ref()).map_err(|e| match replayed {
+        Some(_) => after(e, "opening the filesystem read-write"),
+        None => e,
+    })? {
+        (fresh, Some(tx)) => shared.now_writable(&mut state, fresh, tx, held),
+        // The MMP block is released (marked clean) with `held`.
+        (fresh, None) => state.fs = fresh,
     }
-    // Otherwise the MMP block is released (marked clean) with `held`.
     Ok(())
 }
 
@@ -202,24 +226,44 @@ fn protect(image: &Arc<Image>, config: Option<MmpConfig>) -> Result<Option<Prote
     Ok(Some(held))
 }
 
-/// Opens the filesystem on `image` read-write (under `held`, with `mmp`)
-/// or, when ext2-rs will not write it (quota files it cannot keep: see
-/// `ext2_rs::quota`), read-only with a message saying why.
-fn open_writable(image: &Arc<Image>, held: Option<&Protection>) -> Result<(Filesystem, Access)> {
-    let opened = match held {
-        Some(held) => {
-            Filesystem::open_protected(image.clone(), held).and_then(|fs| checked(image, fs))
-        }
-        None => open_checked(image, Access::ReadWrite),
-    };
-    match opened {
+/// Opens the filesystem on `image` read-write (under `held`, with `mmp`),
+/// its metadata changed only through crash-consistent transactions
+/// (`ext2_rs::txn`, which says how it keeps them, and why when it cannot
+/// use the journal), or, when ext2-rs will not write it (features libext2fs
+/// cannot write, quota files ext2-rs cannot keep: see `ext2_rs::policy`
+/// and `ext2_rs::quota`), read-only with a message saying why.
+fn open_writable(
+    image: &Arc<Image>,
+    held: Option<&Protection>,
+) -> Result<(Filesystem, Option<Transactions>)> {
+    match ext2_rs::txn::open_read_write(image.clone(), held) {
         Err(e) if e.errno() == Errno::EROFS => {
             report_error(&format!("{e}: serving read-only"));
             let fs = open_checked(image, Access::ReadOnly)?;
-            Ok((fs, Access::ReadOnly))
+            Ok((fs, None))
         }
-        other => Ok((other?, Access::ReadWrite)),
+        Err(e) => Err(e),
+        Ok((fs, tx)) => {
+            check_geometry(image, &fs)?;
+            Ok((fs, Some(tx)))
+        }
     }
+}
+
+/// Clears `needs_recovery` on the device directly, if it is set, as
+/// e2fsck does once a journal replayed into the image is marked empty;
+/// says whether it was set.
+fn clear_needs_recovery(image: &Arc<Image>, held: Option<&Protection>) -> Result<bool> {
+    let mut fs = match held {
+        Some(held) => Filesystem::open_protected(image.clone(), held)?,
+        None => Filesystem::open(image.clone(), Access::ReadWrite)?,
+    };
+    check_geometry(image, &fs)?;
+    if !fs.needs_recovery() {
+        return Ok(false);
+    }
+    fs.clear_needs_recovery()?;
+    Ok(true)
 }
 
 /// The largest run of replayed blocks read and written as one request.

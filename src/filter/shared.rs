@@ -1,48 +1,103 @@
-//! The one filesystem all connections share, and the registry of files
-//! being served from it.
+//! The one filesystem all connections share, the registry of files being
+//! served from it, and the one way to change its metadata
+//! ([`Shared::change`]).
 //!
-//! Lock order, outermost first: the registry, a file's map, the allocation
-//! gate, the filesystem lock.  Plugin I/O for file data happens under a
-//! file's map lock at most, never under the filesystem lock.
+//! Lock order, outermost first: the registry, a file's map, the filesystem
+//! lock.  Plugin I/O for file data happens under a file's map lock; only a
+//! change's own data (the blocks it links) is written under the filesystem
+//! lock, so that a change is one unit.
+//!
+//! A file's extent tree changes only under its map lock held exclusively
+//! (its readers walk the tree with no library lock: `ext2_rs::lazy_map`):
+//! changes name the file they change, and `ext2_rs::txn` changes a tree
+//! only in such a change, or when asked to link a file's pending writes
+//! ([`Shared::link_pending`]), which the file's own code does under its
+//! lock; [`Shared::flush`] takes each file's lock to ask.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use parking_lot::{MappedMutexGuard, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
+use crate::filter::committer::Committer;
 use crate::filter::file::ServedFile;
 use crate::filter::opening;
-use crate::image::Image;
+use crate::filter::unlinked::written_extents;
+use crate::image::{Image, MapDevice};
 use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
 use crate::nbdkit::Plugin;
 use ext2_rs::error::{Errno, Error, Result};
+use ext2_rs::extent_map::Extent;
 use ext2_rs::lazy_map::{LazyMap, MapSource};
+use ext2_rs::mapping::BlockRuns;
 use ext2_rs::mmp::Protection;
 use ext2_rs::policy::Verdict;
+use ext2_rs::txn::{Durability, Transactions};
 use ext2_rs::{Filesystem, Ino};
+
+/// The filesystem and, when it is writable, its running transaction:
+/// what the process-wide libext2fs lock guards.
+pub struct FsState {
+    pub fs: Filesystem,
+    pub tx: Option<Transactions>,
+}
 
 pub struct Shared {
     /// Where file data and metadata are read and written.
     pub image: Arc<Image>,
     /// The process-wide libext2fs lock: every library call holds it.
     /// Emptied by [`Shared::shutdown`].
-    fs: Mutex<Option<Filesystem>>,
-    /// Held shared from allocating blocks until they are linked into a file,
-    /// and exclusively by flush, so a flush never records blocks as in use
-    /// that no file owns yet.
-    alloc_gate: RwLock<()>,
+    state: Arc<Mutex<Option<FsState>>>,
+    committer: Committer,
     files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
     /// Where served files' maps are read from, and their shared cache.
     map_source: MapSource,
+    /// The device under `map_source`, switched to the transactions'
+    /// metadata cache once the filesystem is writable.
+    map_device: Arc<MapDevice>,
     /// The MMP block held while the filesystem is written (`mmp`), released
     /// by [`Shared::shutdown`].
     mmp: Mutex<Option<Protection>>,
     pub block_size: u32,
+    /// Blocks per allocation cluster (bigalloc; 1 otherwise).
+    pub cluster_ratio: u64,
     /// Read-only from the start until the first writable connection has
     /// re-opened the filesystem read-write ([`opening::reopen_writable`]).
     writable: AtomicBool,
+}
+
+/// What a change's closure works with: the filesystem, and the image for
+/// the file data it writes before linking it.
+pub struct Tx<'a> {
+    fs: &'a mut Filesystem,
+    image: &'a Image,
+    budget: u64,
+}
+
+impl<'a> Tx<'a> {
+    pub fn fs(&mut self) -> &mut Filesystem {
+        self.fs
+    }
+
+    /// The image, for writing the file data a change links (see
+    /// [`Tx::write_data`]).
+    pub fn image(&self) -> &'a Image {
+        self.image
+    }
+
+    /// Writes file data into blocks the change allocated (or owns
+    /// unwritten), before it links them: a failure fails the change.
+    pub fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Ok(self.image.pwrite(buf, offset, false)?)
+    }
+
+    /// About how many metadata blocks one change may touch; a change that
+    /// could touch more (freeing a long range) splits itself.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
 }
 
 impl Shared {
@@ -51,14 +106,17 @@ impl Shared {
     /// share a cache of about `map_cache` bytes.
     pub fn open(plugin: Plugin, map_cache: usize) -> Result<Shared> {
         let (image, fs) = opening::open_read_only(plugin)?;
+        let map_device = Arc::new(MapDevice::new(image.clone()));
         Ok(Shared {
-            map_source: MapSource::new(&fs, image.clone(), map_cache)
+            map_source: MapSource::new(&fs, map_device.clone(), map_cache)
                 .with_background(Arc::new(crate::pool::spawn)),
+            map_device,
             mmp: Mutex::new(None),
             block_size: fs.block_size(),
+            cluster_ratio: fs.cluster_ratio(),
             image,
-            fs: Mutex::new(Some(fs)),
-            alloc_gate: RwLock::new(()),
+            state: Arc::new(Mutex::new(Some(FsState { fs, tx: None }))),
+            committer: Committer::default(),
             files: Mutex::new(HashMap::new()),
             writable: AtomicBool::new(false),
         })
@@ -74,17 +132,28 @@ impl Shared {
         self.writable.load(Ordering::Acquire) && !self.image.fenced_off()
     }
 
-    /// Says the filesystem now in the lock is open read-write, under the
-    /// MMP block `held` if it has the `mmp` feature.
-    pub fn now_writable(&self, held: Option<Protection>) {
+    /// Puts the filesystem re-opened read-write (`fs`, changed through
+    /// `tx`, under the MMP block `held` if it has the `mmp` feature) in the
+    /// lock's `state`; from now on maps are read through the transactions'
+    /// metadata cache and the filesystem counts as writable.
+    pub fn now_writable(
+        &self,
+        state: &mut FsState,
+        fs: Filesystem,
+        tx: Transactions,
+        held: Option<Protection>,
+    ) {
+        self.map_device.read_through(tx.cache().clone());
+        state.fs = fs;
+        state.tx = Some(tx);
         *self.mmp.lock() = held;
         self.writable.store(true, Ordering::Release);
     }
 
     /// Takes the libext2fs lock.
-    pub fn lock_fs(&self) -> Result<MappedMutexGuard<'_, Filesystem>> {
+    pub fn lock_state(&self) -> Result<MappedMutexGuard<'_, FsState>> {
         let start = ext2_debug_lock.enabled().then(Instant::now);
-        let guard = self.fs.lock();
+        let guard = self.state.lock();
         if let Some(waited) = start.map(|s| s.elapsed()) {
             if waited.as_micros() >= 1000 {
                 nbd_debug!(
@@ -98,14 +167,35 @@ impl Shared {
             .map_err(|_| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))
     }
 
-    /// `.cleanup`: closes the filesystem, writing its metadata, then the
-    /// plugin context.  nbdkit may clean up while connections still hold
-    /// this state: their later requests fail with ESHUTDOWN.
+    /// Takes the libext2fs lock, to read the filesystem (changes go through
+    /// [`Shared::change`]).
+    pub fn lock_fs(&self) -> Result<MappedMutexGuard<'_, Filesystem>> {
+        Ok(MappedMutexGuard::map(self.lock_state()?, |state| {
+            &mut state.fs
+        }))
+    }
+
+    /// `.cleanup`: links every file's pending writes, commits what is
+    /// still in memory and leaves the image as a clean unmount does (see
+    /// `Transactions::shutdown`), closes the filesystem, then the plugin
+    /// context.  nbdkit may clean up while connections still hold this
+    /// state: their later requests fail with ESHUTDOWN.  Metadata that
+    /// cannot be written now is reported: it is lost, and the image holds
+    /// what the last commit left (recoverable).
     pub fn shutdown(&self) {
-        {
-            let _no_allocations = self.alloc_gate.write();
-            // Dropping the filesystem closes it (ext2fs_close2 flushes).
-            drop(self.fs.lock().take());
+        self.committer.stop();
+        let linked = self.link_all_files();
+        if let Some(FsState { mut fs, tx }) = self.state.lock().take() {
+            if let Some(mut tx) = tx {
+                if let Err(e) = linked.and_then(|()| tx.shutdown(&mut fs)) {
+                    nbd_error!(
+                        "shutdown: the last metadata changes could not be written ({e}): the \
+                         image holds what the last commit left, which e2fsck or the kernel \
+                         recovers"
+                    );
+                }
+            }
+            drop(fs);
         }
         if let Err(e) = self.image.flush() {
             nbd_error!("flushing the plugin at shutdown failed (errno {})", e.get());
@@ -120,22 +210,26 @@ impl Shared {
         self.image.plugin().close();
     }
 
-    pub fn allocation_pass(&self) -> RwLockReadGuard<'_, ()> {
-        self.alloc_gate.read()
-    }
-
     /// The shared state of the file at `path`, reading its inode the first
     /// time any connection opens it.
     pub fn open_file(&self, path: &str) -> Result<Arc<ServedFile>> {
         let lookup = crate::filter::config::lookup_path(path)
             .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
         let mut files = self.files.lock();
-        let mut fs = self.lock_fs()?;
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
         let ino = fs
             .lookup(&lookup)
             .map_err(|e| e.in_context(format!("{path}: namei")))?;
         if let Some(file) = files.get(&ino).and_then(Weak::upgrade) {
             return Ok(file);
+        }
+        if let Some(tx) = tx {
+            // Writes into holes of an earlier served copy of this file may
+            // wait to be linked (no one reads that copy's tree now): the
+            // tree read below must hold them.
+            tx.link_pending(fs, ino)
+                .map_err(|e| e.in_context(path.to_string()))?;
         }
         let info = fs
             .inode(ino)
@@ -158,7 +252,7 @@ impl Shared {
             Verdict::ReadWrite => None,
         };
         // Only the inode is read: map blocks are read as requests need them.
-        let map = LazyMap::open(&mut fs, self.map_source.clone(), ino, path)?;
+        let map = LazyMap::open(fs, self.map_source.clone(), ino, path)?;
         nbd_debug!(
             ext2_debug_map,
             "{path}: inode {ino}, {} bytes, {:?}, map read lazily ({:?})",
@@ -167,7 +261,7 @@ impl Shared {
             self.map_source.cache.stats()
         );
         let cluster_ratio = fs.cluster_ratio();
-        drop(fs);
+        drop(state);
         if let Some(why) = &read_only {
             crate::nbdkit::report::error(&format!("{why}: serving it read-only"));
         }
@@ -185,55 +279,147 @@ impl Shared {
         Ok(file)
     }
 
-    /// Runs a change of the filesystem's metadata as one unit: its writes
-    /// reach the plugin only if it succeeds in libext2fs's memory, and if it
-    /// fails, the library's memory is rolled back too (`ext2::undo`), so a
-    /// failing plugin never leaves half a change behind.  Writes that then
-    /// fail to reach the plugin stay pending in the image, are read back
-    /// from there, and are retried before the next change and by flush,
-    /// which reports the failure: until a flush succeeds nothing was
-    /// promised durable.
-    pub fn change_metadata<T>(
-        &self,
-        fs: &mut Filesystem,
-        op: impl FnOnce(&mut Filesystem) -> Result<T>,
-    ) -> Result<T> {
-        self.image.write_pending().map_err(|errno| {
-            Error::other(
-                errno,
-                "earlier metadata writes still fail to reach the plugin",
-            )
-        })?;
-        let before = self.image.pending_count();
-        self.image.begin_changes();
-        let result = ext2_rs::undo::with_undo(fs, op);
-        self.image.end_changes(result.is_ok(), before);
-        let value = result?;
-        if let Err(errno) = self.image.write_pending() {
-            nbd_debug!(
-                ext2_debug_map,
-                "metadata writes failed (errno {}): kept for the next flush",
-                errno.get()
-            );
-        }
-        Ok(value)
+    /// Changes the filesystem's metadata as one unit, in the running
+    /// transaction (see `ext2_rs::txn`): `op` gets the filesystem and may
+    /// write the file data it is about to link ([`Tx::write_data`]).  If
+    /// `op` fails, or panics, everything it did is undone in libext2fs's
+    /// memory and none of its metadata is ever written; the error (or the
+    /// panic) goes on to the caller.  When it succeeds its metadata reaches
+    /// the image only in a commit that keeps the image recoverable: at a
+    /// client's flush or FUA, when the transaction grows large, at once
+    /// for a change that freed blocks, or within a second in the
+    /// background.  `ino` is the inode it changes, whose map lock the
+    /// caller holds exclusively (its pending writes are linked first).
+    pub fn change<T>(&self, ino: Ino, op: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.change_allocating(ino, 0, op)
     }
 
-    /// Makes the filesystem's metadata and then the plugin durable.
-    pub fn flush(&self) -> Result<()> {
-        if self.writable() {
-            let _no_allocations = self.alloc_gate.write();
-            let mut fs = self.lock_fs()?;
-            self.image.write_pending().map_err(|errno| {
-                Error::other(
-                    errno,
-                    "flush: metadata writes still fail to reach the plugin",
-                )
+    /// [`Shared::change`] for a change that allocates up to `count`
+    /// blocks: refused with ENOSPC when that would leave the transaction
+    /// too few for its own metadata.
+    pub fn change_allocating<T>(
+        &self,
+        ino: Ino,
+        count: u64,
+        op: impl FnOnce(&mut Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.with_transactions(|fs, tx, image| {
+            let budget = tx.change_limit();
+            let op = |fs: &mut Filesystem| op(&mut Tx { fs, image, budget });
+            if count == 0 {
+                tx.change(fs, Some(ino), op)
+            } else {
+                tx.change_allocating(fs, ino, count, op)
+            }
+        })
+    }
+
+    /// Runs `f` on the filesystem and its transactions, under the lock,
+    /// with the background commit started (changes go through here).
+    fn with_transactions<T>(
+        &self,
+        f: impl FnOnce(&mut Filesystem, &mut Transactions, &Image) -> Result<T>,
+    ) -> Result<T> {
+        self.committer.ensure_started(&self.state);
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        let tx = tx
+            .as_mut()
+            .ok_or_else(|| Error::other(Errno::EROFS, "the filesystem is read-only"))?;
+        f(fs, tx, &self.image)
+    }
+
+    /// Fills a hole of extent file `ino` (not bigalloc) at file blocks from
+    /// `logical`, as one change: `fill(fs, image, goal)` allocates the
+    /// blocks near `goal` and writes their data, returning the runs; they
+    /// are linked into the file's tree later (see
+    /// `Transactions::fill_hole`), the caller's map serving them until
+    /// then.  `near` is a goal the caller knows from a neighbour.  Also
+    /// says whether the file's tree changed meanwhile (enough writes were
+    /// waiting to be linked then): the caller holds the file's map lock
+    /// exclusively, and reads the tree again if so.
+    pub fn fill_hole(
+        &self,
+        ino: Ino,
+        logical: u64,
+        count: u64,
+        near: Option<u64>,
+        fill: impl FnOnce(&mut Filesystem, &Image, u64) -> Result<BlockRuns>,
+    ) -> Result<(BlockRuns, bool)> {
+        self.with_transactions(|fs, tx, image| {
+            let links = tx.links_made();
+            let runs = tx.fill_hole(fs, ino, logical, count, near, |fs, goal| {
+                fill(fs, image, goal)
             })?;
-            // ext2fs_flush2 ends with a flush of our channel, i.e. the plugin.
-            fs.flush()
-        } else {
-            self.image.flush().map_err(Error::from)
+            Ok((runs, tx.links_made() != links))
+        })
+    }
+
+    /// The blocks written into holes of `ino` not linked into its tree yet.
+    pub fn unlinked(&self, ino: Ino) -> Result<Vec<Extent>> {
+        let state = self.lock_state()?;
+        Ok(state
+            .tx
+            .as_ref()
+            .map(|tx| written_extents(&tx.unlinked(ino)))
+            .unwrap_or_default())
+    }
+
+    /// Links the writes into holes of `ino` that wait, into its tree; the
+    /// caller holds the file's map lock exclusively (and reads the tree
+    /// again after, whatever the outcome).
+    pub fn link_pending(&self, ino: Ino) -> Result<()> {
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        match tx {
+            Some(tx) => tx.link_pending(fs, ino),
+            None => Ok(()),
+        }
+    }
+
+    /// Links every file's pending writes: each served file's under its map
+    /// lock (see `ServedFile::link_unlinked`), then those of files no
+    /// connection serves any more, whose trees nobody reads, holding the
+    /// registry so that none is opened meanwhile.
+    fn link_all_files(&self) -> Result<()> {
+        let live: Vec<Arc<ServedFile>> = self
+            .files
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for file in &live {
+            file.link_unlinked(self)?;
+        }
+        drop(live);
+        let files = self.files.lock();
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        let Some(tx) = tx else {
+            return Ok(());
+        };
+        for ino in tx.pending_inodes() {
+            if files.get(&ino).and_then(Weak::upgrade).is_none() {
+                tx.link_pending(fs, ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything durable: links the writes into holes that wait,
+    /// commits the metadata home (see `Transactions::commit`) and flushes
+    /// the plugin.  Writes that complete while it runs may stay pending:
+    /// they came after the flush.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable() {
+            return self.image.flush().map_err(Error::from);
+        }
+        self.link_all_files()?;
+        let mut state = self.lock_state()?;
+        let FsState { fs, tx } = &mut *state;
+        match tx {
+            Some(tx) => tx.commit(fs, Durability::Home),
+            None => self.image.flush().map_err(Error::from),
         }
     }
 }

@@ -24,6 +24,7 @@ mod recovery;
 mod superblock;
 #[cfg(test)]
 mod testlog;
+mod writer;
 
 use std::collections::HashMap;
 
@@ -31,11 +32,15 @@ use crate::debug;
 use crate::error::{Errno, Error, Result};
 use crate::fs::{Filesystem, Layout};
 use crate::log::{self, Topic};
+use crate::sb;
 use crate::sys;
 
 pub use map::JournalMap;
 pub use recovery::{recover, EndReason, LogCopy, Recovery, ScanEnd, TransactionReport};
-pub use superblock::{Features, Journal};
+pub use superblock::{Features, Journal, INCOMPAT_64BIT, INCOMPAT_REVOKE};
+pub use writer::{
+    blocks_needed, log_capacity, set_log_start, write_transaction, CommitTime, LoggedTransaction,
+};
 
 /// Where the replayed contents of one filesystem block come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,15 +123,6 @@ impl Replay {
     }
 }
 
-/// Where the primary ext2/3/4 superblock lies in the image, and its size.
-const FS_SUPERBLOCK_OFFSET: u64 = 1024;
-const FS_SUPERBLOCK_BYTES: usize = 1024;
-// Field offsets in the ext2/3/4 superblock (little-endian).
-const FS_S_MAGIC: usize = 0x38;
-const FS_S_FEATURE_INCOMPAT: usize = 0x60;
-const FS_S_FEATURE_RO_COMPAT: usize = 0x64;
-const FS_S_CHECKSUM: usize = 0x3fc;
-
 /// Keeps `needs_recovery` set in a replayed copy of the primary superblock
 /// about to be written into the image.  `buf` holds image bytes from
 /// `offset` on; if it covers the primary superblock and that is a valid
@@ -141,32 +137,16 @@ const FS_S_CHECKSUM: usize = 0x3fc;
 /// is marked empty would leave a kernel to discard them.  The flag is
 /// cleared last, once the journal is empty.
 pub fn keep_needs_recovery(buf: &mut [u8], offset: u64) -> bool {
-    let Some(at) = FS_SUPERBLOCK_OFFSET
+    let Some(at) = sb::OFFSET
         .checked_sub(offset)
         .and_then(|at| usize::try_from(at).ok())
     else {
         return false;
     };
-    let Some(sb) = buf.get_mut(at..at.saturating_add(FS_SUPERBLOCK_BYTES)) else {
-        return false;
-    };
-    let le32 =
-        |sb: &[u8], at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
-    if u32::from(u16::from_le_bytes([sb[FS_S_MAGIC], sb[FS_S_MAGIC + 1]])) != sys::EXT2_SUPER_MAGIC
-    {
-        return false;
+    match buf.get_mut(at..at.saturating_add(sb::BYTES)) {
+        Some(superblock) => sb::set_needs_recovery(superblock, true),
+        None => false,
     }
-    let incompat = le32(sb, FS_S_FEATURE_INCOMPAT);
-    if incompat & sys::EXT3_FEATURE_INCOMPAT_RECOVER != 0 {
-        return false;
-    }
-    let incompat = incompat | sys::EXT3_FEATURE_INCOMPAT_RECOVER;
-    sb[FS_S_FEATURE_INCOMPAT..FS_S_FEATURE_INCOMPAT + 4].copy_from_slice(&incompat.to_le_bytes());
-    if le32(sb, FS_S_FEATURE_RO_COMPAT) & sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM != 0 {
-        let sum = crc::crc32c(!0, &sb[..FS_S_CHECKSUM]);
-        sb[FS_S_CHECKSUM..FS_S_CHECKSUM + 4].copy_from_slice(&sum.to_le_bytes());
-    }
-    true
 }
 
 /// Reads the raw image from a filesystem block on:
@@ -293,7 +273,7 @@ pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
 }
 
 /// The internal journal's inode and block map.
-fn locate(fs: &mut Filesystem) -> Result<(u32, JournalMap)> {
+pub(crate) fn locate(fs: &mut Filesystem) -> Result<(u32, JournalMap)> {
     let sb = fs.super_block();
     let (inum, dev, uuid) = (sb.s_journal_inum, sb.s_journal_dev, sb.s_journal_uuid);
     let has_journal = sb.s_feature_compat & sys::EXT3_FEATURE_COMPAT_HAS_JOURNAL != 0;
@@ -482,6 +462,12 @@ fn log_recovery(ino: u32, r: &Recovery) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Field offsets in the ext2/3/4 superblock (little-endian).
+    const FS_S_MAGIC: usize = 0x38;
+    const FS_S_FEATURE_INCOMPAT: usize = 0x60;
+    const FS_S_FEATURE_RO_COMPAT: usize = 0x64;
+    const FS_S_CHECKSUM: usize = 0x3fc;
     use crate::extent_map::Extent;
     use crate::jbd2::testlog::{filled, LogBuilder};
 

@@ -2,15 +2,13 @@
 //! written the way JBD2 writes them, with every checksum flavour.
 
 use crate::error::{Errno, Error, Result};
-use crate::jbd2::block::{
-    COMMIT_BLOCK, CRC32_CHKSUM, CRC32_CHKSUM_SIZE, DESCRIPTOR_BLOCK, FLAG_ESCAPE, FLAG_LAST_TAG,
-    FLAG_SAME_UUID, REVOKE_BLOCK,
-};
-use crate::jbd2::crc::{crc32_be, crc32c};
+use crate::jbd2::crc::crc32_be;
 use crate::jbd2::recovery::{recover, Recovery};
 use crate::jbd2::superblock::tests::{set_start, superblock};
 use crate::jbd2::superblock::Journal;
-use crate::jbd2::JBD2_MAGIC;
+use crate::jbd2::writer::{
+    commit_block, descriptor_block, revoke_block, tags_per_descriptor, CommitTime,
+};
 
 pub struct LogBuilder {
     pub bs: usize,
@@ -22,18 +20,6 @@ pub struct LogBuilder {
     crc_v1: u32,
     /// Commit time of the next commit block.
     pub time: u64,
-}
-
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-}
-
-fn header(bs: usize, block_type: u32, sequence: u32) -> Vec<u8> {
-    let mut b = vec![0u8; bs];
-    put32(&mut b, 0, JBD2_MAGIC);
-    put32(&mut b, 4, block_type);
-    put32(&mut b, 8, sequence);
-    b
 }
 
 impl LogBuilder {
@@ -67,62 +53,12 @@ impl LogBuilder {
         at
     }
 
-    fn seal_tail(&self, b: &mut [u8]) {
-        if self.journal.features.csum_v2_or_v3() {
-            let at = self.bs - 4;
-            b[at..].fill(0);
-            let sum = crc32c(self.journal.csum_seed, b);
-            put32(b, at, sum);
-        }
-    }
-
     /// A descriptor block for `copies` (filesystem block, contents),
     /// followed by the copies; returns the log blocks of the copies.
     pub fn descriptor(&mut self, sequence: u32, copies: &[(u64, Vec<u8>)]) -> Vec<u32> {
-        let f = self.journal.features;
-        let tag_bytes = f.tag_bytes();
-        let mut desc = header(self.bs, DESCRIPTOR_BLOCK, sequence);
-        let mut logged = Vec::new();
-        let mut at = 12;
-        for (i, (block, data)) in copies.iter().enumerate() {
-            let mut data = data.clone();
-            let mut flags = 0u16;
-            if i > 0 {
-                flags |= FLAG_SAME_UUID;
-            }
-            if i + 1 == copies.len() {
-                flags |= FLAG_LAST_TAG;
-            }
-            if data[..4] == JBD2_MAGIC.to_be_bytes() {
-                data[..4].fill(0);
-                flags |= FLAG_ESCAPE;
-            }
-            let sum = crc32c(
-                crc32c(self.journal.csum_seed, &sequence.to_be_bytes()),
-                &data,
-            );
-            assert!(at + tag_bytes + 16 <= self.bs - self.journal.tail_bytes());
-            put32(&mut desc, at, *block as u32);
-            if f.csum_v3() {
-                put32(&mut desc, at + 4, u32::from(flags));
-                put32(&mut desc, at + 12, sum);
-            } else {
-                if f.csum_v2() {
-                    desc[at + 4..at + 6].copy_from_slice(&(sum as u16).to_be_bytes());
-                }
-                desc[at + 6..at + 8].copy_from_slice(&flags.to_be_bytes());
-            }
-            if f.is_64bit() {
-                put32(&mut desc, at + 8, (*block >> 32) as u32);
-            }
-            at += tag_bytes;
-            if i == 0 {
-                desc[at..at + 16].copy_from_slice(&self.journal.uuid);
-                at += 16;
-            }
-            logged.push(data);
-        }
-        self.seal_tail(&mut desc);
+        assert!(copies.len() <= tags_per_descriptor(&self.journal));
+        let refs: Vec<(u64, &[u8])> = copies.iter().map(|(b, d)| (*b, d.as_slice())).collect();
+        let (desc, logged) = descriptor_block(&self.journal, sequence, &refs);
         self.crc_v1 = crc32_be(self.crc_v1, &desc);
         self.put(desc);
         logged
@@ -136,36 +72,18 @@ impl LogBuilder {
 
     /// A revoke block for `blocks`.
     pub fn revoke(&mut self, sequence: u32, blocks: &[u64]) -> u32 {
-        let mut b = header(self.bs, REVOKE_BLOCK, sequence);
-        let mut at = 16;
-        for &block in blocks {
-            if self.journal.features.is_64bit() {
-                b[at..at + 8].copy_from_slice(&block.to_be_bytes());
-                at += 8;
-            } else {
-                put32(&mut b, at, block as u32);
-                at += 4;
-            }
-        }
-        put32(&mut b, 12, at as u32);
-        self.seal_tail(&mut b);
+        let b = revoke_block(&self.journal, sequence, blocks);
         self.put(b)
     }
 
     /// A commit block closing transaction `sequence`; returns its log block.
     pub fn commit(&mut self, sequence: u32) -> u32 {
-        let mut b = header(self.bs, COMMIT_BLOCK, sequence);
-        if self.journal.features.checksum_v1() {
-            b[12] = CRC32_CHKSUM;
-            b[13] = CRC32_CHKSUM_SIZE;
-            put32(&mut b, 16, self.crc_v1);
-        }
-        b[48..56].copy_from_slice(&self.time.to_be_bytes());
+        let time = CommitTime {
+            sec: self.time,
+            nsec: 0,
+        };
+        let b = commit_block(&self.journal, sequence, time, self.crc_v1);
         self.time += 1;
-        if self.journal.features.csum_v2_or_v3() {
-            let sum = crc32c(self.journal.csum_seed, &b);
-            put32(&mut b, 16, sum);
-        }
         self.crc_v1 = !0;
         self.put(b)
     }

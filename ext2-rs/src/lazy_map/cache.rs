@@ -2,11 +2,10 @@
 //! bound.  Eviction is CLOCK (second chance): a hit only sets a flag, so
 //! lookups share a read lock and never reorder anything.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-
-use std::collections::HashSet;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -32,6 +31,31 @@ impl Node {
     }
 }
 
+/// Hashes [`NodeKey`]s, three integers, with one multiply and rotate per
+/// word (as FxHash) instead of SipHash: every lookup of every request asks
+/// the table about many keys, and a crafted image can at worst slow its
+/// own lookups down.
+#[derive(Clone, Copy, Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KeyHash = BuildHasherDefault<KeyHasher>;
+
 /// A map block of one version of one file's tree: the file's map id, the
 /// tree's epoch (bumped whenever the file's map changes), the image block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,7 +72,7 @@ struct Slot {
 
 #[derive(Default)]
 struct Table {
-    slots: HashMap<NodeKey, Slot>,
+    slots: HashMap<NodeKey, Slot, KeyHash>,
     /// Keys in insertion order: the clock hand sweeps from the front.
     clock: VecDeque<NodeKey>,
     bytes: usize,
@@ -69,7 +93,7 @@ pub struct MapCache {
     budget: usize,
     table: RwLock<Table>,
     /// Blocks some request or read-ahead is reading now.
-    loading: Mutex<HashSet<NodeKey>>,
+    loading: Mutex<HashSet<NodeKey, KeyHash>>,
     loaded: Condvar,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -83,7 +107,7 @@ impl MapCache {
         MapCache {
             budget,
             table: RwLock::new(Table::default()),
-            loading: Mutex::new(HashSet::new()),
+            loading: Mutex::new(HashSet::default()),
             loaded: Condvar::new(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -120,6 +144,31 @@ impl MapCache {
     /// Cached, or being read.
     pub fn known(&self, key: &NodeKey) -> bool {
         self.contains(key) || self.loading.lock().contains(key)
+    }
+
+    /// Whether at least `needed` of `keys` are neither cached nor being
+    /// read: one look at the table for all of them, stopping as soon as
+    /// the answer is known (a random reader asks this of every lookup).
+    pub fn unknown_at_least(
+        &self,
+        keys: impl ExactSizeIterator<Item = NodeKey>,
+        needed: usize,
+    ) -> bool {
+        // In `claim`'s order: the loading set, then the table.
+        let loading = self.loading.lock();
+        let table = self.table.read();
+        let mut left = keys.len();
+        let mut unknown = 0;
+        for key in keys {
+            if unknown >= needed || left < needed - unknown {
+                break;
+            }
+            left -= 1;
+            if !table.slots.contains_key(&key) && !loading.contains(&key) {
+                unknown += 1;
+            }
+        }
+        unknown >= needed
     }
 
     /// Claims `key` for reading: `false` if it is cached or someone else

@@ -447,12 +447,14 @@ impl LazyMap {
         let mut read_ahead: Vec<u64> = Vec::new();
         if in_order {
             let window = &ahead[..ahead.len().min(READ_AHEAD_NODES)];
-            let unknown = window
-                .iter()
-                .filter(|&&b| !cache.known(&reader.key(b)))
-                .count();
             // Read ahead once half the window is used up (or on a miss).
-            if unknown > 0 && (unknown * 2 >= window.len() || !mine.is_empty()) {
+            let needed = if mine.is_empty() {
+                window.len().div_ceil(2)
+            } else {
+                1
+            };
+            let keys = window.iter().map(|&b| reader.key(b));
+            if !window.is_empty() && cache.unknown_at_least(keys, needed) {
                 read_ahead = window
                     .iter()
                     .copied()

@@ -216,7 +216,7 @@ fn keeps_usage(name: &str, mkfs: &[&str]) {
         }
         let layout = fs.inode(ino).unwrap().layout;
         if layout == Layout::Extents && fs.cluster_ratio() == 1 {
-            mapping::punch(&mut fs, ino, layout, blocks / 2, blocks / 2 + 60).unwrap();
+            mapping::punch(&mut fs, ino, layout, blocks / 2, blocks / 2 + 60, u64::MAX).unwrap();
         }
         let (_, _, end) = usage(&mut fs, &path);
         let delta = end as i64 - start as i64;

@@ -1,0 +1,147 @@
+//! Writes into holes whose links into their file's extent tree wait until
+//! the host asks for them (before a flush), or the next change of that
+//! file's tree.
+//!
+//! A write into a hole must allocate its blocks and write its data at
+//! once, but nothing needs the extent tree to say so before a flush makes
+//! it durable: the host's own map of the file already does.
+//! Linking them then, in file order, walks the tree once per run of
+//! neighbours instead of once per write, and writes that landed next to
+//! each other in both the file and the image become one extent.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::fs::Ino;
+
+/// Extents waiting to be linked: per inode, logical -> (physical, len).
+#[derive(Debug, Default)]
+pub struct PendingLinks {
+    by_inode: BTreeMap<Ino, BTreeMap<u64, (u64, u64)>>,
+    /// Where the last run added for each inode ends in the image: the
+    /// goal for the next, when nothing in the file is nearer.
+    last_end: HashMap<Ino, u64>,
+    extents: usize,
+}
+
+impl PendingLinks {
+    pub fn is_empty(&self) -> bool {
+        self.by_inode.is_empty()
+    }
+
+    /// Extents waiting, over all inodes.
+    pub fn extents(&self) -> usize {
+        self.extents
+    }
+
+    /// Whether `ino` has extents waiting.
+    pub fn has(&self, ino: Ino) -> bool {
+        self.by_inode.contains_key(&ino)
+    }
+
+    /// The image blocks of every extent waiting: (first block, count).
+    pub fn block_runs(&self) -> Vec<(u64, u64)> {
+        self.by_inode
+            .values()
+            .flat_map(|map| map.values().map(|&(p, n)| (p, n)))
+            .collect()
+    }
+
+    /// How many inodes have extents waiting.
+    pub fn inode_count(&self) -> usize {
+        self.by_inode.len()
+    }
+
+    pub fn inodes(&self) -> Vec<Ino> {
+        self.by_inode.keys().copied().collect()
+    }
+
+    /// How many extents of `ino` wait.
+    pub fn count_of(&self, ino: Ino) -> usize {
+        self.by_inode.get(&ino).map_or(0, BTreeMap::len)
+    }
+
+    /// The extents of `ino` waiting, in file order: (logical, physical, len).
+    pub fn of(&self, ino: Ino) -> Vec<(u64, u64, u64)> {
+        self.by_inode.get(&ino).map_or_else(Vec::new, |map| {
+            map.iter().map(|(&l, &(p, n))| (l, p, n)).collect()
+        })
+    }
+
+    /// Where the last run added for `ino` ends in the image.
+    pub fn goal(&self, ino: Ino) -> Option<u64> {
+        self.last_end.get(&ino).copied()
+    }
+
+    /// Adds `runs` (physical, len), laid out in file order from file block
+    /// `logical` of `ino`, merging with the neighbours they continue.
+    pub fn add(&mut self, ino: Ino, logical: u64, runs: &[(u64, u64)]) {
+        let map = self.by_inode.entry(ino).or_default();
+        let mut at = logical;
+        for &(physical, len) in runs {
+            let (mut start, mut phys, mut n) = (at, physical, len);
+            if let Some((&l, &(p, pl))) = map.range(..at).next_back() {
+                if l + pl == at && p + pl == physical {
+                    map.remove(&l);
+                    self.extents -= 1;
+                    (start, phys, n) = (l, p, pl + len);
+                }
+            }
+            if let Some(&(p, nl)) = map.get(&(at + len)) {
+                if physical + len == p {
+                    map.remove(&(at + len));
+                    self.extents -= 1;
+                    n += nl;
+                }
+            }
+            map.insert(start, (phys, n));
+            self.extents += 1;
+            self.last_end.insert(ino, physical + len);
+            at += len;
+        }
+    }
+
+    /// Removes and returns the extents of `ino`, in file order:
+    /// (logical, physical, len).
+    pub fn take(&mut self, ino: Ino) -> Option<Vec<(u64, u64, u64)>> {
+        let map = self.by_inode.remove(&ino)?;
+        self.extents -= map.len();
+        Some(map.into_iter().map(|(l, (p, n))| (l, p, n)).collect())
+    }
+
+    /// Puts back what [`PendingLinks::take`] returned (linking failed).
+    pub fn put_back(&mut self, ino: Ino, extents: Vec<(u64, u64, u64)>) {
+        let map = self.by_inode.entry(ino).or_default();
+        for (l, p, n) in extents {
+            if map.insert(l, (p, n)).is_none() {
+                self.extents += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neighbours_merge_and_come_back_in_file_order() {
+        let mut p = PendingLinks::default();
+        p.add(12, 10, &[(500, 2)]);
+        p.add(12, 12, &[(502, 3)]); // continues the first
+        p.add(12, 9, &[(499, 1)]); // precedes it in both
+        p.add(12, 40, &[(600, 1), (900, 2)]);
+        p.add(13, 0, &[(50, 1)]);
+        assert_eq!(p.extents(), 4);
+        assert_eq!(p.count_of(12), 3);
+        assert_eq!(p.of(13), vec![(0, 50, 1)]);
+        assert_eq!(p.goal(12), Some(902));
+        assert_eq!(p.inodes(), vec![12, 13]);
+        let twelve = p.take(12).unwrap();
+        assert_eq!(twelve, vec![(9, 499, 6), (40, 600, 1), (41, 900, 2)]);
+        assert_eq!(p.extents(), 1);
+        p.put_back(12, twelve);
+        assert_eq!(p.extents(), 4);
+        assert_eq!(p.inodes(), vec![12, 13]);
+        assert_eq!(p.take(14), None);
+    }
+}
