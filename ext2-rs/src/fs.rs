@@ -12,6 +12,7 @@ use std::ptr;
 use crate::device::BlockDevice;
 use crate::error::{Errno, Error, Result};
 use crate::io;
+use crate::mmp::{MmpConfig, Protection};
 use crate::policy::{self, Features, Verdict};
 use crate::quota::Quotas;
 use crate::sys;
@@ -96,10 +97,7 @@ impl Filesystem {
 
     /// Opens read-write a filesystem with the `mmp` feature, while `held`
     /// runs the multi-mount protection protocol on its device.
-    pub fn open_protected(
-        device: Arc<dyn BlockDevice>,
-        _held: &crate::mmp::Protection,
-    ) -> Result<Filesystem> {
+    pub fn open_protected(device: Arc<dyn BlockDevice>, _held: &Protection) -> Result<Filesystem> {
         Filesystem::open_as(device, Access::ReadWrite, true)
     }
 
@@ -204,6 +202,39 @@ impl Filesystem {
     pub fn super_block(&self) -> &sys::ext2_super_block {
         // SAFETY: an open filesystem always has its superblock loaded.
         unsafe { &*(*self.fs).super_ }
+    }
+
+    /// The multi-mount protection parameters (see [`crate::mmp`]), or
+    /// `None` without `mmp`.  An MMP block outside the filesystem is an
+    /// error, as in the kernel.
+    pub fn mmp_config(&mut self) -> Result<Option<MmpConfig>> {
+        let fs = self;
+        let sb = fs.super_block();
+        if sb.s_feature_incompat & sys::EXT4_FEATURE_INCOMPAT_MMP == 0 {
+            return Ok(None);
+        }
+        let block = sb.s_mmp_block;
+        let first = u64::from(sb.s_first_data_block);
+        let metadata_csum = sb.s_feature_ro_compat & sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM != 0;
+        let interval = match u64::from(sb.s_mmp_update_interval) {
+            0 => u64::from(sys::EXT4_MMP_UPDATE_INTERVAL),
+            n => n.min(u64::from(sys::EXT4_MMP_MAX_UPDATE_INTERVAL)),
+        };
+        if block < first || block >= fs.blocks_count() {
+            return Err(Error::other(
+                Errno::EIO,
+                format!("multi-mount protection: invalid MMP block {block} in the superblock"),
+            ));
+        }
+        let raw = fs.raw();
+        // SAFETY: a plain field of an open filesystem.
+        let seed = unsafe { (*raw).csum_seed };
+        Ok(Some(MmpConfig {
+            block,
+            block_size: fs.block_size(),
+            update_interval: interval,
+            checksum_seed: metadata_csum.then_some(seed),
+        }))
     }
 
     pub fn block_size(&self) -> u32 {

@@ -31,6 +31,7 @@
 
 // Built always, as `testing` is: the filter's crash tests use it.
 pub mod crash;
+mod crc;
 pub mod device;
 pub mod dir;
 pub mod error;

@@ -29,7 +29,6 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::device::BlockDevice;
 use crate::error::{Errno, Error, Result};
-use crate::fs::Filesystem;
 use crate::sys;
 
 /// The block's magic number (`EXT4_MMP_MAGIC`).
@@ -69,37 +68,6 @@ pub struct MmpConfig {
 }
 
 impl MmpConfig {
-    /// The protocol's parameters for `fs`, or `None` without `mmp`.  An
-    /// MMP block outside the filesystem is an error, as in the kernel.
-    pub fn of(fs: &mut Filesystem) -> Result<Option<MmpConfig>> {
-        let sb = fs.super_block();
-        if sb.s_feature_incompat & sys::EXT4_FEATURE_INCOMPAT_MMP == 0 {
-            return Ok(None);
-        }
-        let block = sb.s_mmp_block;
-        let first = u64::from(sb.s_first_data_block);
-        let metadata_csum = sb.s_feature_ro_compat & sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM != 0;
-        let interval = match u64::from(sb.s_mmp_update_interval) {
-            0 => u64::from(sys::EXT4_MMP_UPDATE_INTERVAL),
-            n => n.min(u64::from(sys::EXT4_MMP_MAX_UPDATE_INTERVAL)),
-        };
-        if block < first || block >= fs.blocks_count() {
-            return Err(Error::other(
-                Errno::EIO,
-                format!("multi-mount protection: invalid MMP block {block} in the superblock"),
-            ));
-        }
-        let raw = fs.raw();
-        // SAFETY: a plain field of an open filesystem.
-        let seed = unsafe { (*raw).csum_seed };
-        Ok(Some(MmpConfig {
-            block,
-            block_size: fs.block_size(),
-            update_interval: interval,
-            checksum_seed: metadata_csum.then_some(seed),
-        }))
-    }
-
     fn offset(&self) -> u64 {
         self.block * u64::from(self.block_size)
     }

@@ -3,7 +3,7 @@
 //! mount and unmount (`needs_recovery` with a journal, `EXT2_VALID_FS`
 //! without), with its checksum kept right.
 
-use crate::jbd2::crc::crc32c;
+use crate::crc::crc32c;
 use crate::sys;
 
 /// Where the primary superblock lies in the image, and its size.

@@ -141,7 +141,7 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
     // As the kernel, multi-mount protection comes before the journal: a
     // filesystem another node has open (its journal in use) is refused
     // for that, not served read-only for the journal it is writing.
-    let mmp = MmpConfig::of(fs)?;
+    let mmp = fs.mmp_config()?;
     let refusal = image
         .replay()
         .and_then(|replay| journal_refusal(replay, journal));

@@ -4,7 +4,7 @@
 //! Layouts follow `lib/ext2fs/kernel-jbd.h`; the checksum rules follow
 //! `e2fsck/recovery.c` (e2fsprogs 1.47.0).  Big-endian throughout.
 
-use crate::jbd2::crc::crc32c;
+use crate::crc::crc32c;
 use crate::jbd2::superblock::{be16, be32, be64, Journal};
 use crate::jbd2::JBD2_MAGIC;
 

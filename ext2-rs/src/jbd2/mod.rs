@@ -18,7 +18,6 @@
 //! `needs_recovery` before the journal is empty.
 
 mod block;
-pub(crate) mod crc;
 mod map;
 mod recovery;
 mod superblock;
@@ -468,6 +467,7 @@ mod tests {
     const FS_S_FEATURE_INCOMPAT: usize = 0x60;
     const FS_S_FEATURE_RO_COMPAT: usize = 0x64;
     const FS_S_CHECKSUM: usize = 0x3fc;
+    use crate::crc;
     use crate::extent_map::Extent;
     use crate::jbd2::testlog::{filled, LogBuilder};
 

@@ -25,13 +25,13 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use crate::crc::crc32_be;
 use crate::error::{Errno, Error, Result};
 use crate::jbd2::block::commit_checksum_ok;
 use crate::jbd2::block::{
     count_tags, revoke_records, tag_checksum_ok, tags, tail_checksum_ok, Commit, Header,
     COMMIT_BLOCK, DESCRIPTOR_BLOCK, REVOKE_BLOCK,
 };
-use crate::jbd2::crc::crc32_be;
 use crate::jbd2::superblock::Journal;
 
 /// The fast-commit tag that opens a fast commit (little-endian, unlike

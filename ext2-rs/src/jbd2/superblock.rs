@@ -9,8 +9,8 @@
 
 use std::ops::RangeInclusive;
 
+use crate::crc::crc32c;
 use crate::error::{Errno, Error, Result};
-use crate::jbd2::crc::crc32c;
 use crate::jbd2::JBD2_MAGIC;
 
 pub const SUPERBLOCK_V1: u32 = 3;

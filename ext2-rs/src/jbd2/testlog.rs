@@ -1,8 +1,8 @@
 //! Journals built in memory for the unit tests: a superblock and log blocks
 //! written the way JBD2 writes them, with every checksum flavour.
 
+use crate::crc::crc32_be;
 use crate::error::{Errno, Error, Result};
-use crate::jbd2::crc::crc32_be;
 use crate::jbd2::recovery::{recover, Recovery};
 use crate::jbd2::superblock::tests::{set_start, superblock};
 use crate::jbd2::superblock::Journal;

@@ -14,12 +14,12 @@
 //!
 //! The unit tests replay what is written here with [`crate::jbd2::recover`].
 
+use crate::crc::{crc32_be, crc32c};
 use crate::error::{Errno, Error, Result};
 use crate::jbd2::block::{
     COMMIT_BLOCK, CRC32_CHKSUM, CRC32_CHKSUM_SIZE, DESCRIPTOR_BLOCK, FLAG_ESCAPE, FLAG_LAST_TAG,
     FLAG_SAME_UUID, HEADER_BYTES, REVOKE_BLOCK,
 };
-use crate::jbd2::crc::{crc32_be, crc32c};
 use crate::jbd2::superblock::{
     be32, superblock_checksum, Journal, INCOMPAT_CSUM_V2, INCOMPAT_CSUM_V3,
 };

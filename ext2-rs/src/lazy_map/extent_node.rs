@@ -4,8 +4,8 @@
 //! block inside the filesystem and off its own metadata, and the checksum
 //! of a node stored in a block.  A node that fails is never used.
 
+use crate::crc::crc32c;
 use crate::extent_map::Extent;
-use crate::jbd2::crc::crc32c;
 use crate::lazy_map::geometry::{Geometry, MAX_EXTENT_DEPTH};
 use crate::lazy_map::{le16, le32};
 

@@ -2,9 +2,9 @@
 //! it reads on its own, without libext2fs: block size and count, the blocks
 //! the filesystem keeps for itself, and how metadata checksums are seeded.
 
+use crate::crc::crc32c;
 use crate::error::{Errno, Error, Result};
 use crate::fs::{Filesystem, Ino};
-use crate::jbd2::crc::crc32c;
 use crate::reserved::Reserved;
 use crate::sys;
 

@@ -2,7 +2,7 @@
 //! `i_block` (the extent tree's root, or the block pointers), read from the
 //! image and checked the way the kernel checks them when it loads an inode.
 
-use crate::jbd2::crc::crc32c;
+use crate::crc::crc32c;
 use crate::lazy_map::geometry::Geometry;
 use crate::lazy_map::{le16, le32};
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::fs::Access;
+use crate::fs::{Access, Filesystem};
 use crate::testing::MemDevice;
 
 fn mmp_image() -> Arc<MemDevice> {
@@ -19,7 +19,7 @@ fn mmp_image() -> Arc<MemDevice> {
 
 fn config(dev: &Arc<MemDevice>) -> MmpConfig {
     let mut fs = Filesystem::open(dev.clone(), Access::ReadOnly).unwrap();
-    MmpConfig::of(&mut fs).unwrap().expect("the mmp feature")
+    fs.mmp_config().unwrap().expect("the mmp feature")
 }
 
 fn medium(dev: &Arc<MemDevice>) -> Medium {

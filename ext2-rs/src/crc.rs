@@ -1,5 +1,6 @@
-//! The two CRCs a JBD2 journal uses, as raw updates (no inversion before or
-//! after: callers start from `!0` as the journal code does).
+//! The two CRCs of ext4 metadata and the JBD2 journal, as raw updates (no
+//! inversion before or after: callers start from `!0` as the journal code
+//! does).
 //!
 //! - CRC32C (Castagnoli, bit-reflected), for checksum v2/v3 and the journal
 //!   superblock: what e2fsprogs calls `ext2fs_crc32c_le`.
