@@ -228,30 +228,9 @@ impl Drop for TestDir {
 // Deterministic data
 // ---------------------------------------------------------------------------------------
 
-/// xorshift64* pseudo-random generator: deterministic test data without extra crates.
-pub struct XorShift(u64);
-
-impl XorShift {
-    pub fn new(seed: u64) -> XorShift {
-        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let bytes = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
-        }
-    }
-}
+/// xorshift64* pseudo-random generator: deterministic test data, the same
+/// one the in-process tests use.
+pub use ext2_rs::testing::Rng as XorShift;
 
 /// `len` pseudo-random bytes determined by `seed`. Never all-zero blocks in practice.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {

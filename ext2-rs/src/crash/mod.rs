@@ -20,6 +20,8 @@ use parking_lot::Mutex;
 use crate::device::BlockDevice;
 use crate::error::Errno;
 
+pub use crate::testing::Rng;
+
 /// One request that reached the device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -88,30 +90,6 @@ impl BlockDevice for RecordingDevice {
         self.inner.flush()?;
         self.ops.lock().push(Op::Flush);
         Ok(())
-    }
-}
-
-/// A small deterministic generator (xorshift64*), so runs repeat.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A number in `0..n` (`n` > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
     }
 }
 
