@@ -6,6 +6,7 @@
 
 use std::ops::Range;
 
+use ext2_rs::error::Errno;
 use ext2_rs::extent_map::{Content, Extent, FileMap, Piece};
 use ext2_rs::mapping::{self, BlockRuns};
 use ext2_rs::{Layout, Result};
@@ -70,6 +71,112 @@ impl ServedFile {
         Ok(())
     }
 
+    /// Writes into holes whose blocks are linked later (extent files, not
+    /// bigalloc) can run at once, holding the map shared: see
+    /// [`ServedFile::fill_holes_shared`].
+    pub(super) fn fills_concurrently(&self) -> bool {
+        self.layout == Layout::Extents && self.cluster_ratio() == 1
+    }
+
+    /// Writes `data` at `offset`, whose pieces are data and holes only,
+    /// holding `map` only shared: its blocks are taken from other writers
+    /// of the file (see `filter::ranges`), the pieces looked up again, the
+    /// data pieces written, and each hole filled with
+    /// [`Self::fill_hole_shared`].  `Ok(None)` when this way cannot do it
+    /// (unwritten blocks appeared, a hole too large for one change, the
+    /// filesystem short of room without linking first): the caller then
+    /// writes it the exclusive way, which finds what was done here as data.
+    /// `Ok(Some(n))`: done, and `n` extents of the file wait to be linked.
+    pub(super) fn fill_holes_shared(
+        &self,
+        shared: &Shared,
+        map: &OverlaidMap,
+        data: &[u8],
+        offset: u64,
+        fua: bool,
+    ) -> Result<Option<usize>> {
+        let bs = map.block_size();
+        let len = data.len() as u64;
+        let _held = self.ranges.take(offset / bs..(offset + len).div_ceil(bs));
+        let mut window = self.change_window(map, offset, len)?;
+        let pieces = window.pieces(offset, len);
+        if pieces
+            .iter()
+            .any(|p| matches!(p.content, Content::Unwritten { .. }))
+        {
+            return Ok(None);
+        }
+        let (holes, written): (Vec<Piece>, Vec<Piece>) = pieces
+            .into_iter()
+            .partition(|p| matches!(p.content, Content::Hole));
+        super::file::write_pieces(shared, &written, data, offset, fua)?;
+        let mut waiting = 0;
+        for piece in &holes {
+            let bytes = &data[Self::span(piece, offset)];
+            match self.fill_hole_shared(shared, map, &mut window, piece, bytes)? {
+                Some(n) => waiting = n,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(waiting))
+    }
+
+    /// Fills the hole `piece` with `bytes` while other writers may fill
+    /// other holes of the file: allocates its blocks (a change under the
+    /// library lock that changes no tree), writes the data without the
+    /// library lock, then has the blocks wait to be linked and lays them
+    /// over the map.  Until then readers see a hole and commits write the
+    /// blocks as free, so neither a reader nor a crash ever sees them
+    /// without their data.  `Ok(None)` (nothing done) for a hole larger
+    /// than one change or a filesystem short of room.
+    fn fill_hole_shared(
+        &self,
+        shared: &Shared,
+        map: &OverlaidMap,
+        window: &mut FileMap,
+        piece: &Piece,
+        bytes: &[u8],
+    ) -> Result<Option<usize>> {
+        let bs = window.block_size();
+        let (blocks, buf) = self.padded_blocks(window, piece, bytes);
+        let count = blocks.end - blocks.start;
+        if count > HOLE_CHUNK_BLOCKS {
+            return Ok(None);
+        }
+        let before = blocks
+            .start
+            .checked_sub(1)
+            .map(|block| window.pieces(block * bs, 1)[0].content);
+        let near = placement(map, before, blocks.start, bs);
+        let runs = match shared.reserve_hole(self.ino, blocks.start, count, near) {
+            Ok(runs) => runs,
+            Err(e) if e.errno() == Errno::ENOSPC => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = write_runs(&shared.image, &runs, &buf, bs) {
+            if let Err(undo) = shared.abandon_hole(&runs) {
+                nbd_debug!(
+                    ext2_debug_map,
+                    "{}: freeing blocks {runs:?} whose write failed: {undo}",
+                    self.path
+                );
+            }
+            return Err(e);
+        }
+        let waiting = shared.hole_filled(self.ino, blocks.start, &runs)?;
+        let extents = Extent::written_runs(blocks.start, &runs);
+        map.add_unlinked(&extents);
+        window.replace_range(blocks.start, blocks.end, &extents);
+        nbd_debug!(
+            ext2_debug_map,
+            "{}: allocated blocks {:?} at {:?}",
+            self.path,
+            blocks,
+            runs
+        );
+        Ok(Some(waiting))
+    }
+
     /// Fills file blocks `blocks` (a hole) with `buf`, as one change.
     fn fill_hole_chunk(
         &self,
@@ -85,31 +192,13 @@ impl ServedFile {
         // The data first: the blocks are linked only once they hold it (and
         // a commit flushes the plugin before it makes the link durable), so
         // the file never exposes what they held before.
-        let write_runs = |image: &Image, runs: &BlockRuns| -> Result<()> {
-            let mut at = 0usize;
-            for &(physical, len) in runs {
-                let n = (len * bs) as usize;
-                image.pwrite(&buf[at..at + n], physical * bs, false)?;
-                at += n;
-            }
-            Ok(())
-        };
+        let write_runs = |image: &Image, runs: &BlockRuns| write_runs(image, runs, buf, bs);
         let before = blocks
             .start
             .checked_sub(1)
             .map(|block| window.pieces(block * bs, 1)[0].content);
-        let runs = if self.layout == Layout::Extents && shared.cluster_ratio == 1 {
-            // The blocks go where the nearest extent says they would be had
-            // the file been written in order (as ext2fs_find_inode_goal
-            // places them), so that neighbours merge as the file fills; the
-            // tree learns of them later (the map's overlay serves them
-            // until then).
-            let near = match before {
-                // The block before is in the window: no lookup.
-                Some(Content::Data { image_offset })
-                | Some(Content::Unwritten { image_offset }) => Some(image_offset / bs + 1),
-                _ => map.placement_goal(blocks.start),
-            };
+        let runs = if self.fills_concurrently() {
+            let near = placement(map, before, blocks.start, bs);
             let (runs, tree_changed) =
                 shared.fill_hole(self.ino, blocks.start, count, near, |fs, image, goal| {
                     let runs = mapping::allocate(fs, goal, count)?;
@@ -240,4 +329,29 @@ fn physical_cluster(map: &FileMap, cluster: u64, ratio: u64) -> Option<u64> {
             }
             Content::Hole => None,
         })
+}
+
+/// Where new blocks for file block `logical` go: after the block before
+/// it when the window shows one (no lookup), else where the nearest extent
+/// says they would be had the file been written in order (as
+/// ext2fs_find_inode_goal places them), so that neighbours merge as the
+/// file fills.
+fn placement(map: &OverlaidMap, before: Option<Content>, logical: u64, bs: u64) -> Option<u64> {
+    match before {
+        Some(Content::Data { image_offset }) | Some(Content::Unwritten { image_offset }) => {
+            Some(image_offset / bs + 1)
+        }
+        _ => map.placement_goal(logical),
+    }
+}
+
+/// Writes `buf` to the image blocks `runs`, laid out one after the other.
+fn write_runs(image: &Image, runs: &BlockRuns, buf: &[u8], bs: u64) -> Result<()> {
+    let mut at = 0usize;
+    for &(physical, len) in runs {
+        let n = (len * bs) as usize;
+        image.pwrite(&buf[at..at + n], physical * bs, false)?;
+        at += n;
+    }
+    Ok(())
 }

@@ -19,12 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::filter::coalesce;
+use crate::filter::ranges::BlockRanges;
 use crate::filter::shared::Shared;
 use crate::filter::unlinked::{MapChanges, OverlaidMap};
 use crate::pool;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::{Content, FileMap, Piece};
 use ext2_rs::lazy_map::LazyMap;
+use ext2_rs::txn::LINK_AT;
 use ext2_rs::{Ino, Layout};
 
 pub struct ServedFile {
@@ -41,8 +43,11 @@ pub struct ServedFile {
     read_only: Option<String>,
     map: RwLock<OverlaidMap>,
     /// The last write needed new blocks: the next one likely does too, and
-    /// takes the map exclusively at once instead of looking first.
+    /// takes the map exclusively at once instead of looking first (where
+    /// writes into holes cannot share the map: see `fills_concurrently`).
     filling: AtomicBool,
+    /// The blocks writers sharing the map fill (`filter::ranges`).
+    pub(super) ranges: BlockRanges,
 }
 
 /// How a range of the file reads, for block status.
@@ -81,7 +86,13 @@ impl ServedFile {
             read_only,
             map: RwLock::new(OverlaidMap::new(map)),
             filling: AtomicBool::new(false),
+            ranges: BlockRanges::default(),
         }
+    }
+
+    /// Blocks per allocation cluster (bigalloc), 1 otherwise.
+    pub(super) fn cluster_ratio(&self) -> u64 {
+        self.cluster_ratio
     }
 
     /// Whether the file may be written (see `read_only`).
@@ -116,7 +127,12 @@ impl ServedFile {
     /// The window of the map a change of bytes `[offset, offset + len)`
     /// looks at: its blocks, the block before them (where new blocks are
     /// best placed), all rounded out to whole clusters.
-    fn change_window(&self, map: &OverlaidMap, offset: u64, len: u64) -> Result<FileMap> {
+    pub(super) fn change_window(
+        &self,
+        map: &OverlaidMap,
+        offset: u64,
+        len: u64,
+    ) -> Result<FileMap> {
         let bs = map.block_size();
         let ratio = self.cluster_ratio.max(1);
         let first = (offset / bs).saturating_sub(1) / ratio * ratio;
@@ -141,7 +157,8 @@ impl ServedFile {
         if let Some(why) = &self.read_only {
             return Err(Error::other(Errno::EROFS, why.clone()));
         }
-        if !self.filling.load(Ordering::Relaxed) {
+        let concurrent = self.fills_concurrently();
+        if concurrent || !self.filling.load(Ordering::Relaxed) {
             let map = self.map_shared()?;
             let mut pieces = Vec::new();
             map.pieces(offset, data.len() as u64, &mut pieces)?;
@@ -150,6 +167,21 @@ impl ServedFile {
                 .all(|p| matches!(p.content, Content::Data { .. }))
             {
                 return write_pieces(shared, &pieces, data, offset, fua);
+            }
+            let unwritten = pieces
+                .iter()
+                .any(|p| matches!(p.content, Content::Unwritten { .. }));
+            if concurrent && !unwritten {
+                if let Some(waiting) = self.fill_holes_shared(shared, &map, data, offset, fua)? {
+                    drop(map);
+                    if waiting >= LINK_AT {
+                        self.link_unlinked(shared)?;
+                    }
+                    if fua {
+                        shared.flush()?;
+                    }
+                    return Ok(());
+                }
             }
         }
         // Some blocks must be allocated or converted: take the map for
@@ -367,7 +399,7 @@ fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -
 /// Writes the data pieces of a request (`data`, at `offset`): each run of
 /// pieces contiguous in the image in one plugin request, several at once
 /// when the plugin allows.  Other pieces are left to the caller.
-fn write_pieces(
+pub(super) fn write_pieces(
     shared: &Shared,
     pieces: &[Piece],
     data: &[u8],

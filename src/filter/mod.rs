@@ -10,6 +10,7 @@ pub mod config;
 pub mod exports;
 pub mod file;
 mod opening;
+mod ranges;
 pub mod shared;
 mod unlinked;
 

@@ -355,6 +355,34 @@ impl Shared {
         })
     }
 
+    /// Allocates `count` blocks for a hole of extent file `ino` (not
+    /// bigalloc) at file blocks from `logical`, as one change, for a caller
+    /// that then writes their data without the library lock and says how
+    /// that went ([`Shared::hole_filled`] or [`Shared::abandon_hole`]).
+    /// Changes no tree (see `Transactions::reserve_hole`): callable while
+    /// the file's map is held only shared.
+    pub fn reserve_hole(
+        &self,
+        ino: Ino,
+        logical: u64,
+        count: u64,
+        near: Option<u64>,
+    ) -> Result<BlockRuns> {
+        self.with_transactions(|fs, tx, _| tx.reserve_hole(fs, ino, logical, count, near))
+    }
+
+    /// The data of `runs` from [`Shared::reserve_hole`] is written: they
+    /// wait to be linked.  Returns how many extents of `ino` wait.
+    pub fn hole_filled(&self, ino: Ino, logical: u64, runs: &BlockRuns) -> Result<usize> {
+        self.with_transactions(|_, tx, _| Ok(tx.hole_filled(ino, logical, runs)))
+    }
+
+    /// The data of `runs` from [`Shared::reserve_hole`] could not be
+    /// written: they are freed.
+    pub fn abandon_hole(&self, runs: &BlockRuns) -> Result<()> {
+        self.with_transactions(|fs, tx, _| tx.abandon_hole(fs, runs))
+    }
+
     /// The blocks written into holes of `ino` not linked into its tree yet.
     pub fn unlinked(&self, ino: Ino) -> Result<Vec<Extent>> {
         let state = self.lock_state()?;

@@ -12,6 +12,8 @@
 
 use std::ops::Range;
 
+use parking_lot::Mutex;
+
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::{pieces_in, Extent, FileMap, Piece};
 use ext2_rs::lazy_map::LazyMap;
@@ -22,8 +24,11 @@ const NEIGHBOUR_SEARCH: u64 = 1024;
 
 pub struct OverlaidMap {
     tree: LazyMap,
-    /// The blocks written into holes and not linked yet.
-    unlinked: FileMap,
+    /// The blocks written into holes and not linked yet.  Writers add to it
+    /// holding the map shared (each into holes of its own: see
+    /// `ServedFile::write`); it is replaced only under the map's exclusive
+    /// lock.
+    unlinked: Mutex<FileMap>,
 }
 
 /// What changes to a file's map did while its lock was held, so that the
@@ -68,7 +73,7 @@ impl OverlaidMap {
         let block_size = tree.block_size() as u32;
         OverlaidMap {
             tree,
-            unlinked: FileMap::new(block_size, Vec::new()).expect("an empty map"),
+            unlinked: Mutex::new(FileMap::new(block_size, Vec::new()).expect("an empty map")),
         }
     }
 
@@ -82,7 +87,7 @@ impl OverlaidMap {
 
     /// Whether blocks written into holes wait to be linked.
     pub fn has_unlinked(&self) -> bool {
-        !self.unlinked.extents().is_empty()
+        !self.unlinked.lock().extents().is_empty()
     }
 
     /// Reads the tree again (see [`LazyMap::reload`]).
@@ -92,15 +97,16 @@ impl OverlaidMap {
 
     /// Replaces the overlay: `extents` are all the file's unlinked blocks.
     pub fn set_unlinked(&mut self, extents: Vec<Extent>) -> Result<()> {
-        self.unlinked = FileMap::new(self.block_size() as u32, extents)
+        *self.unlinked.get_mut() = FileMap::new(self.block_size() as u32, extents)
             .map_err(|why| Error::other(Errno::EIO, format!("blocks written into holes: {why}")))?;
         Ok(())
     }
 
     /// Adds blocks written into holes of the tree.
-    pub fn add_unlinked(&mut self, extents: &[Extent]) {
+    pub fn add_unlinked(&self, extents: &[Extent]) {
+        let mut unlinked = self.unlinked.lock();
         for e in extents {
-            self.unlinked.replace_range(e.logical, e.end(), &[*e]);
+            unlinked.replace_range(e.logical, e.end(), &[*e]);
         }
     }
 
@@ -118,7 +124,8 @@ impl OverlaidMap {
             if overlay.is_err() {
                 // Only a server shutting down cannot say: nothing is
                 // served from here on.
-                self.unlinked = FileMap::new(self.block_size() as u32, Vec::new()).expect("empty");
+                *self.unlinked.get_mut() =
+                    FileMap::new(self.block_size() as u32, Vec::new()).expect("empty");
             }
             return reloaded.and(overlay);
         }
@@ -131,7 +138,8 @@ impl OverlaidMap {
     pub fn extents(&self, blocks: Range<u64>, out: &mut Vec<Extent>) -> Result<()> {
         let before = out.len();
         self.tree.extents(blocks.clone(), out)?;
-        let mut unlinked = clipped(self.unlinked.extents(), blocks).peekable();
+        let overlay = self.unlinked.lock();
+        let mut unlinked = clipped(overlay.extents(), blocks).peekable();
         if unlinked.peek().is_none() {
             return Ok(());
         }
@@ -153,7 +161,7 @@ impl OverlaidMap {
     /// Splits `[offset, offset + len)` of the file into pieces of like
     /// content (see [`FileMap::pieces`]), into `out`.
     pub fn pieces(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<()> {
-        if self.unlinked.extents().is_empty() {
+        if !self.has_unlinked() {
             return self.tree.pieces(offset, len, out);
         }
         out.clear();
@@ -168,7 +176,7 @@ impl OverlaidMap {
     /// The map of file blocks `blocks` alone (see [`LazyMap::window`]).
     pub fn window(&self, blocks: Range<u64>) -> Result<FileMap> {
         let mut window = self.tree.window(blocks.clone())?;
-        for e in clipped(self.unlinked.extents(), blocks) {
+        for e in clipped(self.unlinked.lock().extents(), blocks) {
             window.replace_range(e.logical, e.end(), &[e]);
         }
         Ok(window)
@@ -279,7 +287,11 @@ mod tests {
         let (zero, four) = (tree_block(0), tree_block(4));
         map.add_unlinked(&[extent(1, 9000, 1)]);
         map.add_unlinked(&[extent(2, 9001, 1)]);
-        assert_eq!(map.unlinked.extents(), &[extent(1, 9000, 2)], "merged");
+        assert_eq!(
+            map.unlinked.lock().extents(),
+            &[extent(1, 9000, 2)],
+            "merged"
+        );
         let mut pieces = Vec::new();
         map.pieces(0, 5 * BS, &mut pieces).unwrap();
         assert_eq!(
@@ -320,7 +332,7 @@ mod tests {
             || panic!("the tree did not change"),
         )
         .unwrap();
-        assert_eq!(map.unlinked.extents(), &[extent(2, 9001, 2)]);
+        assert_eq!(map.unlinked.lock().extents(), &[extent(2, 9001, 2)]);
     }
 
     #[test]

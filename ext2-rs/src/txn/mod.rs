@@ -46,6 +46,7 @@ mod relocate;
 mod tests;
 mod touched;
 
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,6 +107,10 @@ pub struct Transactions {
     frees_pending: bool,
     /// Writes into holes not linked into their trees yet ([`Self::fill_hole`]).
     pending: PendingLinks,
+    /// Blocks allocated for writes into holes whose data is still being
+    /// written ([`Self::reserve_hole`]): image block -> count.  Like pending
+    /// ones, commits write them as free.
+    in_flight: BTreeMap<u64, u64>,
     /// How many times a file's tree gained pending links so far.
     links_made: u64,
     /// Transactions committed so far.
@@ -169,6 +174,7 @@ pub fn open_read_write(
         since: None,
         frees_pending: false,
         pending: PendingLinks::default(),
+        in_flight: BTreeMap::new(),
         links_made: 0,
         commits: 0,
     };
@@ -334,6 +340,67 @@ impl Transactions {
         Ok(runs)
     }
 
+    /// The first half of [`Self::fill_hole`] for a host that writes the
+    /// data itself, outside the library lock: as one change, allocates
+    /// `count` blocks for file blocks `logical..` of extent file `ino` (not
+    /// bigalloc), near `near` as `fill_hole` places them, and holds them as
+    /// in flight, free in what commits write, until the host says the data
+    /// is in ([`Self::hole_filled`]) or gave up ([`Self::abandon_hole`]).
+    /// Changes no tree: nothing is linked here, not even to make room (a
+    /// host whose readers walk the tree without the library lock may call
+    /// this while they do); short of room it fails with ENOSPC, and
+    /// [`Self::fill_hole`], which may link, is the way to go on.
+    pub fn reserve_hole(
+        &mut self,
+        fs: &mut Filesystem,
+        ino: Ino,
+        logical: u64,
+        count: u64,
+        near: Option<u64>,
+    ) -> Result<BlockRuns> {
+        self.room_for(fs, count)?;
+        let after_pending = self.pending.goal(ino);
+        let runs = self.run_change(fs, Some(ino), true, |fs| {
+            let goal = match near.or(after_pending) {
+                Some(goal) => goal,
+                None => mapping::goal_for(fs, ino, logical)?,
+            };
+            mapping::allocate(fs, goal, count)
+        })?;
+        for &(start, len) in &runs {
+            self.in_flight.insert(start, len);
+        }
+        if let Some(&(start, len)) = runs.last() {
+            self.pending.note_goal(ino, start + len);
+        }
+        Ok(runs)
+    }
+
+    /// The data of blocks `runs`, reserved by [`Self::reserve_hole`] for
+    /// file blocks from `logical` of `ino`, is written: they wait to be
+    /// linked as [`Self::fill_hole`]'s do.  Returns how many extents of
+    /// `ino` wait (the host links them, under its own lock, past
+    /// [`LINK_AT`]).
+    pub fn hole_filled(&mut self, ino: Ino, logical: u64, runs: &BlockRuns) -> usize {
+        for &(start, _) in runs {
+            self.in_flight.remove(&start);
+        }
+        self.pending.add(ino, logical, runs);
+        self.pending.count_of(ino)
+    }
+
+    /// Frees blocks `runs` reserved by [`Self::reserve_hole`] whose data
+    /// could not be written, as one change.
+    pub fn abandon_hole(&mut self, fs: &mut Filesystem, runs: &BlockRuns) -> Result<()> {
+        for &(start, _) in runs {
+            self.in_flight.remove(&start);
+        }
+        self.run_change(fs, None, false, |fs| {
+            mapping::free_blocks(fs, runs);
+            Ok(())
+        })
+    }
+
     /// A change that allocates `count` blocks (and may link them, as
     /// [`Self::change`]), refused with ENOSPC if that would eat into the
     /// blocks the transaction keeps for itself (see [`Self::ensure_room`]).
@@ -352,8 +419,9 @@ impl Transactions {
     /// allocate on its own: tree nodes for the pending links, and, without
     /// a journal, a new home for every existing node a commit moves.
     fn reserve(&self) -> u64 {
-        let mut reserve =
-            64 + self.pending.extents() as u64 / 16 + 8 * self.pending.inode_count() as u64;
+        let mut reserve = 64
+            + (self.pending.extents() + self.in_flight.len()) as u64 / 16
+            + 8 * self.pending.inode_count() as u64;
         if let Mode::Ordered(_) = self.mode {
             reserve += self.cache.dirty_len() as u64;
         }
@@ -364,6 +432,22 @@ impl Transactions {
     /// reserve: if not, first makes the pending links of `ino` (while there
     /// is room for their nodes; other files' trees are changed only when
     /// their host asks), then refuses with ENOSPC if it is still short.
+    fn room_for(&self, fs: &mut Filesystem, count: u64) -> Result<()> {
+        // SAFETY: open filesystem; reads its in-memory superblock.
+        let free = unsafe { sys::ext2fs_free_blocks_count((*fs.raw()).super_) };
+        if free >= count + self.reserve() {
+            return Ok(());
+        }
+        Err(Error::other(
+            Errno::ENOSPC,
+            format!(
+                "no space left: {free} blocks free, {count} wanted, {} kept for the filesystem's \
+                 own metadata",
+                self.reserve()
+            ),
+        ))
+    }
+
     fn ensure_room(&mut self, fs: &mut Filesystem, ino: Ino, count: u64) -> Result<()> {
         let free = |fs: &mut Filesystem| {
             // SAFETY: open filesystem; reads its in-memory superblock.
@@ -598,7 +682,8 @@ impl Transactions {
     pub fn commit(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
         let cache = self.cache.clone();
         let _remember = cache.remembering();
-        let unlinked = self.pending.block_runs();
+        let mut unlinked = self.pending.block_runs();
+        unlinked.extend(self.in_flight.iter().map(|(&start, &count)| (start, count)));
         let result = match &mut self.mode {
             Mode::Journal(log) => log.commit(fs, &self.cache, &self.touched, &unlinked, durability),
             Mode::Ordered(ordered) => {

@@ -100,6 +100,11 @@ impl PendingLinks {
         }
     }
 
+    /// The next run for `ino` is best placed from image block `end`.
+    pub fn note_goal(&mut self, ino: Ino, end: u64) {
+        self.last_end.insert(ino, end);
+    }
+
     /// Removes and returns the extents of `ino`, in file order:
     /// (logical, physical, len).
     pub fn take(&mut self, ino: Ino) -> Option<Vec<(u64, u64, u64)>> {
