@@ -6,12 +6,14 @@
 //! client's buffer and the plugin, holding the map shared and no library
 //! lock: pieces that follow each other in the image are one plugin request
 //! even with holes between them in the file (see `filter::coalesce`).
-//! Writes that need new blocks (holes) or that turn unwritten blocks into
-//! data hold the map exclusively, so no request can use a mapping while it
-//! changes; they work on a window of the map covering the request, and
-//! the map is read again from the inode afterwards, unless the tree did
-//! not change: writes into holes of an extent file are linked into it
-//! later, and laid over it meanwhile (`filter::unlinked`).
+//! Writes into holes of an extent file (not bigalloc) change no tree: their
+//! blocks are linked into it later and laid over it meanwhile
+//! (`filter::unlinked`), so they hold the map shared, several at once, each
+//! taking the blocks it fills from the others (`filter::ranges`).  Other
+//! writes that need new blocks, that turn unwritten blocks into data, and
+//! every change of a tree hold the map exclusively, so no request can use
+//! a mapping while it changes; they work on a window of the map covering
+//! the request, and the map is read again from the inode afterwards.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
