@@ -13,7 +13,7 @@ use ext2_rs::{Layout, Result};
 
 use crate::filter::file::ServedFile;
 use crate::filter::shared::Shared;
-use crate::filter::unlinked::{MapChanges, OverlaidMap};
+use crate::filter::unlinked::{MapChanges, OverlaidMap, TreeWindow};
 use crate::image::Image;
 use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
 
@@ -80,7 +80,9 @@ impl ServedFile {
 
     /// Writes `data` at `offset`, whose pieces are data and holes only,
     /// holding `map` only shared: its blocks are taken from other writers
-    /// of the file (see `filter::ranges`), the pieces looked up again, the
+    /// of the file (see `filter::ranges`), the pieces looked up again (in
+    /// `tree`, the tree's map of the blocks [`ServedFile::window_blocks`]
+    /// names, with the overlay as it is now), the
     /// data pieces written, and each hole filled with
     /// [`Self::fill_hole_shared`].  `Ok(None)` when this way cannot do it
     /// (unwritten blocks appeared, a hole too large for one change, the
@@ -91,6 +93,7 @@ impl ServedFile {
         &self,
         shared: &Shared,
         map: &OverlaidMap,
+        tree: &TreeWindow,
         data: &[u8],
         offset: u64,
         fua: bool,
@@ -98,7 +101,7 @@ impl ServedFile {
         let bs = map.block_size();
         let len = data.len() as u64;
         let _held = self.ranges.take(offset / bs..(offset + len).div_ceil(bs));
-        let mut window = self.change_window(map, offset, len)?;
+        let mut window = map.overlaid(tree);
         let pieces = window.pieces(offset, len);
         if pieces
             .iter()

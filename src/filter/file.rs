@@ -135,11 +135,15 @@ impl ServedFile {
         offset: u64,
         len: u64,
     ) -> Result<FileMap> {
-        let bs = map.block_size();
+        map.window(self.window_blocks(map.block_size(), offset, len))
+    }
+
+    /// The file blocks [`Self::change_window`] covers.
+    pub(super) fn window_blocks(&self, bs: u64, offset: u64, len: u64) -> Range<u64> {
         let ratio = self.cluster_ratio.max(1);
         let first = (offset / bs).saturating_sub(1) / ratio * ratio;
         let end = (offset + len).div_ceil(bs).div_ceil(ratio) * ratio;
-        map.window(first..end)
+        first..end
     }
 
     pub fn read(&self, shared: &Shared, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -159,11 +163,13 @@ impl ServedFile {
         if let Some(why) = &self.read_only {
             return Err(Error::other(Errno::EROFS, why.clone()));
         }
-        let concurrent = self.fills_concurrently();
-        if concurrent || !self.filling.load(Ordering::Relaxed) {
+        if self.fills_concurrently() {
+            // One look at the tree serves both the check and the fill: the
+            // tree cannot change while the map is held shared.
             let map = self.map_shared()?;
-            let mut pieces = Vec::new();
-            map.pieces(offset, data.len() as u64, &mut pieces)?;
+            let blocks = self.window_blocks(map.block_size(), offset, data.len() as u64);
+            let tree = map.tree_window(blocks)?;
+            let pieces = map.overlaid(&tree).pieces(offset, data.len() as u64);
             if pieces
                 .iter()
                 .all(|p| matches!(p.content, Content::Data { .. }))
@@ -173,8 +179,9 @@ impl ServedFile {
             let unwritten = pieces
                 .iter()
                 .any(|p| matches!(p.content, Content::Unwritten { .. }));
-            if concurrent && !unwritten {
-                if let Some(waiting) = self.fill_holes_shared(shared, &map, data, offset, fua)? {
+            if !unwritten {
+                let filled = self.fill_holes_shared(shared, &map, &tree, data, offset, fua)?;
+                if let Some(waiting) = filled {
                     drop(map);
                     if waiting >= LINK_AT {
                         self.link_unlinked(shared)?;
@@ -184,6 +191,16 @@ impl ServedFile {
                     }
                     return Ok(());
                 }
+            }
+        } else if !self.filling.load(Ordering::Relaxed) {
+            let map = self.map_shared()?;
+            let mut pieces = Vec::new();
+            map.pieces(offset, data.len() as u64, &mut pieces)?;
+            if pieces
+                .iter()
+                .all(|p| matches!(p.content, Content::Data { .. }))
+            {
+                return write_pieces(shared, &pieces, data, offset, fua);
             }
         }
         // Some blocks must be allocated or converted: take the map for

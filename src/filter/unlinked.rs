@@ -55,6 +55,13 @@ impl MapChanges {
     }
 }
 
+/// The tree's map of a range of file blocks (see
+/// [`OverlaidMap::tree_window`]).
+pub struct TreeWindow {
+    map: FileMap,
+    blocks: Range<u64>,
+}
+
 /// `(file block, image block, blocks)` triples as written extents.
 pub fn written_extents(triples: &[(u64, u64, u64)]) -> Vec<Extent> {
     triples
@@ -175,11 +182,26 @@ impl OverlaidMap {
 
     /// The map of file blocks `blocks` alone (see [`LazyMap::window`]).
     pub fn window(&self, blocks: Range<u64>) -> Result<FileMap> {
-        let mut window = self.tree.window(blocks.clone())?;
-        for e in clipped(self.unlinked.lock().extents(), blocks) {
+        Ok(self.overlaid(&self.tree_window(blocks)?))
+    }
+
+    /// The tree's map of file blocks `blocks` alone, without the overlay:
+    /// good for as long as the map is held (only a holder of the map's
+    /// exclusive lock changes the tree), while the overlay may grow.
+    pub fn tree_window(&self, blocks: Range<u64>) -> Result<TreeWindow> {
+        Ok(TreeWindow {
+            map: self.tree.window(blocks.clone())?,
+            blocks,
+        })
+    }
+
+    /// `tree` with the overlay's blocks, as they are now, laid over it.
+    pub fn overlaid(&self, tree: &TreeWindow) -> FileMap {
+        let mut window = tree.map.clone();
+        for e in clipped(self.unlinked.lock().extents(), tree.blocks.clone()) {
             window.replace_range(e.logical, e.end(), &[e]);
         }
-        Ok(window)
+        window
     }
 
     /// Where file block `logical` would lie if the file were laid out as
