@@ -323,12 +323,9 @@ impl Transactions {
         fill: impl FnOnce(&mut Filesystem, u64) -> Result<BlockRuns>,
     ) -> Result<BlockRuns> {
         self.ensure_room(fs, ino, count)?;
-        let after_pending = self.pending.goal(ino);
+        let near = near.or(self.pending.goal(ino));
         let runs = self.run_change(fs, Some(ino), true, |fs| {
-            let goal = match near.or(after_pending) {
-                Some(goal) => goal,
-                None => mapping::goal_for(fs, ino, logical)?,
-            };
+            let goal = hole_goal(fs, ino, logical, near)?;
             fill(fs, goal)
         })?;
         self.pending.add(ino, logical, &runs);
@@ -359,12 +356,9 @@ impl Transactions {
         near: Option<u64>,
     ) -> Result<BlockRuns> {
         self.room_for(fs, count)?;
-        let after_pending = self.pending.goal(ino);
+        let near = near.or(self.pending.goal(ino));
         let runs = self.run_change(fs, Some(ino), true, |fs| {
-            let goal = match near.or(after_pending) {
-                Some(goal) => goal,
-                None => mapping::goal_for(fs, ino, logical)?,
-            };
+            let goal = hole_goal(fs, ino, logical, near)?;
             mapping::allocate(fs, goal, count)
         })?;
         for &(start, len) in &runs {
@@ -449,26 +443,11 @@ impl Transactions {
     }
 
     fn ensure_room(&mut self, fs: &mut Filesystem, ino: Ino, count: u64) -> Result<()> {
-        let free = |fs: &mut Filesystem| {
-            // SAFETY: open filesystem; reads its in-memory superblock.
-            unsafe { sys::ext2fs_free_blocks_count((*fs.raw()).super_) }
-        };
-        if free(fs) >= count + self.reserve() {
+        if self.room_for(fs, count).is_ok() {
             return Ok(());
         }
         self.link_pending(fs, ino)?;
-        if free(fs) >= count + self.reserve() {
-            return Ok(());
-        }
-        Err(Error::other(
-            Errno::ENOSPC,
-            format!(
-                "no space left: {} blocks free, {count} wanted, {} kept for the filesystem's own \
-                 metadata",
-                free(fs),
-                self.reserve()
-            ),
-        ))
+        self.room_for(fs, count)
     }
 
     /// Links everything pending for `ino` into its tree (see
@@ -723,6 +702,16 @@ impl Transactions {
             Mode::Journal(log) => log.shutdown(&self.cache),
             Mode::Ordered(ordered) => ordered.shutdown(&self.cache),
         }
+    }
+}
+
+/// Where new blocks for file block `logical` of `ino` go: `near` (a
+/// neighbour the caller knows, else after the last run pending for the
+/// file), else libext2fs's goal for the block.
+fn hole_goal(fs: &mut Filesystem, ino: Ino, logical: u64, near: Option<u64>) -> Result<u64> {
+    match near {
+        Some(goal) => Ok(goal),
+        None => mapping::goal_for(fs, ino, logical),
     }
 }
 
