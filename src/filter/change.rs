@@ -15,7 +15,7 @@ use crate::filter::file::ServedFile;
 use crate::filter::shared::Shared;
 use crate::filter::unlinked::{MapChanges, OverlaidMap, TreeWindow};
 use crate::image::Image;
-use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
+use crate::nbdkit::report::{ext2_debug_map, nbd_debug, nbd_error};
 
 /// The most blocks one change links into a hole: even if each lands in an
 /// extent of its own, their tree nodes and bitmaps stay well inside the
@@ -158,8 +158,9 @@ impl ServedFile {
         };
         if let Err(e) = write_runs(&shared.image, &runs, &buf, bs) {
             if let Err(undo) = shared.abandon_hole(&runs) {
-                nbd_debug!(
-                    ext2_debug_map,
+                // They stay allocated in memory only (commits write them
+                // as free): lost to this server until it restarts.
+                nbd_error!(
                     "{}: freeing blocks {runs:?} whose write failed: {undo}",
                     self.path
                 );
