@@ -146,10 +146,7 @@ impl ServedFile {
         if count > HOLE_CHUNK_BLOCKS {
             return Ok(None);
         }
-        let before = blocks
-            .start
-            .checked_sub(1)
-            .map(|block| window.pieces(block * bs, 1)[0].content);
+        let before = content_before(window, blocks.start);
         let near = placement(map, before, blocks.start, bs);
         let runs = match shared.reserve_hole(self.ino, blocks.start, count, near) {
             Ok(runs) => runs,
@@ -197,10 +194,7 @@ impl ServedFile {
         // a commit flushes the plugin before it makes the link durable), so
         // the file never exposes what they held before.
         let write_runs = |image: &Image, runs: &BlockRuns| write_runs(image, runs, buf, bs);
-        let before = blocks
-            .start
-            .checked_sub(1)
-            .map(|block| window.pieces(block * bs, 1)[0].content);
+        let before = content_before(window, blocks.start);
         let runs = if self.fills_concurrently() {
             let near = placement(map, before, blocks.start, bs);
             let (runs, tree_changed) =
@@ -333,6 +327,14 @@ fn physical_cluster(map: &FileMap, cluster: u64, ratio: u64) -> Option<u64> {
             }
             Content::Hole => None,
         })
+}
+
+/// What the window says of the file block before `logical`, if any.
+fn content_before(window: &FileMap, logical: u64) -> Option<Content> {
+    let bs = window.block_size();
+    logical
+        .checked_sub(1)
+        .map(|block| window.pieces(block * bs, 1)[0].content)
 }
 
 /// Where new blocks for file block `logical` go: after the block before
