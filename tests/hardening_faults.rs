@@ -474,7 +474,10 @@ fn random_plugin_errors(which: &str, ext3: bool) {
             &strs(&args(&image, &["--filter=error"], &params)),
         );
         let model = Arc::new(Mutex::new(ByteModel::new(vec![0; SPARSE_LEN as usize])));
-        let deadline = Instant::now() + stress_secs(4);
+        // Long enough for a few hundred requests, so that a 10 % error rate
+        // injects some: under valgrind a request takes some 50 times longer.
+        let secs = if common::valgrind_enabled() { 40 } else { 4 };
+        let deadline = Instant::now() + stress_secs(secs);
         let writers = 4u64;
         let share = SPARSE_LEN / writers;
         // Connected before the errors start: opening is tested elsewhere.
