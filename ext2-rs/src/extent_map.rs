@@ -6,6 +6,7 @@
 //! contiguous file of any size costs one entry.
 
 use std::cmp::{max, min};
+use std::ops::Range;
 
 /// One run of file blocks stored contiguously in the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +24,18 @@ pub struct Extent {
 impl Extent {
     pub fn end(&self) -> u64 {
         self.logical + self.len
+    }
+
+    /// The part of the extent inside file blocks `blocks`, if any.
+    pub fn clipped_to(&self, blocks: &Range<u64>) -> Option<Extent> {
+        let from = self.logical.max(blocks.start);
+        let to = self.end().min(blocks.end);
+        (from < to).then(|| Extent {
+            logical: from,
+            physical: self.physical + (from - self.logical),
+            len: to - from,
+            unwritten: self.unwritten,
+        })
     }
 
     /// Runs of image blocks `(physical, len)` laid out in file order from

@@ -240,16 +240,7 @@ fn clipped(extents: &[Extent], blocks: Range<u64>) -> impl Iterator<Item = Exten
     extents[first..]
         .iter()
         .take_while(move |e| e.logical < blocks.end)
-        .map(move |e| {
-            let from = e.logical.max(blocks.start);
-            let to = e.end().min(blocks.end);
-            Extent {
-                logical: from,
-                physical: e.physical + (from - e.logical),
-                len: to - from,
-                unwritten: e.unwritten,
-            }
-        })
+        .filter_map(move |e| e.clipped_to(&blocks))
 }
 
 #[cfg(test)]

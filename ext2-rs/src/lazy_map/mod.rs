@@ -389,16 +389,7 @@ impl LazyMap {
         self.extents(blocks.clone(), &mut extents)?;
         let clipped = extents
             .iter()
-            .filter_map(|e| {
-                let from = e.logical.max(blocks.start);
-                let to = e.end().min(blocks.end);
-                (from < to).then(|| Extent {
-                    logical: from,
-                    physical: e.physical + (from - e.logical),
-                    len: to - from,
-                    unwritten: e.unwritten,
-                })
-            })
+            .filter_map(|e| e.clipped_to(&blocks))
             .collect();
         FileMap::new(self.block_size() as u32, clipped).map_err(|why| self.damaged(why))
     }
