@@ -771,3 +771,87 @@ sys.stdout.buffer.write(model)
     );
     e2fsck_clean(&image);
 }
+
+/// More writes into holes than wait unlinked at most (8192), twice over: the writer
+/// that reaches that many links them, the second time mostly into their leaves in
+/// place (the first split the full leaves `mke2fs` left), a batch at a time, while the
+/// other connections go on writing into holes and reading back what they wrote. Every
+/// byte stays right throughout, and after a flush and `kill -9` the image is clean and
+/// holds them all.
+#[test]
+fn holes_linked_in_place_while_others_write() {
+    let dir = TestDir::new("holes_linked_in_place_while_others_write");
+    // Data every 64th block: the tree has leaves from the start.
+    let content = |b: u64| ((b * 2654435761) % (1 << 32)) as u32;
+    let sparse = SparseFile {
+        len: 96 * MIB,
+        pieces: (0..24576u64)
+            .step_by(64)
+            .map(|b| (b * 4096, content(b).to_le_bytes().repeat(1024)))
+            .collect(),
+    };
+    let image = ImageBuilder::new(FsType::Ext4)
+        .block_size(4096)
+        .size(192 * MIB)
+        .sparse_file("/holes", &sparse)
+        .build(&dir, "fs.img");
+    let mut server = Server::start(
+        &dir,
+        &["-v", "-D", "ext2.map=1"],
+        &["file", image.to_str().unwrap(), "ext2file=/holes"],
+    );
+    let script = r#"
+import random
+handles = connect_all([URI] * 4)
+def content(b):
+    return (b * 2654435761 % 2**32).to_bytes(4, "little") * 1024
+blocks = [b for b in range(24576) if b % 64]
+random.Random(7).shuffle(blocks)
+model = bytearray(96 * 1024 * 1024)
+for b in range(0, 24576, 64):
+    model[b * 4096:(b + 1) * 4096] = content(b)
+
+def writer(k):
+    h = handles[k]
+    mine = blocks[k::4]
+    rng = random.Random(k)
+    for i, b in enumerate(mine):
+        h.pwrite(content(b), b * 4096)
+        model[b * 4096:(b + 1) * 4096] = content(b)
+        if i % 8 == 7:
+            # One written before, read back while links may be running.
+            old = mine[rng.randrange(i + 1)]
+            got = h.pread(4096, old * 4096)
+            assert got == content(old), "block %d reads back wrong" % old
+    h.flush()
+run_threads([lambda k=k: writer(k) for k in range(4)])
+for at in range(0, len(model), 16 << 20):
+    got = handles[1].pread(16 << 20, at)
+    assert got == model[at:at + (16 << 20)], "contents differ from the model"
+print("ok", flush=True)
+"#
+    .replace("URI", &format!("{:?}", server.uri()));
+    let out = python_with_prelude(&script, b"");
+    out.assert_success();
+    let log = server.log();
+    assert!(
+        log.contains("in place while"),
+        "test premise: no link was made in place:\n{}",
+        log.lines()
+            .filter(|l| l.contains("linked") || l.contains("error"))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    server.kill9();
+    e2fsck_clean(&image);
+    let dump = debugfs_dump(&image, "/holes");
+    for b in 0..24576u64 {
+        let at = (b * 4096) as usize;
+        assert_eq!(
+            dump[at..at + 4],
+            content(b).to_le_bytes(),
+            "block {b} is not in the image"
+        );
+    }
+}

@@ -6,6 +6,7 @@
 //! contiguous file of any size costs one entry.
 
 use std::cmp::{max, min};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 /// One run of file blocks stored contiguously in the image.
@@ -221,6 +222,108 @@ impl FileMap {
             }
         }
         self.extents.splice(from..to, window);
+    }
+}
+
+/// Extents of a file keyed by their first block, for a map that grows one
+/// extent at a time among thousands (a [`FileMap`] moves its whole tail
+/// for each): sorted, not overlapping, neighbours that continue each other
+/// merged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExtentSet {
+    extents: BTreeMap<u64, Extent>,
+}
+
+impl ExtentSet {
+    /// The set of `extents`, in any order; overlaps are an error.
+    pub fn new(block_size: u32, extents: Vec<Extent>) -> Result<ExtentSet, String> {
+        let map = FileMap::new(block_size, extents)?;
+        Ok(ExtentSet {
+            extents: map.extents.into_iter().map(|e| (e.logical, e)).collect(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.extents.len()
+    }
+
+    /// How many blocks the extents map.
+    pub fn blocks(&self) -> u64 {
+        self.extents.values().map(|e| e.len).sum()
+    }
+
+    /// All extents, in order.
+    pub fn to_vec(&self) -> Vec<Extent> {
+        self.extents.values().copied().collect()
+    }
+
+    /// The parts of the extents inside file blocks `blocks`, in order.
+    pub fn clipped(&self, blocks: Range<u64>) -> impl Iterator<Item = Extent> + '_ {
+        self.overlapping(blocks.clone())
+            .filter_map(move |e| e.clipped_to(&blocks))
+    }
+
+    /// The extents that map any of file blocks `blocks`, whole, in order.
+    fn overlapping(&self, blocks: Range<u64>) -> impl Iterator<Item = Extent> + '_ {
+        let straddling = self
+            .extents
+            .range(..blocks.start)
+            .next_back()
+            .map(|(_, e)| *e)
+            .filter(|e| e.end() > blocks.start);
+        let inside = self.extents.range(blocks).map(|(_, e)| *e);
+        straddling.into_iter().chain(inside)
+    }
+
+    /// Maps `e`'s blocks as `e` says, replacing whatever mapped them.
+    pub fn insert(&mut self, e: Extent) {
+        if e.len == 0 {
+            return;
+        }
+        let end = e.end();
+        // Whatever overlaps goes, but for its parts either side of `e`.
+        let overlapping: Vec<Extent> = self.overlapping(e.logical..end).collect();
+        for old in overlapping {
+            self.extents.remove(&old.logical);
+            if old.logical < e.logical {
+                let head = Extent {
+                    len: e.logical - old.logical,
+                    ..old
+                };
+                self.extents.insert(old.logical, head);
+            }
+            if old.end() > end {
+                let skip = end - old.logical;
+                let tail = Extent {
+                    logical: end,
+                    physical: old.physical + skip,
+                    len: old.len - skip,
+                    unwritten: old.unwritten,
+                };
+                self.extents.insert(end, tail);
+            }
+        }
+        let mut new = e;
+        if let Some((&start, prev)) = self.extents.range(..new.logical).next_back() {
+            if prev.continued_by(&new) {
+                new = Extent {
+                    len: prev.len + new.len,
+                    ..*prev
+                };
+                self.extents.remove(&start);
+            }
+        }
+        if let Some(next) = self.extents.get(&new.end()).copied() {
+            if new.continued_by(&next) {
+                new.len += next.len;
+                self.extents.remove(&next.logical);
+            }
+        }
+        self.extents.insert(new.logical, new);
     }
 }
 
@@ -508,5 +611,49 @@ mod tests {
             FileMap::new(1024, vec![ext(0, 10, 3), ext(5, 30, 3), ext(9, 50, 3)]).unwrap();
         map.replace_range(1, 10, &[ext(1, 11, 2)]);
         assert_eq!(map.extents(), &[ext(0, 10, 3), ext(10, 51, 2)]);
+    }
+
+    #[test]
+    fn an_extent_set_merges_neighbours_and_replaces_what_it_covers() {
+        let e = |logical, physical, len| Extent {
+            logical,
+            physical,
+            len,
+            unwritten: false,
+        };
+        let mut set = ExtentSet::new(1024, vec![e(10, 100, 5)]).unwrap();
+        set.insert(e(15, 105, 2));
+        set.insert(e(5, 95, 5));
+        assert_eq!(set.to_vec(), vec![e(5, 95, 12)], "merged both ways");
+        set.insert(e(8, 500, 2));
+        assert_eq!(
+            set.to_vec(),
+            vec![e(5, 95, 3), e(8, 500, 2), e(10, 100, 7)],
+            "split around what replaced its middle"
+        );
+        set.insert(e(6, 900, 6));
+        assert_eq!(set.to_vec(), vec![e(5, 95, 1), e(6, 900, 6), e(12, 102, 5)]);
+        assert_eq!(
+            set.clipped(7..13).collect::<Vec<_>>(),
+            vec![e(7, 901, 5), e(12, 102, 1)]
+        );
+        assert_eq!(set.clipped(0..5).count(), 0);
+        assert_eq!(set.len(), 3);
+        let mut as_map = FileMap::new(1024, Vec::new()).unwrap();
+        let mut as_set = ExtentSet::default();
+        let mut rng = crate::testing::Rng::new(3);
+        for _ in 0..500 {
+            let logical = rng.next_u64() % 200;
+            let len = 1 + rng.next_u64() % 8;
+            let physical = if rng.next_u64() % 2 == 0 {
+                logical + 1000
+            } else {
+                rng.next_u64() % 5000
+            };
+            as_map.replace_range(logical, logical + len, &[e(logical, physical, len)]);
+            as_set.insert(e(logical, physical, len));
+            assert_eq!(as_set.to_vec(), as_map.extents(), "as a FileMap does it");
+        }
+        assert!(ExtentSet::new(1024, vec![e(1, 2, 3), e(2, 9, 1)]).is_err());
     }
 }

@@ -215,7 +215,6 @@ impl Filesystem {
         }
         let block = sb.s_mmp_block;
         let first = u64::from(sb.s_first_data_block);
-        let metadata_csum = sb.s_feature_ro_compat & sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM != 0;
         let interval = match u64::from(sb.s_mmp_update_interval) {
             0 => u64::from(sys::EXT4_MMP_UPDATE_INTERVAL),
             n => n.min(u64::from(sys::EXT4_MMP_MAX_UPDATE_INTERVAL)),
@@ -226,14 +225,11 @@ impl Filesystem {
                 format!("multi-mount protection: invalid MMP block {block} in the superblock"),
             ));
         }
-        let raw = fs.raw();
-        // SAFETY: a plain field of an open filesystem.
-        let seed = unsafe { (*raw).csum_seed };
         Ok(Some(MmpConfig {
             block,
             block_size: fs.block_size(),
             update_interval: interval,
-            checksum_seed: metadata_csum.then_some(seed),
+            checksum_seed: fs.metadata_csum_seed(),
         }))
     }
 
@@ -352,6 +348,40 @@ impl Filesystem {
     /// The raw handle, for the sibling modules that walk and change maps.
     pub(crate) fn raw(&mut self) -> sys::ext2_filsys {
         self.fs
+    }
+
+    /// Reads image block `block` into `buf` (one block) as libext2fs
+    /// reads it: through the filesystem's io channel.
+    pub(crate) fn read_block(&mut self, block: u64, buf: &mut [u8]) -> Result<()> {
+        assert_eq!(buf.len(), self.block_size() as usize, "one block");
+        // SAFETY: open filesystem; `buf` holds exactly one block.
+        let code =
+            unsafe { sys::io_channel_read_blk64((*self.fs).io, block, 1, buf.as_mut_ptr().cast()) };
+        check(code, || format!("reading block {block}"))
+    }
+
+    /// Writes `buf` (one block) to image block `block` through the io
+    /// channel, as libext2fs writes metadata.
+    pub(crate) fn write_block(&mut self, block: u64, buf: &[u8]) -> Result<()> {
+        assert_eq!(buf.len(), self.block_size() as usize, "one block");
+        // SAFETY: open filesystem; `buf` holds exactly one block, which the
+        // channel only reads.
+        let code =
+            unsafe { sys::io_channel_write_blk64((*self.fs).io, block, 1, buf.as_ptr().cast()) };
+        check(code, || format!("writing block {block}"))
+    }
+
+    /// The seed of every metadata checksum (`s_checksum_seed`, or the CRC32C
+    /// of the UUID), or `None` without `metadata_csum`.
+    pub fn metadata_csum_seed(&self) -> Option<u32> {
+        let sb = self.super_block();
+        (sb.s_feature_ro_compat & sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM != 0).then(|| {
+            if sb.s_feature_incompat & sys::EXT4_FEATURE_INCOMPAT_CSUM_SEED != 0 {
+                sb.s_checksum_seed
+            } else {
+                crate::crc::crc32c(!0, &sb.s_uuid)
+            }
+        })
     }
 
     pub(crate) fn read_inode_raw(&mut self, ino: Ino) -> Result<sys::ext2_inode> {

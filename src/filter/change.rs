@@ -4,6 +4,7 @@
 //! (a [`FileMap`] of the blocks the request touches) that it keeps up to
 //! date for the rest of the request.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use ext2_rs::error::Errno;
@@ -26,14 +27,23 @@ impl ServedFile {
     /// The whole blocks a piece touches, and a buffer for them holding the
     /// piece's bytes with zeroes around them (the rest of a newly used block
     /// must read back as zeroes, never as what the image held there before).
-    fn padded_blocks(&self, map: &FileMap, piece: &Piece, bytes: &[u8]) -> (Range<u64>, Vec<u8>) {
+    /// (A piece of whole blocks is its own buffer.)
+    fn padded_blocks<'a>(
+        &self,
+        map: &FileMap,
+        piece: &Piece,
+        bytes: &'a [u8],
+    ) -> (Range<u64>, Cow<'a, [u8]>) {
         let bs = map.block_size();
         let first = piece.file_offset / bs;
         let end = (piece.file_offset + piece.len).div_ceil(bs);
+        if piece.file_offset % bs == 0 && piece.len % bs == 0 {
+            return (first..end, Cow::Borrowed(bytes));
+        }
         let mut buf = vec![0u8; ((end - first) * bs) as usize];
         let at = (piece.file_offset - first * bs) as usize;
         buf[at..at + bytes.len()].copy_from_slice(bytes);
-        (first..end, buf)
+        (first..end, Cow::Owned(buf))
     }
 
     /// Allocates blocks for a hole, fills them, then links them to the
@@ -164,16 +174,16 @@ impl ServedFile {
             }
             return Err(e);
         }
-        let waiting = shared.hole_filled(self.ino, blocks.start, &runs)?;
         let extents = Extent::written_runs(blocks.start, &runs);
-        map.add_unlinked(&extents);
+        shared.hole_filled(self.ino, blocks.start, runs);
+        let waiting = map.add_unlinked(&extents);
         window.replace_range(blocks.start, blocks.end, &extents);
         nbd_debug!(
             ext2_debug_map,
             "{}: allocated blocks {:?} at {:?}",
             self.path,
             blocks,
-            runs
+            extents
         );
         Ok(Some(waiting))
     }
@@ -202,8 +212,10 @@ impl ServedFile {
                     let runs = mapping::allocate(fs, goal, count)?;
                     write_runs(image, &runs)?;
                     Ok(runs)
-                })?;
+                });
+            // Even if the fill failed: links made to find room changed it.
             changes.tree |= tree_changed;
+            let runs = runs?;
             changes
                 .unlinked
                 .extend(Extent::written_runs(blocks.start, &runs));

@@ -24,6 +24,7 @@ use crate::filter::coalesce;
 use crate::filter::ranges::BlockRanges;
 use crate::filter::shared::Shared;
 use crate::filter::unlinked::{MapChanges, OverlaidMap};
+use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
 use crate::pool;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::{Content, FileMap, Piece};
@@ -50,7 +51,23 @@ pub struct ServedFile {
     filling: AtomicBool,
     /// The blocks writers sharing the map fill (`filter::ranges`).
     pub(super) ranges: BlockRanges,
+    /// A writer is linking writes into holes in place
+    /// ([`ServedFile::link_in_place`]): others need not.
+    linking: AtomicBool,
 }
+
+/// The one writer of a file linking its writes into holes, until dropped.
+struct Linker<'a>(&'a AtomicBool);
+
+impl Drop for Linker<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Extents one change links in place (see [`ServedFile::link_in_place`]):
+/// the library lock is let go of between changes, so writers go on.
+const IN_PLACE_BATCH: usize = 128;
 
 /// How a range of the file reads, for block status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +105,7 @@ impl ServedFile {
             read_only,
             map: RwLock::new(OverlaidMap::new(map)),
             filling: AtomicBool::new(false),
+            linking: AtomicBool::new(false),
             ranges: BlockRanges::default(),
         }
     }
@@ -163,9 +181,19 @@ impl ServedFile {
         if let Some(why) = &self.read_only {
             return Err(Error::other(Errno::EROFS, why.clone()));
         }
+        let end_block = (offset + data.len() as u64).div_ceil(u64::from(shared.block_size));
+        if self.layout == Layout::Extents && end_block > 1 << 32 {
+            // Only a damaged size reaches here: blocks allocated there could
+            // never be linked.
+            return Err(Error::other(
+                Errno::EFBIG,
+                "writing past the 2^32 blocks an extent tree maps",
+            ));
+        }
         if self.fills_concurrently() {
-            // One look at the tree serves both the check and the fill: the
-            // tree cannot change while the map is held shared.
+            // One look at the tree serves both the check and the fill:
+            // while the map is held shared the tree changes only by leaves
+            // gaining extents the overlay shows too (`link_in_place`).
             let map = self.map_shared()?;
             let blocks = self.window_blocks(map.block_size(), offset, data.len() as u64);
             let tree = map.tree_window(blocks)?;
@@ -182,10 +210,17 @@ impl ServedFile {
             if !unwritten {
                 let filled = self.fill_holes_shared(shared, &map, &tree, data, offset, fua)?;
                 if let Some(waiting) = filled {
+                    let linker = if waiting >= LINK_AT {
+                        self.link_in_place(shared, &map)?
+                    } else {
+                        None
+                    };
+                    // Let go of the map before anything takes it alone.
                     drop(map);
-                    if waiting >= LINK_AT {
+                    if linker.is_some() {
                         self.link_unlinked(shared)?;
                     }
+                    drop(linker);
                     if fua {
                         shared.flush()?;
                     }
@@ -265,9 +300,59 @@ impl ServedFile {
         if !map.has_unlinked() {
             return Ok(());
         }
-        let linked = shared.link_pending(self.ino);
-        let changes = MapChanges::tree_changed();
+        let waiting = map.unlinked_blocks();
+        let (changes, linked) = match shared.link_pending(self.ino) {
+            // The map knew of every link made before (its overlay held
+            // just what was pending): it may keep the nodes not rewritten.
+            Ok(linked) if linked.blocks == waiting => {
+                (MapChanges::tree_rewrote(linked.rewritten), Ok(()))
+            }
+            Ok(linked) => {
+                nbd_debug!(
+                    ext2_debug_map,
+                    "{}: {} blocks were linked unseen: reading the whole tree again",
+                    self.path,
+                    waiting.saturating_sub(linked.blocks)
+                );
+                (MapChanges::tree_changed(), Ok(()))
+            }
+            Err(e) => (MapChanges::tree_changed(), Err(e)),
+        };
         self.after_change(shared, &mut map, changes, linked)
+    }
+
+    /// Links the writes into holes that wait and go into their leaves in
+    /// place, holding `map` only shared, a batch per change: the other
+    /// writers of the file go on meanwhile (a tree that keeps its shape and
+    /// nodes can be walked while its leaves gain extents the overlay also
+    /// shows).  What needs the tree reshaped waits for
+    /// [`ServedFile::link_unlinked`], which also has the map follow: the
+    /// caller's next step, while it holds the [`Linker`] returned.  One
+    /// writer at a time does this; for the others it returns `None` at
+    /// once, and they go on writing.
+    fn link_in_place(&self, shared: &Shared, map: &OverlaidMap) -> Result<Option<Linker<'_>>> {
+        if self.linking.swap(true, Ordering::Acquire) {
+            return Ok(None);
+        }
+        let linker = Linker(&self.linking);
+        let mut from = Some(0);
+        let mut blocks = 0;
+        while let Some(at) = from {
+            let (linked, next) = shared.link_in_place_some(self.ino, at, IN_PLACE_BATCH)?;
+            // A batch none of which fits (a tree still in the inode, say):
+            // the rest are left to the exclusive link too.
+            from = next.filter(|_| linked.blocks > 0);
+            blocks += linked.blocks;
+            map.note_linked(linked);
+        }
+        if blocks > 0 {
+            nbd_debug!(
+                ext2_debug_map,
+                "{}: linked {blocks} blocks of writes into holes in place while writes went on",
+                self.path
+            );
+        }
+        Ok(Some(linker))
     }
 
     /// Block status of `[offset, offset + len)`, as runs of like status.

@@ -34,7 +34,7 @@ use ext2_rs::lazy_map::{LazyMap, MapSource};
 use ext2_rs::mapping::BlockRuns;
 use ext2_rs::mmp::Protection;
 use ext2_rs::policy::Verdict;
-use ext2_rs::txn::{Durability, Transactions};
+use ext2_rs::txn::{Durability, Linked, Transactions};
 use ext2_rs::{Filesystem, Ino};
 
 /// The filesystem and, when it is writable, its running transaction:
@@ -66,6 +66,18 @@ pub struct Shared {
     /// Read-only from the start until the first writable connection has
     /// re-opened the filesystem read-write ([`opening::reopen_writable`]).
     writable: AtomicBool,
+    /// Writes into holes whose data is in ([`Shared::hole_filled`]), for
+    /// the transactions to take at the next lock of the filesystem: a
+    /// write needs the library lock once, not twice.
+    filled: Mutex<Vec<Filled>>,
+}
+
+/// Blocks `runs` reserved for file blocks from `logical` of `ino` now
+/// hold their data.
+struct Filled {
+    ino: Ino,
+    logical: u64,
+    runs: BlockRuns,
 }
 
 /// What a change's closure works with: the filesystem, and the image for
@@ -119,6 +131,7 @@ impl Shared {
             committer: Committer::default(),
             files: Mutex::new(HashMap::new()),
             writable: AtomicBool::new(false),
+            filled: Mutex::new(Vec::new()),
         })
     }
 
@@ -163,8 +176,20 @@ impl Shared {
                 );
             }
         }
-        MutexGuard::try_map(guard, Option::as_mut)
-            .map_err(|_| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))
+        let mut state = MutexGuard::try_map(guard, Option::as_mut)
+            .map_err(|_| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))?;
+        self.hand_over_filled(&mut state);
+        Ok(state)
+    }
+
+    /// Gives the transactions the writes into holes filled since the last
+    /// lock: from now on they wait to be linked, not in flight.
+    fn hand_over_filled(&self, state: &mut FsState) {
+        if let Some(tx) = state.tx.as_mut() {
+            for Filled { ino, logical, runs } in self.filled.lock().drain(..) {
+                tx.hole_filled(ino, logical, &runs);
+            }
+        }
     }
 
     /// Takes the libext2fs lock, to read the filesystem (changes go through
@@ -185,7 +210,11 @@ impl Shared {
     pub fn shutdown(&self) {
         self.committer.stop();
         let linked = self.link_all_files();
-        if let Some(FsState { mut fs, tx }) = self.state.lock().take() {
+        let mut state = self.state.lock();
+        if let Some(state) = state.as_mut() {
+            self.hand_over_filled(state);
+        }
+        if let Some(FsState { mut fs, tx }) = state.take() {
             if let Some(mut tx) = tx {
                 if let Err(e) = linked.and_then(|()| tx.shutdown(&mut fs)) {
                     nbd_error!(
@@ -335,9 +364,10 @@ impl Shared {
     /// are linked into the file's tree later (see
     /// `Transactions::fill_hole`), the caller's map serving them until
     /// then.  `near` is a goal the caller knows from a neighbour.  Also
-    /// says whether the file's tree changed meanwhile (enough writes were
-    /// waiting to be linked then): the caller holds the file's map lock
-    /// exclusively, and reads the tree again if so.
+    /// says whether the file's tree changed meanwhile (writes waiting to
+    /// be linked were, to make room or because enough waited), failed or
+    /// not: the caller holds the file's map lock exclusively, and reads the
+    /// tree again if so.
     pub fn fill_hole(
         &self,
         ino: Ino,
@@ -345,14 +375,17 @@ impl Shared {
         count: u64,
         near: Option<u64>,
         fill: impl FnOnce(&mut Filesystem, &Image, u64) -> Result<BlockRuns>,
-    ) -> Result<(BlockRuns, bool)> {
-        self.with_transactions(|fs, tx, image| {
+    ) -> (Result<BlockRuns>, bool) {
+        let mut tree_changed = false;
+        let runs = self.with_transactions(|fs, tx, image| {
             let links = tx.links_made();
             let runs = tx.fill_hole(fs, ino, logical, count, near, |fs, goal| {
                 fill(fs, image, goal)
-            })?;
-            Ok((runs, tx.links_made() != links))
-        })
+            });
+            tree_changed = tx.links_made() != links;
+            runs
+        });
+        (runs, tree_changed)
     }
 
     /// Allocates `count` blocks for a hole of extent file `ino` (not
@@ -372,9 +405,10 @@ impl Shared {
     }
 
     /// The data of `runs` from [`Shared::reserve_hole`] is written: they
-    /// wait to be linked.  Returns how many extents of `ino` wait.
-    pub fn hole_filled(&self, ino: Ino, logical: u64, runs: &BlockRuns) -> Result<usize> {
-        self.with_transactions(|_, tx, _| Ok(tx.hole_filled(ino, logical, runs)))
+    /// wait to be linked, from the next time the filesystem is locked (the
+    /// caller lays them over the file's map meanwhile).
+    pub fn hole_filled(&self, ino: Ino, logical: u64, runs: BlockRuns) {
+        self.filled.lock().push(Filled { ino, logical, runs });
     }
 
     /// The data of `runs` from [`Shared::reserve_hole`] could not be
@@ -395,14 +429,29 @@ impl Shared {
 
     /// Links the writes into holes of `ino` that wait, into its tree; the
     /// caller holds the file's map lock exclusively (and reads the tree
-    /// again after, whatever the outcome).
-    pub fn link_pending(&self, ino: Ino) -> Result<()> {
+    /// again after, whatever the outcome), and learns which tree blocks
+    /// changed.
+    pub fn link_pending(&self, ino: Ino) -> Result<Linked> {
         let mut state = self.lock_state()?;
         let FsState { fs, tx } = &mut *state;
         match tx {
-            Some(tx) => tx.link_pending(fs, ino),
-            None => Ok(()),
+            Some(tx) => tx.link_pending_noting_writes(fs, ino),
+            None => Ok(Linked::default()),
         }
+    }
+
+    /// Links, as one change, those of up to `max` writes into holes of
+    /// `ino` waiting from file block `from` on that go into their leaves
+    /// in place (see `Transactions::link_in_place_some`); the caller may
+    /// hold the file's map only shared.  Returns what was linked and where
+    /// to go on from (`None`: done, or the filesystem cannot link so).
+    pub fn link_in_place_some(
+        &self,
+        ino: Ino,
+        from: u64,
+        max: usize,
+    ) -> Result<(Linked, Option<u64>)> {
+        self.with_transactions(|fs, tx, _| tx.link_in_place_some(fs, ino, from, max))
     }
 
     /// Links every file's pending writes: each served file's under its map

@@ -15,8 +15,9 @@ use std::ops::Range;
 use parking_lot::Mutex;
 
 use ext2_rs::error::{Errno, Error, Result};
-use ext2_rs::extent_map::{pieces_in, Extent, FileMap, Piece};
+use ext2_rs::extent_map::{pieces_in, Extent, ExtentSet, FileMap, Piece};
 use ext2_rs::lazy_map::LazyMap;
+use ext2_rs::txn::Linked;
 
 /// How far from a new block the map looks for a neighbour to place it
 /// next to, in blocks, either side.
@@ -28,7 +29,12 @@ pub struct OverlaidMap {
     /// holding the map shared (each into holes of its own: see
     /// `ServedFile::write`); it is replaced only under the map's exclusive
     /// lock.
-    unlinked: Mutex<FileMap>,
+    unlinked: Mutex<ExtentSet>,
+    /// Links made in place while the map was held shared (see
+    /// `ServedFile::link_in_place`), which the map has not followed yet:
+    /// their blocks are still in the overlay, and the leaves they rewrote
+    /// may be cached as they were.
+    unfollowed: Mutex<Linked>,
 }
 
 /// What changes to a file's map did while its lock was held, so that the
@@ -37,6 +43,9 @@ pub struct OverlaidMap {
 pub struct MapChanges {
     /// The tree changed (or may have): read it again, and the overlay too.
     pub tree: bool,
+    /// If known, the only tree blocks that changed: the others read so
+    /// far are kept.
+    pub rewritten: Option<Vec<u64>>,
     /// Blocks written into holes, not linked: added to the overlay.
     pub unlinked: Vec<Extent>,
 }
@@ -46,6 +55,15 @@ impl MapChanges {
     pub fn tree_changed() -> MapChanges {
         MapChanges {
             tree: true,
+            ..MapChanges::default()
+        }
+    }
+
+    /// The tree changed in blocks `rewritten` only.
+    pub fn tree_rewrote(rewritten: Vec<u64>) -> MapChanges {
+        MapChanges {
+            tree: true,
+            rewritten: Some(rewritten),
             unlinked: Vec::new(),
         }
     }
@@ -77,10 +95,10 @@ pub fn written_extents(triples: &[(u64, u64, u64)]) -> Vec<Extent> {
 
 impl OverlaidMap {
     pub fn new(tree: LazyMap) -> OverlaidMap {
-        let block_size = tree.block_size() as u32;
         OverlaidMap {
             tree,
-            unlinked: Mutex::new(FileMap::new(block_size, Vec::new()).expect("an empty map")),
+            unlinked: Mutex::new(ExtentSet::default()),
+            unfollowed: Mutex::new(Linked::default()),
         }
     }
 
@@ -94,7 +112,20 @@ impl OverlaidMap {
 
     /// Whether blocks written into holes wait to be linked.
     pub fn has_unlinked(&self) -> bool {
-        !self.unlinked.lock().extents().is_empty()
+        !self.unlinked.lock().is_empty()
+    }
+
+    /// How many blocks the overlay maps that are not linked yet (as far as
+    /// the map knows).
+    pub fn unlinked_blocks(&self) -> u64 {
+        let unfollowed = self.unfollowed.lock().blocks;
+        self.unlinked.lock().blocks().saturating_sub(unfollowed)
+    }
+
+    /// Notes links made in place while the map is held shared: the next
+    /// [`OverlaidMap::follow`] takes them into account.
+    pub fn note_linked(&self, linked: Linked) {
+        self.unfollowed.lock().add(linked);
     }
 
     /// Reads the tree again (see [`LazyMap::reload`]).
@@ -104,17 +135,19 @@ impl OverlaidMap {
 
     /// Replaces the overlay: `extents` are all the file's unlinked blocks.
     pub fn set_unlinked(&mut self, extents: Vec<Extent>) -> Result<()> {
-        *self.unlinked.get_mut() = FileMap::new(self.block_size() as u32, extents)
+        *self.unlinked.get_mut() = ExtentSet::new(self.block_size() as u32, extents)
             .map_err(|why| Error::other(Errno::EIO, format!("blocks written into holes: {why}")))?;
         Ok(())
     }
 
-    /// Adds blocks written into holes of the tree.
-    pub fn add_unlinked(&self, extents: &[Extent]) {
+    /// Adds blocks written into holes of the tree; returns how many
+    /// extents the overlay holds.
+    pub fn add_unlinked(&self, extents: &[Extent]) -> usize {
         let mut unlinked = self.unlinked.lock();
         for e in extents {
-            unlinked.replace_range(e.logical, e.end(), &[*e]);
+            unlinked.insert(*e);
         }
+        unlinked.len()
     }
 
     /// Follows what a change of the file did: the tree read again and the
@@ -126,13 +159,19 @@ impl OverlaidMap {
         unlinked: impl FnOnce() -> Result<Vec<Extent>>,
     ) -> Result<()> {
         if changes.tree {
-            let reloaded = self.reload();
+            let unfollowed = std::mem::take(self.unfollowed.get_mut());
+            let reloaded = match changes.rewritten {
+                Some(mut blocks) => {
+                    blocks.extend(unfollowed.rewritten);
+                    self.tree.reload_except(&blocks)
+                }
+                None => self.reload(),
+            };
             let overlay = unlinked().and_then(|extents| self.set_unlinked(extents));
             if overlay.is_err() {
                 // Only a server shutting down cannot say: nothing is
                 // served from here on.
-                *self.unlinked.get_mut() =
-                    FileMap::new(self.block_size() as u32, Vec::new()).expect("empty");
+                *self.unlinked.get_mut() = ExtentSet::default();
             }
             return reloaded.and(overlay);
         }
@@ -146,7 +185,7 @@ impl OverlaidMap {
         let before = out.len();
         self.tree.extents(blocks.clone(), out)?;
         let overlay = self.unlinked.lock();
-        let mut unlinked = clipped(overlay.extents(), blocks).peekable();
+        let mut unlinked = overlay.clipped(blocks).peekable();
         if unlinked.peek().is_none() {
             return Ok(());
         }
@@ -198,7 +237,7 @@ impl OverlaidMap {
     /// `tree` with the overlay's blocks, as they are now, laid over it.
     pub fn overlaid(&self, tree: &TreeWindow) -> FileMap {
         let mut window = tree.map.clone();
-        for e in clipped(self.unlinked.lock().extents(), tree.blocks.clone()) {
+        for e in self.unlinked.lock().clipped(tree.blocks.clone()) {
             window.replace_range(e.logical, e.end(), &[e]);
         }
         window
@@ -232,15 +271,6 @@ impl OverlaidMap {
             reach = (reach * 8).min(NEIGHBOUR_SEARCH);
         }
     }
-}
-
-/// The parts of `extents` (sorted, not overlapping) inside `blocks`.
-fn clipped(extents: &[Extent], blocks: Range<u64>) -> impl Iterator<Item = Extent> + '_ {
-    let first = extents.partition_point(|e| e.end() <= blocks.start);
-    extents[first..]
-        .iter()
-        .take_while(move |e| e.logical < blocks.end)
-        .filter_map(move |e| e.clipped_to(&blocks))
 }
 
 #[cfg(test)]
@@ -301,8 +331,8 @@ mod tests {
         map.add_unlinked(&[extent(1, 9000, 1)]);
         map.add_unlinked(&[extent(2, 9001, 1)]);
         assert_eq!(
-            map.unlinked.lock().extents(),
-            &[extent(1, 9000, 2)],
+            map.unlinked.lock().to_vec(),
+            vec![extent(1, 9000, 2)],
             "merged"
         );
         let mut pieces = Vec::new();
@@ -328,6 +358,7 @@ mod tests {
             MapChanges {
                 tree: true,
                 unlinked: vec![extent(40, 1, 1)],
+                ..MapChanges::default()
             },
             || Ok(vec![extent(2, 9001, 1)]),
         )
@@ -339,13 +370,13 @@ mod tests {
         );
         map.follow(
             MapChanges {
-                tree: false,
                 unlinked: vec![extent(3, 9002, 1)],
+                ..MapChanges::default()
             },
             || panic!("the tree did not change"),
         )
         .unwrap();
-        assert_eq!(map.unlinked.lock().extents(), &[extent(2, 9001, 2)]);
+        assert_eq!(map.unlinked.lock().to_vec(), vec![extent(2, 9001, 2)]);
     }
 
     #[test]

@@ -146,31 +146,6 @@ impl MapCache {
         self.contains(key) || self.loading.lock().contains(key)
     }
 
-    /// Whether at least `needed` of `keys` are neither cached nor being
-    /// read: one look at the table for all of them, stopping as soon as
-    /// the answer is known (a random reader asks this of every lookup).
-    pub fn unknown_at_least(
-        &self,
-        keys: impl ExactSizeIterator<Item = NodeKey>,
-        needed: usize,
-    ) -> bool {
-        // In `claim`'s order: the loading set, then the table.
-        let loading = self.loading.lock();
-        let table = self.table.read();
-        let mut left = keys.len();
-        let mut unknown = 0;
-        for key in keys {
-            if unknown >= needed || left < needed - unknown {
-                break;
-            }
-            left -= 1;
-            if !table.slots.contains_key(&key) && !loading.contains(&key) {
-                unknown += 1;
-            }
-        }
-        unknown >= needed
-    }
-
     /// Claims `key` for reading: `false` if it is cached or someone else
     /// is reading it.  The claimer calls [`MapCache::release`] when done.
     pub fn claim(&self, key: NodeKey) -> bool {
@@ -239,6 +214,36 @@ impl MapCache {
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Moves map `map`'s nodes cached for epoch `from` to epoch `to`,
+    /// those of the blocks `keep` accepts, in their place in the clock;
+    /// the others are dropped.
+    pub fn carry_over(&self, map: u64, from: u64, to: u64, keep: impl Fn(u64) -> bool) {
+        let mut table = self.table.write();
+        let Table {
+            slots,
+            clock,
+            bytes,
+        } = &mut *table;
+        let mut swept = VecDeque::with_capacity(clock.len());
+        for key in clock.drain(..) {
+            if key.map != map || key.epoch != from {
+                swept.push_back(key);
+                continue;
+            }
+            let Some(slot) = slots.remove(&key) else {
+                continue;
+            };
+            let moved = NodeKey { epoch: to, ..key };
+            if keep(key.block) && !slots.contains_key(&moved) {
+                slots.insert(moved, slot);
+                swept.push_back(moved);
+            } else {
+                *bytes -= slot.node.memory();
+            }
+        }
+        *clock = swept;
     }
 
     pub fn stats(&self) -> CacheStats {

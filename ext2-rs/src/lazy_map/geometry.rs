@@ -2,7 +2,6 @@
 //! it reads on its own, without libext2fs: block size and count, the blocks
 //! the filesystem keeps for itself, and how metadata checksums are seeded.
 
-use crate::crc::crc32c;
 use crate::error::{Errno, Error, Result};
 use crate::fs::{Filesystem, Ino};
 use crate::reserved::Reserved;
@@ -28,20 +27,12 @@ pub const MAX_EXTENT_DEPTH: u16 = 5;
 impl Geometry {
     pub fn new(fs: &Filesystem) -> Geometry {
         let sb = fs.super_block();
-        let csum_seed = (sb.s_feature_ro_compat & sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM != 0)
-            .then(|| {
-                if sb.s_feature_incompat & sys::EXT4_FEATURE_INCOMPAT_CSUM_SEED != 0 {
-                    sb.s_checksum_seed
-                } else {
-                    crc32c(!0, &sb.s_uuid)
-                }
-            });
         Geometry {
             block_size: u64::from(fs.block_size()),
             blocks_count: fs.blocks_count(),
             first_data_block: u64::from(sb.s_first_data_block),
             reserved: fs.reserved().clone(),
-            csum_seed,
+            csum_seed: fs.metadata_csum_seed(),
             inline_data: sb.s_feature_incompat & sys::EXT4_FEATURE_INCOMPAT_INLINE_DATA != 0,
             inode_size: u64::from(sb.s_inode_size).max(128),
             inodes_per_group: u64::from(sb.s_inodes_per_group),

@@ -339,6 +339,21 @@ impl LazyMap {
         Ok(())
     }
 
+    /// [`LazyMap::reload`] after a change that wrote only the map blocks
+    /// `rewritten` (and perhaps the inode): the nodes of every other block
+    /// read so far are kept.
+    pub fn reload_except(&mut self, rewritten: &[u64]) -> Result<()> {
+        let before = self.epoch;
+        self.reload()?;
+        let rewritten: std::collections::HashSet<u64> = rewritten.iter().copied().collect();
+        self.source
+            .cache
+            .carry_over(self.id, before, self.epoch, |block| {
+                !rewritten.contains(&block)
+            });
+        Ok(())
+    }
+
     fn check_fresh(&self) -> Result<()> {
         if self.stale {
             return Err(Error::other(
@@ -417,18 +432,22 @@ impl LazyMap {
         shape: Shape,
         before: Option<u64>,
     ) -> Result<Vec<Arc<Node>>> {
-        let reader = self.reader();
         let cache = &self.source.cache;
+        let key = |block| NodeKey {
+            map: self.id,
+            epoch: self.epoch,
+            block,
+        };
         let mut found: Vec<Option<Arc<Node>>> =
-            blocks.iter().map(|&b| cache.get(&reader.key(b))).collect();
+            blocks.iter().map(|&b| cache.get(&key(b))).collect();
         let in_order = blocks.len() > 1
-            || before.is_some_and(|b| cache.contains(&reader.key(b)))
-            || ahead.first().is_some_and(|&b| cache.known(&reader.key(b)));
+            || before.is_some_and(|b| cache.contains(&key(b)))
+            || ahead.first().is_some_and(|&b| cache.known(&key(b)));
         let mut mine: Vec<u64> = Vec::new();
         let mut theirs: Vec<u64> = Vec::new();
         for (slot, &b) in found.iter().zip(blocks) {
             if slot.is_none() {
-                if cache.claim(reader.key(b)) {
+                if cache.claim(key(b)) {
                     mine.push(b);
                 } else {
                     theirs.push(b);
@@ -438,21 +457,29 @@ impl LazyMap {
         let mut read_ahead: Vec<u64> = Vec::new();
         if in_order {
             let window = &ahead[..ahead.len().min(READ_AHEAD_NODES)];
-            // Read ahead once half the window is used up (or on a miss).
-            let needed = if mine.is_empty() {
-                window.len().div_ceil(2)
+            // Read ahead on a miss, or once the reader has used up half
+            // the window: when the sibling half a window ahead is not
+            // known.  (One look, not one per sibling: a random reader of a
+            // cached map asks this at every lookup.)
+            let due = if mine.is_empty() {
+                window
+                    .get(window.len() / 2)
+                    .is_some_and(|&b| !cache.known(&key(b)))
             } else {
-                1
+                !window.is_empty()
             };
-            let keys = window.iter().map(|&b| reader.key(b));
-            if !window.is_empty() && cache.unknown_at_least(keys, needed) {
+            if due {
                 read_ahead = window
                     .iter()
                     .copied()
-                    .filter(|&b| cache.claim(reader.key(b)))
+                    .filter(|&b| cache.claim(key(b)))
                     .collect();
             }
         }
+        if mine.is_empty() && read_ahead.is_empty() && theirs.is_empty() {
+            return Ok(found.into_iter().flatten().collect());
+        }
+        let reader = self.reader();
         match (&self.source.background, read_ahead.is_empty()) {
             (Some(spawn), false) => {
                 let behind = reader.clone();
@@ -533,7 +560,11 @@ impl LazyMap {
                     return Ok(());
                 }
                 let blocks: Vec<u64> = entries[first..last].iter().map(|e| e.child).collect();
-                let ahead: Vec<u64> = entries[last..].iter().map(|e| e.child).collect();
+                let ahead: Vec<u64> = entries[last..]
+                    .iter()
+                    .take(READ_AHEAD_NODES)
+                    .map(|e| e.child)
+                    .collect();
                 let before = first.checked_sub(1).map(|i| entries[i].child);
                 let child_depth = depth - 1;
                 let children =
@@ -627,6 +658,7 @@ impl LazyMap {
         let ahead: Vec<u64> = pointers[to..]
             .iter()
             .filter(|&&p| p != 0)
+            .take(READ_AHEAD_NODES)
             .map(|&p| u64::from(p))
             .collect();
         let before = pointers[..from]

@@ -170,7 +170,8 @@ impl MetaCache {
 
     /// Ends the change: `keep` merges its writes into the running
     /// transaction (those that change a block), otherwise they are dropped.
-    pub fn end_change(&self, keep: bool) {
+    /// Returns the blocks it wrote, if kept.
+    pub fn end_change(&self, keep: bool) -> Vec<u64> {
         let mut inner = self.inner.lock();
         inner.change_thread = None;
         if let Some(flags) = inner.fs_flags.take() {
@@ -191,13 +192,17 @@ impl MetaCache {
             }
         }
         let Some(overlay) = inner.overlay.take() else {
-            return;
+            return Vec::new();
         };
-        if keep {
-            for (block, data) in overlay {
-                inner.store(block, data);
-            }
+        if !keep {
+            return Vec::new();
         }
+        let mut written = Vec::with_capacity(overlay.len());
+        for (block, data) in overlay {
+            inner.store(block, data);
+            written.push(block);
+        }
+        written
     }
 
     /// Blocks of the running transaction.

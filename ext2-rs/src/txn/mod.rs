@@ -69,7 +69,27 @@ use touched::Touched;
 
 /// Extents waiting to be linked into one file's tree before a write into
 /// a hole links them all (the memory and the work of one linking bounded).
-pub const LINK_AT: usize = 2048;
+pub const LINK_AT: usize = 8192;
+
+/// What [`Transactions::link_pending_noting_writes`] or
+/// [`Transactions::link_in_place_some`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Linked {
+    /// File blocks linked (all that were pending).
+    pub blocks: u64,
+    /// The metadata blocks written: of the file's tree, only these nodes
+    /// (and the root, in the inode) may differ, so a reader of the tree may
+    /// keep the others it has cached, if it knew of every link made before.
+    pub rewritten: Vec<u64>,
+}
+
+impl Linked {
+    /// Adds what a later link did.
+    pub fn add(&mut self, later: Linked) {
+        self.blocks += later.blocks;
+        self.rewritten.extend(later.rewritten);
+    }
+}
 
 /// How far a commit goes before it returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +137,9 @@ pub struct Transactions {
     commits: u64,
     /// Blocks of group descriptors (each may change with a group).
     desc_blocks: u64,
+    /// While [`Self::link_pending_noting_writes`] runs: the blocks its
+    /// changes wrote.
+    noted_writes: Option<Vec<u64>>,
 }
 
 /// The block size of the filesystem on `raw`, from its superblock (1024 if
@@ -177,6 +200,7 @@ pub fn open_read_write(
         in_flight: BTreeMap::new(),
         links_made: 0,
         commits: 0,
+        noted_writes: None,
     };
     debug!(
         Topic::Journal,
@@ -324,7 +348,9 @@ impl Transactions {
     ) -> Result<BlockRuns> {
         self.ensure_room(fs, ino, count)?;
         let near = near.or(self.pending.goal(ino));
-        let runs = self.run_change(fs, Some(ino), true, |fs| {
+        // No inode named: the change allocates, and no tree changes (so,
+        // without a journal, there is no node to move).
+        let runs = self.run_change(fs, None, true, |fs| {
             let goal = hole_goal(fs, ino, logical, near)?;
             fill(fs, goal)
         })?;
@@ -338,7 +364,7 @@ impl Transactions {
     }
 
     /// The first half of [`Self::fill_hole`] for a host that writes the
-    /// data itself, outside the library lock: as one change, allocates
+    /// data itself, outside the library lock: allocates
     /// `count` blocks for file blocks `logical..` of extent file `ino` (not
     /// bigalloc), near `near` as `fill_hole` places them, and holds them as
     /// in flight, free in what commits write, until the host says the data
@@ -356,14 +382,20 @@ impl Transactions {
         near: Option<u64>,
     ) -> Result<BlockRuns> {
         self.room_for(fs, count)?;
+        self.commit_if_needed(fs)?;
         let near = near.or(self.pending.goal(ino));
-        let runs = self.run_change(fs, Some(ino), true, |fs| {
-            let goal = hole_goal(fs, ino, logical, near)?;
-            mapping::allocate(fs, goal, count)
-        })?;
+        let goal = hole_goal(fs, ino, logical, near)?;
+        // Only libext2fs's block bitmap and counters change, in its memory,
+        // and `allocate` gives back what it took if it fails: no change
+        // (undo log, block cache overlay) is needed around it.
+        let runs = mapping::allocate(fs, goal, count)?;
         for &(start, len) in &runs {
+            self.touched.note(start, len, 1);
+            // The blocks will hold file data: no metadata cached of them.
+            self.cache.forget_clean(start, len);
             self.in_flight.insert(start, len);
         }
+        self.since.get_or_insert_with(Instant::now);
         if let Some(&(start, len)) = runs.last() {
             self.pending.note_goal(ino, start + len);
         }
@@ -462,6 +494,62 @@ impl Transactions {
             }
         }
         Ok(())
+    }
+
+    /// [`Self::link_pending`], saying what it did (see [`Linked`]).
+    pub fn link_pending_noting_writes(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<Linked> {
+        let blocks = self.pending.of(ino).iter().map(|e| e.2).sum();
+        self.noted_writes = Some(Vec::new());
+        let result = self.link_pending(fs, ino);
+        let rewritten = self.noted_writes.take().unwrap_or_default();
+        result.map(|()| Linked { blocks, rewritten })
+    }
+
+    /// Links, as one change, those of up to `max` extents pending for `ino`
+    /// from file block `from` on that go into their leaves in place (see
+    /// [`mapping::link_extents_in_place`]); the others stay pending.  With
+    /// a journal only: the tree keeps its shape and every node but those
+    /// leaves, so a host's readers may go on walking it meanwhile (a leaf
+    /// they read before or after holds the same blocks, with the pending
+    /// ones they see too).  Without one, a change moves the nodes it
+    /// changes, and this links nothing.  Returns what it linked and where
+    /// the next call should start (`None`: nothing pending is left there).
+    pub fn link_in_place_some(
+        &mut self,
+        fs: &mut Filesystem,
+        ino: Ino,
+        from: u64,
+        max: usize,
+    ) -> Result<(Linked, Option<u64>)> {
+        if self.method() != Method::Journal {
+            return Ok((Linked::default(), None));
+        }
+        let extents = self.pending.take_from(ino, from, max);
+        let Some(&(last, _, _)) = extents.last() else {
+            return Ok((Linked::default(), None));
+        };
+        self.noted_writes = Some(Vec::new());
+        let result = self.run_change(fs, Some(ino), true, |fs| {
+            mapping::link_extents_in_place(fs, ino, &extents)
+        });
+        let rewritten = self.noted_writes.take().unwrap_or_default();
+        let refused = match result {
+            Ok(refused) => refused,
+            Err(e) => {
+                self.pending.put_back(ino, extents);
+                return Err(e);
+            }
+        };
+        let blocks = |list: &[(u64, u64, u64)]| list.iter().map(|e| e.2).sum::<u64>();
+        let linked = Linked {
+            blocks: blocks(&extents) - blocks(&refused),
+            rewritten,
+        };
+        if linked.blocks > 0 {
+            self.links_made += 1;
+        }
+        self.pending.put_back(ino, refused);
+        Ok((linked, Some(last + 1)))
     }
 
     /// Links extents pending for `ino`, a batch per change, until none are
@@ -601,7 +689,10 @@ impl Transactions {
                 return Err(e);
             }
         };
-        self.cache.end_change(true);
+        let written = self.cache.end_change(true);
+        if let Some(noted) = self.noted_writes.as_mut() {
+            noted.extend(written);
+        }
         let mut freed = false;
         for &(start, count, inuse) in &changes {
             self.touched.note(start, count, inuse);

@@ -113,6 +113,27 @@ impl PendingLinks {
         Some(map.into_iter().map(|(l, (p, n))| (l, p, n)).collect())
     }
 
+    /// Removes and returns up to `max` extents of `ino` from file block
+    /// `from` on, in file order.
+    pub fn take_from(&mut self, ino: Ino, from: u64, max: usize) -> Vec<(u64, u64, u64)> {
+        let Some(map) = self.by_inode.get_mut(&ino) else {
+            return Vec::new();
+        };
+        let taken: Vec<(u64, u64, u64)> = map
+            .range(from..)
+            .take(max)
+            .map(|(&l, &(p, n))| (l, p, n))
+            .collect();
+        for &(l, _, _) in &taken {
+            map.remove(&l);
+        }
+        if map.is_empty() {
+            self.by_inode.remove(&ino);
+        }
+        self.extents -= taken.len();
+        taken
+    }
+
     /// Puts back what [`PendingLinks::take`] returned (linking failed).
     pub fn put_back(&mut self, ino: Ino, extents: Vec<(u64, u64, u64)>) {
         let map = self.by_inode.entry(ino).or_default();
@@ -148,5 +169,9 @@ mod tests {
         assert_eq!(p.extents(), 4);
         assert_eq!(p.inodes(), vec![12, 13]);
         assert_eq!(p.take(14), None);
+        assert_eq!(p.take_from(12, 10, 1), vec![(40, 600, 1)]);
+        assert_eq!(p.take_from(12, 0, 5), vec![(9, 499, 6), (41, 900, 2)]);
+        assert!(!p.has(12));
+        assert_eq!(p.extents(), 1);
     }
 }

@@ -69,11 +69,9 @@ struct Walk<'a> {
 impl Walk<'_> {
     fn read(&mut self, block: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; self.bs];
-        // SAFETY: open filesystem; `buf` holds one block.
-        let code = unsafe {
-            sys::io_channel_read_blk64((*self.fs.raw()).io, block, 1, buf.as_mut_ptr().cast())
-        };
-        check(code, || format!("reading extent node {block}"))?;
+        self.fs
+            .read_block(block, &mut buf)
+            .map_err(|e| e.in_context(format!("reading extent node {block}")))?;
         Ok(buf)
     }
 
@@ -89,10 +87,9 @@ impl Walk<'_> {
             )
         };
         check(code, || format!("checksumming extent node {block}"))?;
-        // SAFETY: open filesystem; `node` holds one block.
-        let code =
-            unsafe { sys::io_channel_write_blk64((*raw).io, block, 1, node.as_ptr().cast()) };
-        check(code, || format!("writing extent node {block}"))
+        self.fs
+            .write_block(block, node)
+            .map_err(|e| e.in_context(format!("writing extent node {block}")))
     }
 
     fn allocate_near(&mut self, goal: u64) -> Result<u64> {

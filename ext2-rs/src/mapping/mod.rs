@@ -17,6 +17,8 @@ use crate::quota;
 use crate::sys;
 use crate::undo;
 
+mod leaves;
+
 /// Runs of image blocks: (first block, count).
 pub type BlockRuns = Vec<(u64, u64)>;
 
@@ -487,14 +489,12 @@ fn link_uncharged(
     match layout {
         Layout::Extents => {
             let mut at = logical;
-            for &(physical, len) in runs {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(MAX_INIT_LEN);
-                    insert_extent(fs, ino, at + done, physical + done, n)?;
-                    done += n;
-                }
+            let laid_out = runs.iter().map(|&(physical, len)| {
                 at += len;
+                (at - len, physical, len)
+            });
+            for (logical, physical, len) in extent_sized(laid_out) {
+                insert_extent(fs, ino, logical, physical, len)?;
             }
         }
         Layout::Indirect => link_block_pointers(fs, ino, logical, runs)?,
@@ -505,9 +505,29 @@ fn link_uncharged(
             ))
         }
     }
+    add_to_block_count(fs, ino, new_clusters)
+}
+
+/// `(logical, physical, len)` runs cut into pieces one written extent can
+/// hold.
+fn extent_sized(runs: impl IntoIterator<Item = (u64, u64, u64)>) -> Vec<(u64, u64, u64)> {
+    let mut pieces = Vec::new();
+    for (logical, physical, len) in runs {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_INIT_LEN);
+            pieces.push((logical + done, physical + done, n));
+            done += n;
+        }
+    }
+    pieces
+}
+
+/// Adds `count` blocks (clusters, with bigalloc) to the inode's count.
+fn add_to_block_count(fs: &mut Filesystem, ino: Ino, count: u64) -> Result<()> {
     let mut inode = fs.read_inode_raw(ino)?;
     // SAFETY: open filesystem and an inode buffer we own.
-    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, new_clusters) };
+    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, count) };
     check(code, || "iblk_add_blocks".into())?;
     fs.write_inode_raw(ino, &mut inode)
 }
@@ -537,11 +557,10 @@ fn already_mapped(logical: u64) -> Error {
 
 /// Links extents `(logical, physical, len)`, in file order, each into a
 /// hole of extent file `ino`, and adds their blocks to the inode's count.
-/// The tree is walked from the root only for an extent that does not start
-/// where the previous one ended; one that does is added where the handle
-/// already rests (extending the previous extent when they are contiguous in
-/// the image too).  Not for bigalloc filesystems.  The owner's quotas are
-/// charged with what the file grew by (tree blocks too).
+/// Each leaf they land in is read and written once ([`leaves`]), an extent
+/// joining the ones it continues in the file and the image.  Not for
+/// bigalloc filesystems.  The owner's quotas are charged with what the file
+/// grew by (tree blocks too).
 pub fn link_extents(fs: &mut Filesystem, ino: Ino, extents: &[(u64, u64, u64)]) -> Result<()> {
     quota::charging(fs, ino, |fs| link_extents_uncharged(fs, ino, extents))
 }
@@ -551,29 +570,37 @@ fn link_extents_uncharged(
     ino: Ino,
     extents: &[(u64, u64, u64)],
 ) -> Result<()> {
-    let mut handle = ExtentHandle::open(fs, ino)?;
-    let mut resting_at: Option<u64> = None;
-    let mut total = 0u64;
-    for &(logical, physical, len) in extents {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(MAX_INIT_LEN);
-            let at = logical + done;
-            if resting_at != Some(at) && handle.goto(at)? {
-                return Err(already_mapped(at));
-            }
-            handle.add_written(&raw_extent(at, physical + done, n, false))?;
-            resting_at = Some(at + n);
-            done += n;
+    // Most go straight into their leaves.  For one that needs the tree to
+    // change shape (a full leaf, a new first extent, a tree still in the
+    // inode), libext2fs inserts it, splitting or growing what it must, and
+    // the rest are tried again: after a split they fit.
+    let mut rest = extent_sized(extents.iter().copied());
+    loop {
+        rest = leaves::link_in_place(fs, ino, &rest)?;
+        if rest.is_empty() {
+            break;
         }
-        total += len;
+        let (logical, physical, len) = rest.remove(0);
+        insert_extent(fs, ino, logical, physical, len)?;
     }
-    drop(handle);
-    let mut inode = fs.read_inode_raw(ino)?;
-    // SAFETY: open filesystem and an inode buffer we own.
-    let code = unsafe { sys::ext2fs_iblk_add_blocks(fs.raw(), &mut inode, total) };
-    check(code, || "iblk_add_blocks".into())?;
-    fs.write_inode_raw(ino, &mut inode)
+    add_to_block_count(fs, ino, extents.iter().map(|e| e.2).sum())
+}
+
+/// [`link_extents`] for those of `extents` that go into their leaves as
+/// they are (see [`leaves`]): the tree's shape, and every node but those
+/// leaves, stay as they were.  Returns the others, in file order.
+pub fn link_extents_in_place(
+    fs: &mut Filesystem,
+    ino: Ino,
+    extents: &[(u64, u64, u64)],
+) -> Result<Vec<(u64, u64, u64)>> {
+    quota::charging(fs, ino, |fs| {
+        let pieces = extent_sized(extents.iter().copied());
+        let refused = leaves::link_in_place(fs, ino, &pieces)?;
+        let blocks = |list: &[(u64, u64, u64)]| list.iter().map(|e| e.2).sum::<u64>();
+        add_to_block_count(fs, ino, blocks(&pieces) - blocks(&refused))?;
+        Ok(refused)
+    })
 }
 
 /// Sets block pointers one by one (ext2/ext3 have nothing better); the
@@ -872,5 +899,143 @@ mod tests {
         // Fail every read past the inode tables: the indirect blocks.
         dev.set_faults(Faults::failing_reads(100 * 1024..dev.size()));
         assert!(read_map(&mut fs, ino, info.layout).is_err());
+    }
+
+    /// A file of 1 KiB blocks with data in every fourth block from block
+    /// 2 up to `blocks` (a tree two levels deep), and its device.
+    fn every_fourth_block(blocks: u64) -> Arc<MemDevice> {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = std::env::temp_dir().join(format!("ext2-rs-leaves-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut f = std::fs::File::create(dir.join("f")).unwrap();
+        for block in (2..blocks).step_by(4) {
+            f.seek(SeekFrom::Start(block * 1024)).unwrap();
+            f.write_all(&[block as u8 | 1; 1024]).unwrap();
+        }
+        drop(f);
+        let d = dir.to_str().unwrap();
+        let dev = Arc::new(MemDevice::mkfs(
+            &["-t", "ext4", "-b", "1024", "-O", "^has_journal", "-d", d],
+            "16M",
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+        dev
+    }
+
+    /// Where each file block lies, from a map.
+    fn block_by_block(extents: &[Extent]) -> std::collections::BTreeMap<u64, u64> {
+        extents
+            .iter()
+            .flat_map(|e| (0..e.len).map(move |i| (e.logical + i, e.physical + i)))
+            .collect()
+    }
+
+    /// Links `batch` and checks that the map then holds it.
+    fn link_and_check(
+        fs: &mut Filesystem,
+        ino: Ino,
+        want: &mut std::collections::BTreeMap<u64, u64>,
+        batch: &mut [(u64, u64, u64)],
+    ) -> Vec<Extent> {
+        batch.sort_unstable();
+        link_extents(fs, ino, batch).unwrap();
+        want.extend(
+            batch
+                .iter()
+                .map(|&(logical, physical, _)| (logical, physical)),
+        );
+        let map = read_map(fs, ino, Layout::Extents).unwrap();
+        assert_eq!(&block_by_block(&map), want, "the map is what was linked");
+        map
+    }
+
+    /// Batches of links into a tree two levels deep: most straight into
+    /// their leaves, joining the extents they continue on either side;
+    /// then enough to split leaves, and a new first extent (libext2fs's).
+    /// e2fsck finds the filesystem clean.
+    #[test]
+    fn linking_batches_into_a_deep_tree_keeps_it_whole() {
+        let dev = every_fourth_block(6000);
+        let mut fs = Filesystem::open(dev.clone(), Access::ReadWrite).unwrap();
+        let ino = fs.lookup("/f").unwrap();
+        let before = read_map(&mut fs, ino, Layout::Extents).unwrap();
+        assert!(
+            before.len() >= 1400,
+            "test premise: {} extents",
+            before.len()
+        );
+        let mut want = block_by_block(&before);
+        // Pairs of image blocks, one linked now and its neighbour later
+        // (the blocks of no pair are given back).
+        let runs = allocate(&mut fs, 8000, 1000).unwrap();
+        let pairs: Vec<u64> = runs
+            .iter()
+            .flat_map(|&(start, len)| (start..start + len / 2 * 2).step_by(2))
+            .take(400)
+            .collect();
+        assert_eq!(pairs.len(), 400, "test premise");
+        let unpaired: Vec<(u64, u64)> = runs
+            .iter()
+            .flat_map(|&(start, len)| start..start + len)
+            .filter(|b| !pairs.iter().any(|&p| *b == p || *b == p + 1))
+            .map(|b| (b, 1))
+            .collect();
+        free_blocks(&mut fs, &unpaired);
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        for (k, &p) in pairs.iter().enumerate() {
+            let hole = 4 * k as u64 * 3 + 3; // file blocks hole..hole + 3
+            if k % 2 == 0 {
+                // Continued after: the later link joins the one before it.
+                first.push((hole, p, 1));
+                second.push((hole + 1, p + 1, 1));
+            } else {
+                // Continued before: the later link joins the one after it.
+                first.push((hole + 2, p + 1, 1));
+                second.push((hole + 1, p, 1));
+            }
+        }
+        let after_first = link_and_check(&mut fs, ino, &mut want, &mut first);
+        let after_second = link_and_check(&mut fs, ino, &mut want, &mut second);
+        assert_eq!(after_second.len(), after_first.len(), "every link joined");
+        let unjoined = after_second
+            .windows(2)
+            .filter(|w| w[0].end() == w[1].logical && w[0].physical + w[0].len == w[1].physical)
+            .count();
+        assert_eq!(unjoined, 0, "neighbours in both spaces are one extent");
+        // Fresh blocks into the rest of the holes: leaves overflow.
+        let fresh = allocate(&mut fs, 12000, 1001).unwrap();
+        let mut fresh = fresh.iter().flat_map(|&(s, n)| s..s + n);
+        let mut third: Vec<(u64, u64, u64)> = (5..6000u64)
+            .step_by(4)
+            .filter(|b| !want.contains_key(b))
+            .take(1000)
+            .map(|b| (b, fresh.next().unwrap(), 1))
+            .collect();
+        third.push((0, fresh.next().unwrap(), 1));
+        link_and_check(&mut fs, ino, &mut want, &mut third);
+        // Linking over mapped blocks is refused.
+        let spare = allocate(&mut fs, 9000, 1).unwrap()[0].0;
+        assert!(link_extents(&mut fs, ino, &[(2, spare, 1)]).is_err());
+        // As is past the 2^32 blocks a tree maps (an error, not a loop).
+        let past = link_extents(&mut fs, ino, &[(1 << 32, spare, 1)]).unwrap_err();
+        assert_eq!(past.errno(), Errno::EFBIG, "{past}");
+        free_blocks(&mut fs, &[(spare, 1)]);
+        fs.flush().unwrap();
+        drop(fs);
+        let image = std::env::temp_dir().join(format!("ext2-rs-leaves-{}.img", std::process::id()));
+        std::fs::write(&image, dev.snapshot()).unwrap();
+        let out = std::process::Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        std::fs::remove_file(&image).unwrap();
+        assert!(
+            out.status.success(),
+            "e2fsck ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 }
