@@ -9,11 +9,11 @@
 //! merged into it (joining the extents a new one continues, before or
 //! after, as the kernel does), and written once, with one checksum.
 //!
-//! Only what leaves the tree's shape alone is done here: a run that would
-//! overflow its leaf (which must split), or that would put an extent first
-//! in its leaf (the index entries above repeat a leaf's first block), and
-//! every extent of a tree held whole in the inode, are handed back for
-//! libext2fs to insert.
+//! Only what leaves the tree's shape alone is done here: an extent that
+//! finds its leaf full (which must split) and joins no neighbour, one that
+//! would come first in its leaf (the index entries above repeat a leaf's
+//! first block), and every extent of a tree held whole in the inode, are
+//! handed back for libext2fs to insert.
 
 use std::ops::Range;
 
@@ -337,8 +337,9 @@ fn pick(node: &NodeBlock, logical: u64, range: &mut Range<u64>) -> u64 {
 /// Links as many of `extents` (file order, each in a hole and at most
 /// [`MAX_INIT_LEN`] long) into `ino`'s tree as fit without changing its
 /// shape, each leaf written once; returns the others, in order, for the
-/// caller to insert one by one.  Fails, having written nothing the caller's
-/// change would keep, on a damaged tree or an extent over mapped blocks.
+/// caller to insert one by one.  Fails on a damaged tree or an extent over
+/// mapped blocks (the caller's change is then undone, with the leaves
+/// written so far).
 pub(super) fn link_in_place(
     fs: &mut Filesystem,
     ino: Ino,
