@@ -499,10 +499,19 @@ impl Transactions {
     /// [`Self::link_pending`], saying what it did (see [`Linked`]).
     pub fn link_pending_noting_writes(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<Linked> {
         let blocks = self.pending.of(ino).iter().map(|e| e.2).sum();
-        self.noted_writes = Some(Vec::new());
-        let result = self.link_pending(fs, ino);
-        let rewritten = self.noted_writes.take().unwrap_or_default();
+        let (result, rewritten) = self.noting_writes(|tx| tx.link_pending(fs, ino));
         result.map(|()| Linked { blocks, rewritten })
+    }
+
+    /// Runs `op`, returning with its outcome the metadata blocks that the
+    /// changes it ran wrote.
+    fn noting_writes<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> (Result<T>, Vec<u64>) {
+        self.noted_writes = Some(Vec::new());
+        let result = op(self);
+        (result, self.noted_writes.take().unwrap_or_default())
     }
 
     /// Links, as one change, those of up to `max` extents pending for `ino`
@@ -528,11 +537,11 @@ impl Transactions {
         let Some(&(last, _, _)) = extents.last() else {
             return Ok((Linked::default(), None));
         };
-        self.noted_writes = Some(Vec::new());
-        let result = self.run_change(fs, Some(ino), true, |fs| {
-            mapping::link_extents_in_place(fs, ino, &extents)
+        let (result, rewritten) = self.noting_writes(|tx| {
+            tx.run_change(fs, Some(ino), true, |fs| {
+                mapping::link_extents_in_place(fs, ino, &extents)
+            })
         });
-        let rewritten = self.noted_writes.take().unwrap_or_default();
         let refused = match result {
             Ok(refused) => refused,
             Err(e) => {
