@@ -15,8 +15,8 @@ use ext2_rs::jbd2::{Replay, JBD2_MAGIC};
 use ext2_rs::mmp::Watch;
 use ext2_rs::BlockDevice;
 
-use crate::nbdkit::report::nbd_error;
-use crate::nbdkit::Plugin;
+use crate::abi::plugin::Plugin;
+use crate::abi::report::nbd_error;
 
 pub struct Image {
     plugin: Arc<Plugin>,

@@ -18,10 +18,9 @@
 // In the unit-test build `filter_init` is left out (it would pull nbdkit's
 // symbols into a test binary that cannot link them), so the callbacks it
 // refers to look unused there.
-#[cfg_attr(test, allow(dead_code))]
-pub mod callbacks;
-pub mod filter;
+pub mod abi;
+pub mod file;
 pub mod image;
-pub mod nbdkit;
 pub mod pool;
-pub mod sys;
+pub mod server;
+pub mod volume;

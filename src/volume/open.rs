@@ -12,13 +12,11 @@
 
 use std::sync::Arc;
 
-use crate::filter::config::JournalMode;
-use crate::filter::shared::Shared;
+use crate::abi::nbdkit::{Backend, Plugin};
+use crate::abi::report::{error as report_error, ext2_debug_journal, ext2_debug_lock, nbd_debug};
 use crate::image::{Image, PluginDevice};
-use crate::nbdkit::report::{
-    error as report_error, ext2_debug_journal, ext2_debug_lock, nbd_debug,
-};
-use crate::nbdkit::{Backend, Plugin};
+use crate::server::config::JournalMode;
+use crate::volume::Shared;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
 use ext2_rs::mmp::{MmpConfig, Protection};

@@ -19,15 +19,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
+pub mod committer;
+pub mod open;
+
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
-use crate::filter::committer::Committer;
-use crate::filter::file::ServedFile;
-use crate::filter::opening;
-use crate::filter::unlinked::written_extents;
+use crate::abi::plugin::Plugin;
+use crate::abi::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
+use crate::file::overlay::written_extents;
+use crate::file::ServedFile;
 use crate::image::{Image, MapDevice};
-use crate::nbdkit::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
-use crate::nbdkit::Plugin;
+use crate::volume::committer::Committer;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::Extent;
 use ext2_rs::lazy_map::{LazyMap, MapSource};
@@ -64,7 +66,7 @@ pub struct Shared {
     /// Blocks per allocation cluster (bigalloc; 1 otherwise).
     pub cluster_ratio: u64,
     /// Read-only from the start until the first writable connection has
-    /// re-opened the filesystem read-write ([`opening::reopen_writable`]).
+    /// re-opened the filesystem read-write ([`open::reopen_writable`]).
     writable: AtomicBool,
     /// Writes into holes whose data is in ([`Shared::hole_filled`]), for
     /// the transactions to take at the next lock of the filesystem: a
@@ -114,10 +116,10 @@ impl<'a> Tx<'a> {
 
 impl Shared {
     /// Opens the filesystem over `plugin` read-only, an unclean journal
-    /// replayed in memory (see [`opening::open_read_only`]); files' maps
+    /// replayed in memory (see [`open::open_read_only`]); files' maps
     /// share a cache of about `map_cache` bytes.
     pub fn open(plugin: Plugin, map_cache: usize) -> Result<Shared> {
-        let (image, fs) = opening::open_read_only(plugin)?;
+        let (image, fs) = open::open_read_only(plugin)?;
         let map_device = Arc::new(MapDevice::new(image.clone()));
         Ok(Shared {
             map_source: MapSource::new(&fs, map_device.clone(), map_cache)
@@ -242,7 +244,7 @@ impl Shared {
     /// The shared state of the file at `path`, reading its inode the first
     /// time any connection opens it.
     pub fn open_file(&self, path: &str) -> Result<Arc<ServedFile>> {
-        let lookup = crate::filter::config::lookup_path(path)
+        let lookup = crate::server::config::lookup_path(path)
             .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
         let mut files = self.files.lock();
         let mut state = self.lock_state()?;
@@ -292,7 +294,7 @@ impl Shared {
         let cluster_ratio = fs.cluster_ratio();
         drop(state);
         if let Some(why) = &read_only {
-            crate::nbdkit::report::error(&format!("{why}: serving it read-only"));
+            crate::abi::report::error(&format!("{why}: serving it read-only"));
         }
         let file = Arc::new(ServedFile::new(
             ino,

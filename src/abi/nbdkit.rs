@@ -2,15 +2,12 @@
 //! reporting, and the small conversions every callback needs.  (The panic
 //! guard and the handle conversions are ext2-rs's `ffi`, the one C boundary.)
 
-pub mod next;
-pub mod report;
-
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr::NonNull;
 
-use crate::sys;
+pub use crate::abi::plugin::{Plugin, RawNext};
+use crate::abi::sys;
 use ext2_rs::error::Errno;
-pub use next::{Plugin, RawNext};
 
 /// The backend (the next layer) a filter may open contexts on.
 #[derive(Clone, Copy, Debug)]

@@ -17,9 +17,11 @@
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
 
-use crate::filter::{self, file::Status, Connection};
-use crate::nbdkit::{self, report, Backend, Context};
-use crate::sys;
+use crate::abi::nbdkit::{self, Backend, Context};
+use crate::abi::report;
+use crate::abi::sys;
+use crate::file::Status;
+use crate::server::{self as filter, Connection};
 use ext2_rs::error::{Errno, Error};
 use ext2_rs::ffi;
 
@@ -641,7 +643,7 @@ mod tests {
     fn help_text_matches_the_config_module() {
         assert_eq!(
             super::CONFIG_HELP.to_str().unwrap(),
-            crate::filter::config::HELP
+            crate::server::config::HELP
         );
     }
 }

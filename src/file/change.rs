@@ -12,11 +12,11 @@ use ext2_rs::extent_map::{Content, Extent, FileMap, Piece};
 use ext2_rs::mapping::{self, BlockRuns};
 use ext2_rs::{Layout, Result};
 
-use crate::filter::file::ServedFile;
-use crate::filter::shared::Shared;
-use crate::filter::unlinked::{MapChanges, OverlaidMap, TreeWindow};
+use crate::abi::report::{ext2_debug_map, nbd_debug, nbd_error};
+use crate::file::overlay::{MapChanges, OverlaidMap, TreeWindow};
+use crate::file::ServedFile;
 use crate::image::Image;
-use crate::nbdkit::report::{ext2_debug_map, nbd_debug, nbd_error};
+use crate::volume::Shared;
 
 /// The most blocks one change links into a hole: even if each lands in an
 /// extent of its own, their tree nodes and bitmaps stay well inside the
@@ -122,7 +122,7 @@ impl ServedFile {
         let (holes, written): (Vec<Piece>, Vec<Piece>) = pieces
             .into_iter()
             .partition(|p| matches!(p.content, Content::Hole));
-        super::file::write_pieces(shared, &written, data, offset, fua)?;
+        super::write_pieces(shared, &written, data, offset, fua)?;
         let mut waiting = 0;
         for piece in &holes {
             let bytes = &data[Self::span(piece, offset)];

@@ -10,9 +10,9 @@ use std::ptr::NonNull;
 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::nbdkit::report::nbd_error;
-use crate::nbdkit::Backend;
-use crate::sys;
+use crate::abi::nbdkit::Backend;
+use crate::abi::report::nbd_error;
+use crate::abi::sys;
 use ext2_rs::error::Errno;
 
 /// The largest single request we hand to the plugin (its count is a u32).

@@ -20,12 +20,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::filter::coalesce;
-use crate::filter::ranges::BlockRanges;
-use crate::filter::shared::Shared;
-use crate::filter::unlinked::{MapChanges, OverlaidMap};
-use crate::nbdkit::report::{ext2_debug_map, nbd_debug};
+mod change;
+pub mod coalesce;
+pub mod overlay;
+pub mod ranges;
+
+use crate::abi::report::{ext2_debug_map, nbd_debug};
+use crate::file::overlay::{MapChanges, OverlaidMap};
+use crate::file::ranges::BlockRanges;
 use crate::pool;
+use crate::volume::Shared;
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::{Content, FileMap, Piece};
 use ext2_rs::lazy_map::LazyMap;

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::filter::shared::FsState;
-use crate::nbdkit::report::{ext2_debug_journal, nbd_debug};
+use crate::abi::report::{ext2_debug_journal, nbd_debug};
+use crate::volume::FsState;
 use ext2_rs::txn::Durability;
 
 /// How long a metadata change may wait for its commit.

@@ -3,28 +3,21 @@
 //! `callbacks.rs` turns nbdkit's C calls into calls of the functions here;
 //! nothing here touches a raw pointer.
 
-mod change;
-mod coalesce;
-mod committer;
 pub mod config;
 pub mod exports;
-pub mod file;
-mod opening;
-mod ranges;
-pub mod shared;
-mod unlinked;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::nbdkit::report::error as report_error;
-use crate::nbdkit::{Backend, Plugin};
+use crate::abi::nbdkit::{Backend, Plugin};
+use crate::abi::report::error as report_error;
+use crate::file::{ServedFile, Status};
+use crate::volume::open as opening;
+use crate::volume::Shared;
 use config::{Config, ConfigBuilder, Target};
 use ext2_rs::error::{Errno, Error, Result};
-use file::{ServedFile, Status};
-use shared::Shared;
 
 static BUILDER: Mutex<Option<ConfigBuilder>> = Mutex::new(None);
 /// Set by `.config_complete`, cleared by `.unload` (so that nothing is left

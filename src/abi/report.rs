@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use crate::sys;
+use crate::abi::sys;
 
 /// Turns a message into a C string, replacing any NUL so nothing is lost.
 fn c_message(msg: &str) -> CString {
@@ -77,14 +77,14 @@ pub static ext2_debug_journal: DebugFlag = DebugFlag::new();
 
 /// `nbdkit_error` with `format!` arguments.
 macro_rules! nbd_error {
-    ($($arg:tt)*) => { $crate::nbdkit::report::error(&format!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::abi::report::error(&format!($($arg)*)) };
 }
 
 /// `nbdkit_debug` with `format!` arguments, only when `flag` is on.
 macro_rules! nbd_debug {
     ($flag:expr, $($arg:tt)*) => {
         if $flag.enabled() {
-            $crate::nbdkit::report::debug(&format!($($arg)*))
+            $crate::abi::report::debug(&format!($($arg)*))
         }
     };
 }
