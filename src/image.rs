@@ -1,4 +1,4 @@
-//! The image as the filesystem sees it: the plugin's bytes, with the blocks
+//! The image as the filesystem sees it: the device's bytes, with the blocks
 //! a journal replay stands in for read from their journal copies.
 //!
 //! Both libext2fs (through the io_manager, and for a writable filesystem
@@ -15,14 +15,15 @@ use ext2_rs::jbd2::{Replay, JBD2_MAGIC};
 use ext2_rs::mmp::Watch;
 use ext2_rs::BlockDevice;
 
-use crate::abi::plugin::Plugin;
-use crate::abi::report::nbd_error;
+use ext2_rs::log;
+
+use crate::device::Device;
 
 pub struct Image {
-    plugin: Arc<Plugin>,
+    device: Arc<dyn Device>,
     replay: Option<(Replay, u64)>,
     /// Set once the replay is written into the image (`ext2journal=replay`):
-    /// the plugin then holds what it stood in for.
+    /// the device then holds what it stood in for.
     replay_written: AtomicBool,
     /// The multi-mount protection this server writes under, if any: once
     /// another node has taken the filesystem, nothing more is written
@@ -31,9 +32,9 @@ pub struct Image {
 }
 
 impl Image {
-    pub fn new(plugin: Arc<Plugin>) -> Image {
+    pub fn new(device: Arc<dyn Device>) -> Image {
         Image {
-            plugin,
+            device,
             replay: None,
             replay_written: AtomicBool::new(false),
             fence: OnceLock::new(),
@@ -42,17 +43,17 @@ impl Image {
 
     /// An image whose reads see `replay` (with filesystem blocks of
     /// `block_size` bytes) and which refuses every write.
-    pub fn with_replay(plugin: Arc<Plugin>, replay: Replay, block_size: u64) -> Image {
+    pub fn with_replay(device: Arc<dyn Device>, replay: Replay, block_size: u64) -> Image {
         Image {
-            plugin,
+            device,
             replay: Some((replay, block_size)),
             replay_written: AtomicBool::new(false),
             fence: OnceLock::new(),
         }
     }
 
-    pub fn plugin(&self) -> &Arc<Plugin> {
-        &self.plugin
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.device
     }
 
     /// The journal replay reads see, until it is written into the image.
@@ -77,22 +78,22 @@ impl Image {
         self.replay.is_some() && !self.replaying()
     }
 
-    /// Says the replay is now in the image: reads go to the plugin, and
+    /// Says the replay is now in the image: reads go to the device, and
     /// writes are allowed.
     pub fn replay_is_written(&self) {
         self.replay_written.store(true, Ordering::Release);
     }
 
     pub fn size(&self) -> u64 {
-        self.plugin.size()
+        self.device.size()
     }
 
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
         let Some((replay, bs)) = self.overlay() else {
-            return self.plugin.pread(buf, offset);
+            return self.device.pread(buf, offset);
         };
         // Walk the request a block at a time, sending runs of blocks that the
-        // journal does not replace to the plugin as one request.
+        // journal does not replace to the device as one request.
         let bs = *bs;
         let end = offset + buf.len() as u64;
         let mut run_start = offset;
@@ -103,7 +104,7 @@ impl Image {
             if let Some(copy) = replay.copy_of(block) {
                 self.read_plain(buf, offset, run_start..pos)?;
                 let mut whole = vec![0u8; bs as usize];
-                self.plugin.pread(&mut whole, copy.image_block * bs)?;
+                self.device.pread(&mut whole, copy.image_block * bs)?;
                 if copy.escaped {
                     whole[..4].copy_from_slice(&JBD2_MAGIC.to_be_bytes());
                 }
@@ -126,16 +127,16 @@ impl Image {
         }
         let at = (range.start - offset) as usize;
         let len = (range.end - range.start) as usize;
-        self.plugin.pread(&mut buf[at..at + len], range.start)
+        self.device.pread(&mut buf[at..at + len], range.start)
     }
 
     fn refuse_write(&self) -> Result<(), Errno> {
         if self.replaying() {
-            nbd_error!("the image's journal is replayed in memory only: it is served read-only");
+            log::error("the image's journal is replayed in memory only: it is served read-only");
             return Err(Errno::EROFS);
         }
         if let Some(why) = self.fence.get().and_then(Watch::lost) {
-            nbd_error!("{why}");
+            log::error(&why);
             return Err(Errno::EROFS);
         }
         Ok(())
@@ -154,16 +155,16 @@ impl Image {
 
     pub fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
         self.refuse_write()?;
-        self.plugin.pwrite(buf, offset, fua)
+        self.device.pwrite(buf, offset, fua)
     }
 
     pub fn zero(&self, len: u64, offset: u64, may_trim: bool, fast: bool) -> Result<(), Errno> {
         self.refuse_write()?;
-        self.plugin.zero(len, offset, may_trim, fast)
+        self.device.zero(len, offset, may_trim, fast)
     }
 
     pub fn flush(&self) -> Result<(), Errno> {
-        self.plugin.flush()
+        self.device.flush()
     }
 }
 
@@ -191,11 +192,11 @@ impl BlockDevice for Image {
         Image::flush(self)
     }
 
-    /// Map blocks read together: in parallel when the plugin allows.
+    /// Map blocks read together: in parallel when the device allows.
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
         let items: Vec<&mut (u64, &mut [u8])> = reads.iter_mut().collect();
         let limit = crate::pool::WORKERS;
-        crate::pool::run_all(self.plugin.parallel(), limit, items, &|read| {
+        crate::pool::run_all(self.device.parallel(), limit, items, &|read| {
             self.pread(read.1, read.0)
         })
     }
@@ -260,13 +261,13 @@ impl BlockDevice for MapDevice {
     }
 }
 
-/// The plugin's bytes as they are, for multi-mount protection
+/// The device's bytes as they are, for multi-mount protection
 /// (`ext2_rs::mmp`): its block is written behind our back by other nodes,
-/// so it is read from the plugin every time, past any journal replay or
+/// so it is read from the device every time, past any journal replay or
 /// cached metadata.
-pub struct PluginDevice(pub Arc<Plugin>);
+pub struct RawDevice(pub Arc<dyn Device>);
 
-impl BlockDevice for PluginDevice {
+impl BlockDevice for RawDevice {
     fn size(&self) -> u64 {
         self.0.size()
     }

@@ -14,14 +14,16 @@
 //! `cfg` from what the header declares (`nbdkit_thread_model_takes_next`,
 //! `nbdkit_filter_dump_plugin`).
 
-use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::OnceLock;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::{Arc, OnceLock};
 
 use crate::abi::nbdkit::{self, Backend, Context};
+use crate::abi::plugin::Plugin;
 use crate::abi::report;
+use crate::abi::state;
 use crate::abi::sys;
 use crate::file::Status;
-use crate::server::{self as filter, Connection};
+use crate::server::{self, Connection};
 use ext2_rs::error::{Errno, Error};
 use ext2_rs::ffi;
 
@@ -56,7 +58,7 @@ fn build_table() -> Table {
         unload: Some(unload),
         config: Some(config),
         config_complete: Some(config_complete),
-        config_help: CONFIG_HELP.as_ptr(),
+        config_help: HELP.get_or_init(config_help).as_ptr(),
         thread_model: Some(thread_model),
         #[cfg(nbdkit_filter_dump_plugin)]
         dump_plugin: Some(dump_plugin),
@@ -91,10 +93,12 @@ fn build_table() -> Table {
     })
 }
 
-const CONFIG_HELP: &CStr = {
-    // Must match filter::config::HELP (checked by a unit test).
-    c"ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.\next2mapcache=<SIZE>  Memory for files' map blocks (default 16M)."
-};
+/// The help text `nbdkit --help` shows, kept for the life of the process.
+static HELP: OnceLock<CString> = OnceLock::new();
+
+fn config_help() -> CString {
+    CString::new(server::config::HELP).expect("the help text has no NUL")
+}
 
 // ---------------------------------------------------------------------------
 // From a body's result to nbdkit's conventions, after the guard
@@ -162,6 +166,9 @@ fn interned(result: Result<Option<String>, Error>) -> *const c_char {
 /// connection's state.
 struct Handle {
     context: Context,
+    /// The plugin context shared by every connection, attached to this one
+    /// in `.prepare`.
+    plugin: Arc<Plugin>,
     conn: Connection,
 }
 
@@ -195,7 +202,7 @@ extern "C" fn load() {
 
 extern "C" fn unload() {
     ffi::guard("unload", || {
-        filter::unload();
+        state::unload();
         ext2_rs::unload();
     })
 }
@@ -215,7 +222,7 @@ unsafe extern "C" fn config(
         }) else {
             return Err(Error::other(Errno::EINVAL, "config: no key or value"));
         };
-        let ours = k.to_str().ok().filter(|k| filter::config::is_ours(k));
+        let ours = k.to_str().ok().filter(|k| server::config::is_ours(k));
         let Some(key_text) = ours else {
             let next = next.ok_or_else(|| Error::other(Errno::EIO, "no next config"))?;
             // SAFETY: passing the parameter on to the next layer, as given.
@@ -223,8 +230,8 @@ unsafe extern "C" fn config(
         };
         let value_text = v
             .to_str()
-            .map_err(|_| Error::other(Errno::EINVAL, filter::config::not_utf8(key_text)))?;
-        match filter::config(key_text, value_text) {
+            .map_err(|_| Error::other(Errno::EINVAL, server::config::not_utf8(key_text)))?;
+        match state::config(key_text, value_text) {
             Ok(_) => Ok(0),
             Err(msg) => Err(Error::other(Errno::EINVAL, msg)),
         }
@@ -236,7 +243,7 @@ unsafe extern "C" fn config_complete(
     nxdata: *mut sys::nbdkit_backend,
 ) -> c_int {
     int_result(ffi::guard("config_complete", || {
-        filter::config_complete().map_err(|msg| Error::other(Errno::EINVAL, msg))?;
+        state::config_complete().map_err(|msg| Error::other(Errno::EINVAL, msg))?;
         let next = next.ok_or_else(|| Error::other(Errno::EIO, "no next config_complete"))?;
         // SAFETY: continuing nbdkit's chain with the pointer it gave us.
         Ok(unsafe { next(nxdata) })
@@ -268,7 +275,7 @@ extern "C" fn thread_model(_next_thread_model: c_int) -> c_int {
 #[cfg(nbdkit_filter_dump_plugin)]
 extern "C" fn dump_plugin() {
     ffi::guard("dump_plugin", || {
-        for (key, value) in filter::dump_fields() {
+        for (key, value) in server::dump_fields() {
             report::print_line(&format!("ext2_{key}={value}"));
         }
     })
@@ -276,7 +283,7 @@ extern "C" fn dump_plugin() {
 
 extern "C" fn get_ready(thread_model: c_int) -> c_int {
     status(ffi::guard("get_ready", || {
-        filter::get_ready(thread_model == sys::NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS as c_int);
+        state::get_ready(thread_model == sys::NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS as c_int);
         Ok(())
     }))
 }
@@ -287,12 +294,12 @@ extern "C" fn after_fork(backend: *mut sys::nbdkit_backend) -> c_int {
     status(ffi::guard("after_fork", || {
         let backend = Backend::new(backend)
             .ok_or_else(|| Error::other(Errno::EIO, "after_fork: no backend"))?;
-        filter::after_fork(backend)
+        state::after_fork(backend)
     }))
 }
 
 extern "C" fn cleanup(_backend: *mut sys::nbdkit_backend) {
-    ffi::guard("cleanup", filter::cleanup)
+    ffi::guard("cleanup", state::cleanup)
 }
 
 // ---------------------------------------------------------------------------
@@ -307,12 +314,12 @@ unsafe extern "C" fn list_exports(
     exports: *mut sys::nbdkit_exports,
 ) -> c_int {
     int_result(ffi::guard("list_exports", || {
-        if !filter::exportname_mode() {
+        if !state::exportname_mode() {
             // One file, whatever the name: advertise just the default.
             // SAFETY: the list nbdkit passed to this callback.
             return Ok(unsafe { nbdkit::use_default_export(exports) });
         }
-        for file in filter::list_exports()? {
+        for file in state::started()?.server.list_exports()? {
             let description = format!("regular file, {} bytes", file.size);
             // SAFETY: the list nbdkit passed to this callback.
             if !unsafe { nbdkit::add_export(exports, &file.path, &description) } {
@@ -331,8 +338,8 @@ unsafe extern "C" fn default_export(
 ) -> *const c_char {
     interned(ffi::guard("default_export", || {
         // In exportname mode "" is refused unless ext2default= names a file.
-        Ok(if filter::exportname_mode() {
-            filter::default_export()
+        Ok(if state::exportname_mode() {
+            state::default_export()
         } else {
             Some(String::new())
         })
@@ -349,9 +356,6 @@ unsafe extern "C" fn open(
     let opened = ffi::guard("open", || {
         let context =
             Context::new(context).ok_or_else(|| Error::other(Errno::EIO, "open: no context"))?;
-        let backend = context
-            .backend()
-            .ok_or_else(|| Error::other(Errno::EIO, "no backend beneath the filter"))?;
         // SAFETY: nbdkit passes a NUL-terminated export name.
         let raw_name = unsafe { nbdkit::str_arg(exportname) };
         // NBD export names are UTF-8; "repairing" other bytes could name
@@ -359,8 +363,13 @@ unsafe extern "C" fn open(
         let name = raw_name
             .map_or(Ok(""), CStr::to_str)
             .map_err(|_| Error::other(Errno::EINVAL, "the export name is not valid UTF-8"))?;
-        let conn = Connection::open(backend, readonly != 0, name)?;
-        Ok(Handle { context, conn })
+        let started = state::started()?;
+        let conn = started.server.connect(readonly != 0, name)?;
+        Ok(Handle {
+            context,
+            plugin: started.plugin,
+            conn,
+        })
     });
     match opened {
         Ok(handle) => ffi::into_raw(handle),
@@ -388,8 +397,7 @@ unsafe extern "C" fn prepare(
         let h = unsafe { ffi::borrow_mut::<Handle>(handle) }.ok_or_else(not_a_handle)?;
         h.conn.prepare()?;
         let raw = h
-            .conn
-            .plugin()
+            .plugin
             .raw()
             .ok_or_else(|| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))?;
         // Last, so that a failed prepare never leaves the shared context
@@ -640,9 +648,9 @@ unsafe extern "C" fn extents(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn help_text_matches_the_config_module() {
+    fn help_text_is_a_c_string() {
         assert_eq!(
-            super::CONFIG_HELP.to_str().unwrap(),
+            super::config_help().to_str().unwrap(),
             crate::server::config::HELP
         );
     }

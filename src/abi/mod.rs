@@ -7,4 +7,5 @@ pub mod callbacks;
 pub mod nbdkit;
 pub mod plugin;
 pub mod report;
+pub mod state;
 pub mod sys;

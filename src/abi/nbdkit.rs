@@ -5,13 +5,18 @@
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr::NonNull;
 
-pub use crate::abi::plugin::{Plugin, RawNext};
 use crate::abi::sys;
 use ext2_rs::error::Errno;
 
 /// The backend (the next layer) a filter may open contexts on.
 #[derive(Clone, Copy, Debug)]
 pub struct Backend(NonNull<sys::nbdkit_backend>);
+
+// SAFETY: a backend is nbdkit's description of the next layer, which lives
+// for the whole process; nbdkit opens contexts on it from any thread.
+unsafe impl Send for Backend {}
+// SAFETY: as above; we only hand the pointer back to nbdkit.
+unsafe impl Sync for Backend {}
 
 impl Backend {
     pub fn new(ptr: *mut sys::nbdkit_backend) -> Option<Backend> {
@@ -36,11 +41,6 @@ unsafe impl Sync for Context {}
 impl Context {
     pub fn new(ptr: *mut sys::nbdkit_context) -> Option<Context> {
         NonNull::new(ptr).map(Context)
-    }
-
-    pub fn backend(self) -> Option<Backend> {
-        // SAFETY: the context is live during the callback that passed it.
-        Backend::new(unsafe { sys::nbdkit_context_get_backend(self.0.as_ptr()) })
     }
 
     /// Makes `next` (or nothing) the context beneath ours on this connection.
@@ -121,4 +121,30 @@ pub unsafe fn add_extent(
 ) -> bool {
     // SAFETY: guaranteed by the caller.
     unsafe { sys::nbdkit_add_extent(extents, offset, len, flags) == 0 }
+}
+
+/// A raw plugin context.  nbdkit lets any thread call through it.
+#[derive(Clone, Copy, Debug)]
+pub struct RawNext(NonNull<sys::nbdkit_next>);
+
+// SAFETY: nbdkit contexts may be used from any thread; requests on a shared
+// context are serialized by `Plugin` when the plugin asks for that.
+unsafe impl Send for RawNext {}
+// SAFETY: as above.
+unsafe impl Sync for RawNext {}
+
+impl RawNext {
+    pub fn new(ptr: *mut sys::nbdkit_next) -> Option<Self> {
+        NonNull::new(ptr).map(RawNext)
+    }
+
+    pub fn as_ptr(self) -> *mut sys::nbdkit_next {
+        self.0.as_ptr()
+    }
+
+    pub fn ops(&self) -> &sys::nbdkit_next_ops {
+        // SAFETY: an nbdkit_next is a struct nbdkit_next_ops that lives until
+        // nbdkit_next_context_close, which only `Plugin::close` calls.
+        unsafe { self.0.as_ref() }
+    }
 }

@@ -6,43 +6,17 @@
 //! into an error instead, so no corrupt image or bug of ours can trip them.
 
 use std::ffi::{c_int, CStr};
-use std::ptr::NonNull;
 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use crate::abi::nbdkit::Backend;
+use crate::abi::nbdkit::{Backend, RawNext};
 use crate::abi::report::nbd_error;
 use crate::abi::sys;
+use crate::device::{Capabilities, Device};
 use ext2_rs::error::Errno;
 
 /// The largest single request we hand to the plugin (its count is a u32).
 const MAX_REQUEST: usize = 1 << 30;
-
-/// A raw plugin context.  nbdkit lets any thread call through it.
-#[derive(Clone, Copy, Debug)]
-pub struct RawNext(NonNull<sys::nbdkit_next>);
-
-// SAFETY: nbdkit contexts may be used from any thread; requests on a shared
-// context are serialized by `Plugin` when the plugin asks for that.
-unsafe impl Send for RawNext {}
-// SAFETY: as above.
-unsafe impl Sync for RawNext {}
-
-impl RawNext {
-    pub fn new(ptr: *mut sys::nbdkit_next) -> Option<Self> {
-        NonNull::new(ptr).map(RawNext)
-    }
-
-    pub fn as_ptr(self) -> *mut sys::nbdkit_next {
-        self.0.as_ptr()
-    }
-
-    fn ops(&self) -> &sys::nbdkit_next_ops {
-        // SAFETY: an nbdkit_next is a struct nbdkit_next_ops that lives until
-        // nbdkit_next_context_close, which only `Plugin::drop` calls.
-        unsafe { self.0.as_ref() }
-    }
-}
 
 /// Calls a `nbdkit_next_ops` function pointer with the context first.
 macro_rules! call {
@@ -57,7 +31,7 @@ macro_rules! call {
 
 /// What the plugin said it can do, asked once after it was prepared.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Capabilities {
+pub struct Caps {
     pub size: u64,
     pub can_write: bool,
     pub can_flush: bool,
@@ -74,6 +48,8 @@ pub struct Capabilities {
 /// server replaces it, once, by a read-write one ([`Plugin::reopen`]),
 /// without stopping requests for longer than the swap.
 pub struct Plugin {
+    /// The layer beneath us, on which contexts are opened.
+    backend: Backend,
     state: RwLock<State>,
     /// Held around each request when the plugin cannot take parallel requests
     /// on one handle (thread model `serialize_requests`): all our connections
@@ -85,7 +61,7 @@ struct State {
     /// The context requests go to; `None` once closed (at `.cleanup`, which
     /// may come while connections still exist).  Requests hold the state
     /// shared, so a context is never closed or replaced under one.
-    current: Option<(RawNext, Capabilities)>,
+    current: Option<(RawNext, Caps)>,
     /// Whether the current context was opened read-only.
     readonly: bool,
     /// Contexts [`Plugin::reopen`] replaced.  Connections prepared before may
@@ -105,7 +81,7 @@ impl Entry<'_> {
         self.state.current.as_ref().expect("checked by enter").0
     }
 
-    fn caps(&self) -> &Capabilities {
+    fn caps(&self) -> &Caps {
         &self.state.current.as_ref().expect("checked by enter").1
     }
 
@@ -156,7 +132,7 @@ impl Entry<'_> {
 
 /// Opens, prepares and queries a context that outlives any connection.  A
 /// failure has already been reported by nbdkit or the plugin.
-fn open_context(backend: Backend, readonly: bool) -> Result<(RawNext, Capabilities), Errno> {
+fn open_context(backend: Backend, readonly: bool) -> Result<(RawNext, Caps), Errno> {
     // SAFETY: `backend` is the one nbdkit handed to the calling callback;
     // the empty export name asks for the plugin's default export.
     let ptr = unsafe {
@@ -184,14 +160,14 @@ fn close_context(raw: RawNext, prepared: bool) {
 }
 
 /// What a freshly prepared context can do.
-fn query(raw: RawNext) -> Result<Capabilities, Errno> {
+fn query(raw: RawNext) -> Result<Caps, Errno> {
     let check = |r: c_int| if r == -1 { Err(Errno::EIO) } else { Ok(r) };
     let size = call!(raw, get_size);
     if size < 0 {
         return Err(Errno::EIO);
     }
     let can_write = check(call!(raw, can_write))? == 1;
-    Ok(Capabilities {
+    Ok(Caps {
         size: size as u64,
         can_write,
         can_flush: check(call!(raw, can_flush))? == 1,
@@ -218,6 +194,7 @@ impl Plugin {
     pub fn open(backend: Backend, readonly: bool, serialize: bool) -> Result<Plugin, Errno> {
         let current = open_context(backend, readonly)?;
         Ok(Plugin {
+            backend,
             state: RwLock::new(State {
                 current: Some(current),
                 readonly,
@@ -227,15 +204,15 @@ impl Plugin {
         })
     }
 
-    /// Replaces the context by a new one on `backend` (read-write unless
-    /// `readonly`), once requests in flight have finished; requests made
-    /// meanwhile wait.  On failure the old context stays; nothing changes
-    /// when the context is already opened that way.
-    pub fn reopen(&self, backend: Backend, readonly: bool) -> Result<(), Errno> {
+    /// Replaces the context by a new one (read-write unless `readonly`),
+    /// once requests in flight have finished; requests made meanwhile
+    /// wait.  On failure the old context stays; nothing changes when the
+    /// context is already opened that way.
+    pub fn reopen(&self, readonly: bool) -> Result<(), Errno> {
         if self.state.read().readonly == readonly {
             return Ok(());
         }
-        let fresh = open_context(backend, readonly)?;
+        let fresh = open_context(self.backend, readonly)?;
         let mut state = self.state.write();
         match state.current.as_mut() {
             Some(current) => {
@@ -283,7 +260,7 @@ impl Plugin {
     }
 
     /// What the current context can do (nothing, once closed).
-    pub fn capabilities(&self) -> Capabilities {
+    fn caps(&self) -> Caps {
         self.state
             .read_recursive()
             .current
@@ -298,7 +275,7 @@ impl Plugin {
     }
 
     pub fn size(&self) -> u64 {
-        self.capabilities().size
+        self.caps().size
     }
 
     /// The plugin's export description, if it has one.
@@ -398,6 +375,19 @@ impl Plugin {
         Ok(())
     }
 
+    /// Tells the plugin `len` bytes at `offset` are not needed any more.
+    pub fn trim(&self, len: u64, offset: u64) -> Result<(), Errno> {
+        let entry = self.enter()?;
+        entry.check_writable()?;
+        entry.check_range("trim", offset, len)?;
+        if !entry.caps().can_trim {
+            return Err(Errno::ENOTSUP);
+        }
+        entry.in_requests(len, |raw, done, n, err| {
+            call!(raw, trim, n, offset + done, 0, err)
+        })
+    }
+
     /// Makes everything written so far durable, if the plugin can.
     pub fn flush(&self) -> Result<(), Errno> {
         flush(&self.enter()?)
@@ -418,13 +408,67 @@ fn flush(entry: &Entry<'_>) -> Result<(), Errno> {
 
 /// How to honour FUA: the plugin's flag, a flush afterwards, or nothing
 /// when the plugin can do neither (it then has no volatile cache to lose).
-fn fua_plan(caps: &Capabilities, fua: bool) -> (u32, bool) {
+fn fua_plan(caps: &Caps, fua: bool) -> (u32, bool) {
     if !fua {
         (0, false)
     } else if caps.fua > sys::NBDKIT_FUA_NONE as i32 {
         (sys::NBDKIT_FLAG_FUA, false)
     } else {
         (0, caps.can_flush)
+    }
+}
+
+/// What the filter's core sees of the plugin.
+impl Device for Plugin {
+    fn size(&self) -> u64 {
+        Plugin::size(self)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let caps = self.caps();
+        Capabilities {
+            can_write: caps.can_write,
+            can_flush: caps.can_flush,
+            native_fua: caps.fua > sys::NBDKIT_FUA_NONE as i32,
+            can_fast_zero: caps.can_fast_zero,
+            can_trim: caps.can_trim,
+        }
+    }
+
+    fn parallel(&self) -> bool {
+        Plugin::parallel(self)
+    }
+
+    fn description(&self) -> Option<String> {
+        self.export_description()
+    }
+
+    fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        Plugin::pread(self, buf, offset)
+    }
+
+    fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
+        Plugin::pwrite(self, buf, offset, fua)
+    }
+
+    fn zero(&self, len: u64, offset: u64, may_trim: bool, fast: bool) -> Result<(), Errno> {
+        Plugin::zero(self, len, offset, may_trim, fast)
+    }
+
+    fn trim(&self, len: u64, offset: u64) -> Result<(), Errno> {
+        Plugin::trim(self, len, offset)
+    }
+
+    fn flush(&self) -> Result<(), Errno> {
+        Plugin::flush(self)
+    }
+
+    fn open_writable(&self) -> Result<(), Errno> {
+        self.reopen(false)
+    }
+
+    fn close(&self) {
+        Plugin::close(self)
     }
 }
 

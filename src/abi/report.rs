@@ -80,16 +80,7 @@ macro_rules! nbd_error {
     ($($arg:tt)*) => { $crate::abi::report::error(&format!($($arg)*)) };
 }
 
-/// `nbdkit_debug` with `format!` arguments, only when `flag` is on.
-macro_rules! nbd_debug {
-    ($flag:expr, $($arg:tt)*) => {
-        if $flag.enabled() {
-            $crate::abi::report::debug(&format!($($arg)*))
-        }
-    };
-}
-
-pub(crate) use {nbd_debug, nbd_error};
+pub(crate) use nbd_error;
 
 /// Sends ext2-rs's messages to nbdkit, its debug topics behind our flags.
 pub fn install_sink() {

@@ -1,46 +1,48 @@
 //! One served file: its size, its block map, and its data path.  (What
 //! changes its map, allocating, converting and freeing blocks, is in
-//! `filter::change`.)
+//! `file::change`.)
 //!
 //! Reads and writes to blocks the file already owns go straight between the
 //! client's buffer and the plugin, holding the map shared and no library
 //! lock: pieces that follow each other in the image are one plugin request
-//! even with holes between them in the file (see `filter::coalesce`).
+//! even with holes between them in the file (see `file::coalesce`).
 //! Writes into holes of an extent file (not bigalloc) change no tree: their
 //! blocks are linked into it later and laid over it meanwhile
-//! (`filter::unlinked`), so they hold the map shared, several at once, each
-//! taking the blocks it fills from the others (`filter::ranges`).  Other
+//! (`file::overlay`), so they hold the map shared, several at once, each
+//! taking the blocks it fills from the others (`file::holes`).  Other
 //! writes that need new blocks, that turn unwritten blocks into data, and
 //! every change of a tree hold the map exclusively, so no request can use
 //! a mapping while it changes; they work on a window of the map covering
 //! the request, and the map is read again from the inode afterwards.
 
+mod change;
+pub mod coalesce;
+mod fills;
+mod holes;
+pub mod overlay;
+pub mod ranges;
+pub mod registry;
+
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-mod change;
-pub mod coalesce;
-pub mod overlay;
-pub mod ranges;
-
-use crate::abi::report::{ext2_debug_map, nbd_debug};
+use crate::file::fills::Holes;
 use crate::file::overlay::{MapChanges, OverlaidMap};
-use crate::file::ranges::BlockRanges;
 use crate::pool;
-use crate::volume::Shared;
+use crate::volume::{FoundFile, Volume};
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::extent_map::{Content, FileMap, Piece};
-use ext2_rs::lazy_map::LazyMap;
-use ext2_rs::txn::LINK_AT;
 use ext2_rs::{Ino, Layout};
+
+pub use registry::Files;
 
 pub struct ServedFile {
     pub ino: Ino,
     pub path: String,
     pub size: u64,
-    pub(super) layout: Layout,
+    layout: Layout,
     /// Blocks per allocation cluster (bigalloc), 1 otherwise.
     cluster_ratio: u64,
     /// Blocks can be freed (`mapping::punch`): extents, no bigalloc.
@@ -49,29 +51,9 @@ pub struct ServedFile {
     /// or inline data).
     read_only: Option<String>,
     map: RwLock<OverlaidMap>,
-    /// The last write needed new blocks: the next one likely does too, and
-    /// takes the map exclusively at once instead of looking first (where
-    /// writes into holes cannot share the map: see `fills_concurrently`).
-    filling: AtomicBool,
-    /// The blocks writers sharing the map fill (`filter::ranges`).
-    pub(super) ranges: BlockRanges,
-    /// A writer is linking writes into holes in place
-    /// ([`ServedFile::link_in_place`]): others need not.
-    linking: AtomicBool,
+    /// What writers into its holes share (`file::holes`).
+    holes: Holes,
 }
-
-/// The one writer of a file linking its writes into holes, until dropped.
-struct Linker<'a>(&'a AtomicBool);
-
-impl Drop for Linker<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
-/// Extents one change links in place (see [`ServedFile::link_in_place`]):
-/// the library lock is let go of between changes, so writers go on.
-const IN_PLACE_BATCH: usize = 128;
 
 /// How a range of the file reads, for block status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,15 +66,15 @@ pub enum Status {
 }
 
 impl ServedFile {
-    pub fn new(
-        ino: Ino,
-        path: String,
-        size: u64,
-        layout: Layout,
-        cluster_ratio: u64,
-        map: LazyMap,
-        read_only: Option<String>,
-    ) -> ServedFile {
+    pub fn new(path: String, found: FoundFile) -> ServedFile {
+        let FoundFile {
+            ino,
+            size,
+            layout,
+            cluster_ratio,
+            map,
+            read_only,
+        } = found;
         // Inline-data files are served read-only: libext2fs 1.47.0's
         // inline-data write path corrupts them.
         let read_only = read_only.or_else(|| {
@@ -108,15 +90,8 @@ impl ServedFile {
             punchable: layout == Layout::Extents && cluster_ratio == 1,
             read_only,
             map: RwLock::new(OverlaidMap::new(map)),
-            filling: AtomicBool::new(false),
-            linking: AtomicBool::new(false),
-            ranges: BlockRanges::default(),
+            holes: Holes::default(),
         }
-    }
-
-    /// Blocks per allocation cluster (bigalloc), 1 otherwise.
-    pub(super) fn cluster_ratio(&self) -> u64 {
-        self.cluster_ratio
     }
 
     /// Whether the file may be written (see `read_only`).
@@ -125,12 +100,12 @@ impl ServedFile {
     }
 
     /// Where in `buf` a piece of a request starting at `offset` goes.
-    pub(super) fn span(piece: &Piece, offset: u64) -> Range<usize> {
+    pub(crate) fn span(piece: &Piece, offset: u64) -> Range<usize> {
         coalesce::span(piece, offset)
     }
 
     /// The map, shared; read again first if a change left it stale.
-    pub(super) fn map_shared(&self) -> Result<RwLockReadGuard<'_, OverlaidMap>> {
+    pub(crate) fn map_shared(&self) -> Result<RwLockReadGuard<'_, OverlaidMap>> {
         let map = self.map.read();
         if !map.is_stale() {
             return Ok(map);
@@ -140,7 +115,7 @@ impl ServedFile {
     }
 
     /// The map, exclusively (to change it); read again first if stale.
-    pub(super) fn map_exclusive(&self) -> Result<RwLockWriteGuard<'_, OverlaidMap>> {
+    pub(crate) fn map_exclusive(&self) -> Result<RwLockWriteGuard<'_, OverlaidMap>> {
         let mut map = self.map.write();
         if map.is_stale() {
             map.reload()?;
@@ -151,7 +126,7 @@ impl ServedFile {
     /// The window of the map a change of bytes `[offset, offset + len)`
     /// looks at: its blocks, the block before them (where new blocks are
     /// best placed), all rounded out to whole clusters.
-    pub(super) fn change_window(
+    pub(crate) fn change_window(
         &self,
         map: &OverlaidMap,
         offset: u64,
@@ -161,31 +136,31 @@ impl ServedFile {
     }
 
     /// The file blocks [`Self::change_window`] covers.
-    pub(super) fn window_blocks(&self, bs: u64, offset: u64, len: u64) -> Range<u64> {
+    pub(crate) fn window_blocks(&self, bs: u64, offset: u64, len: u64) -> Range<u64> {
         let ratio = self.cluster_ratio.max(1);
         let first = (offset / bs).saturating_sub(1) / ratio * ratio;
         let end = (offset + len).div_ceil(bs).div_ceil(ratio) * ratio;
         first..end
     }
 
-    pub fn read(&self, shared: &Shared, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub fn read(&self, volume: &Volume, buf: &mut [u8], offset: u64) -> Result<()> {
         if self.layout == Layout::Inline {
-            return shared.lock_fs()?.read_via_library(self.ino, buf, offset);
+            return volume.lock_fs()?.read_via_library(self.ino, buf, offset);
         }
         let map = self.map_shared()?;
         let mut pieces = Vec::new();
         map.pieces(offset, buf.len() as u64, &mut pieces)?;
-        read_pieces(shared, &pieces, buf, offset)
+        read_pieces(volume, &pieces, buf, offset)
     }
 
-    pub fn write(&self, shared: &Shared, data: &[u8], offset: u64, fua: bool) -> Result<()> {
-        if !shared.writable() {
+    pub fn write(&self, volume: &Volume, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        if !volume.writable() {
             return Err(Error::other(Errno::EROFS, "the filesystem is read-only"));
         }
         if let Some(why) = &self.read_only {
             return Err(Error::other(Errno::EROFS, why.clone()));
         }
-        let end_block = (offset + data.len() as u64).div_ceil(u64::from(shared.block_size));
+        let end_block = (offset + data.len() as u64).div_ceil(u64::from(volume.block_size));
         if self.layout == Layout::Extents && end_block > 1 << 32 {
             // Only a damaged size reaches here: blocks allocated there could
             // never be linked.
@@ -195,43 +170,10 @@ impl ServedFile {
             ));
         }
         if self.fills_concurrently() {
-            // One look at the tree serves both the check and the fill:
-            // while the map is held shared the tree changes only by leaves
-            // gaining extents the overlay shows too (`link_in_place`).
-            let map = self.map_shared()?;
-            let blocks = self.window_blocks(map.block_size(), offset, data.len() as u64);
-            let tree = map.tree_window(blocks)?;
-            let pieces = map.overlaid(&tree).pieces(offset, data.len() as u64);
-            if pieces
-                .iter()
-                .all(|p| matches!(p.content, Content::Data { .. }))
-            {
-                return write_pieces(shared, &pieces, data, offset, fua);
+            if self.write_shared(volume, data, offset, fua)? {
+                return Ok(());
             }
-            let unwritten = pieces
-                .iter()
-                .any(|p| matches!(p.content, Content::Unwritten { .. }));
-            if !unwritten {
-                let filled = self.fill_holes_shared(shared, &map, &tree, data, offset, fua)?;
-                if let Some(waiting) = filled {
-                    let linker = if waiting >= LINK_AT {
-                        self.link_in_place(shared, &map)?
-                    } else {
-                        None
-                    };
-                    // Let go of the map before anything takes it alone.
-                    drop(map);
-                    if linker.is_some() {
-                        self.link_unlinked(shared)?;
-                    }
-                    drop(linker);
-                    if fua {
-                        shared.flush()?;
-                    }
-                    return Ok(());
-                }
-            }
-        } else if !self.filling.load(Ordering::Relaxed) {
+        } else if !self.holes.filling.load(Ordering::Relaxed) {
             let map = self.map_shared()?;
             let mut pieces = Vec::new();
             map.pieces(offset, data.len() as u64, &mut pieces)?;
@@ -239,7 +181,7 @@ impl ServedFile {
                 .iter()
                 .all(|p| matches!(p.content, Content::Data { .. }))
             {
-                return write_pieces(shared, &pieces, data, offset, fua);
+                return write_pieces(volume, &pieces, data, offset, fua);
             }
         }
         // Some blocks must be allocated or converted: take the map for
@@ -250,30 +192,30 @@ impl ServedFile {
         let needs_blocks = pieces
             .iter()
             .any(|p| !matches!(p.content, Content::Data { .. }));
-        self.filling.store(needs_blocks, Ordering::Relaxed);
+        self.holes.filling.store(needs_blocks, Ordering::Relaxed);
         let mut changes = MapChanges::default();
         let result = (|| {
-            write_pieces(shared, &pieces, data, offset, fua)?;
+            write_pieces(volume, &pieces, data, offset, fua)?;
             for piece in &pieces {
                 let bytes = &data[Self::span(piece, offset)];
                 match piece.content {
                     Content::Data { .. } => {}
                     Content::Hole => {
-                        self.fill_hole(shared, &map, &mut window, piece, bytes, &mut changes)?;
+                        self.fill_hole(volume, &map, &mut window, piece, bytes, &mut changes)?;
                     }
                     Content::Unwritten { image_offset } => {
                         changes.tree = true;
-                        self.fill_unwritten(shared, &mut window, piece, image_offset, bytes)?;
+                        self.fill_unwritten(volume, &mut window, piece, image_offset, bytes)?;
                     }
                 }
             }
             Ok(())
         })();
         let changed = changes.any();
-        self.after_change(shared, &mut map, changes, result)?;
+        self.after_change(volume, &mut map, changes, result)?;
         drop(map);
         if fua && changed {
-            shared.flush()?;
+            self.make_durable(volume)?;
         }
         Ok(())
     }
@@ -282,7 +224,7 @@ impl ServedFile {
     /// succeeded: the map follows them (see [`OverlaidMap::follow`]).
     fn after_change(
         &self,
-        shared: &Shared,
+        volume: &Volume,
         map: &mut OverlaidMap,
         changes: MapChanges,
         result: Result<()>,
@@ -290,73 +232,8 @@ impl ServedFile {
         if !changes.any() {
             return result;
         }
-        let followed = map.follow(changes, || shared.unlinked(self.ino));
+        let followed = map.follow(changes, || self.unlinked_extents(volume));
         result.and(followed)
-    }
-
-    /// Links this file's writes into holes that wait (see
-    /// `filter::unlinked`) into its tree, holding its map exclusively.
-    pub(super) fn link_unlinked(&self, shared: &Shared) -> Result<()> {
-        if !self.map.read().has_unlinked() {
-            return Ok(());
-        }
-        let mut map = self.map_exclusive()?;
-        if !map.has_unlinked() {
-            return Ok(());
-        }
-        let waiting = map.unlinked_blocks();
-        let (changes, linked) = match shared.link_pending(self.ino) {
-            // The map knew of every link made before (its overlay held
-            // just what was pending): it may keep the nodes not rewritten.
-            Ok(linked) if linked.blocks == waiting => {
-                (MapChanges::tree_rewrote(linked.rewritten), Ok(()))
-            }
-            Ok(linked) => {
-                nbd_debug!(
-                    ext2_debug_map,
-                    "{}: {} blocks were linked unseen: reading the whole tree again",
-                    self.path,
-                    waiting.saturating_sub(linked.blocks)
-                );
-                (MapChanges::tree_changed(), Ok(()))
-            }
-            Err(e) => (MapChanges::tree_changed(), Err(e)),
-        };
-        self.after_change(shared, &mut map, changes, linked)
-    }
-
-    /// Links the writes into holes that wait and go into their leaves in
-    /// place, holding `map` only shared, a batch per change: the other
-    /// writers of the file go on meanwhile (a tree that keeps its shape and
-    /// nodes can be walked while its leaves gain extents the overlay also
-    /// shows).  What needs the tree reshaped waits for
-    /// [`ServedFile::link_unlinked`], which also has the map follow: the
-    /// caller's next step, while it holds the [`Linker`] returned.  One
-    /// writer at a time does this; for the others it returns `None` at
-    /// once, and they go on writing.
-    fn link_in_place(&self, shared: &Shared, map: &OverlaidMap) -> Result<Option<Linker<'_>>> {
-        if self.linking.swap(true, Ordering::Acquire) {
-            return Ok(None);
-        }
-        let linker = Linker(&self.linking);
-        let mut from = Some(0);
-        let mut blocks = 0;
-        while let Some(at) = from {
-            let (linked, next) = shared.link_in_place_some(self.ino, at, IN_PLACE_BATCH)?;
-            // A batch none of which fits (a tree still in the inode, say):
-            // the rest are left to the exclusive link too.
-            from = next.filter(|_| linked.blocks > 0);
-            blocks += linked.blocks;
-            map.note_linked(linked);
-        }
-        if blocks > 0 {
-            nbd_debug!(
-                ext2_debug_map,
-                "{}: linked {blocks} blocks of writes into holes in place while writes went on",
-                self.path
-            );
-        }
-        Ok(Some(linker))
     }
 
     /// Block status of `[offset, offset + len)`, as runs of like status.
@@ -387,10 +264,10 @@ impl ServedFile {
         self.punchable
     }
 
-    fn check_writable(&self, shared: &Shared) -> Result<()> {
+    fn check_writable(&self, volume: &Volume) -> Result<()> {
         match &self.read_only {
             Some(why) => Err(Error::other(Errno::EROFS, why.clone())),
-            None if !shared.writable() => Err(Error::other(
+            None if !volume.writable() => Err(Error::other(
                 Errno::EROFS,
                 format!("{}: read-only", self.path),
             )),
@@ -400,16 +277,16 @@ impl ServedFile {
 
     /// Frees the whole blocks of a range (extent files; elsewhere a no-op,
     /// as trim is only advice).
-    pub fn trim(&self, shared: &Shared, offset: u64, len: u64) -> Result<()> {
-        self.check_writable(shared)?;
+    pub fn trim(&self, volume: &Volume, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(volume)?;
         if !self.can_trim() {
             return Ok(());
         }
         let mut map = self.map_exclusive()?;
         let mut window = self.change_window(&map, offset, len)?;
         let blocks = whole_blocks(window.block_size(), self.size, offset, len);
-        let result = self.punch(shared, &mut window, blocks);
-        self.after_change(shared, &mut map, MapChanges::tree_changed(), result)
+        let result = self.punch(volume, &mut window, blocks);
+        self.after_change(volume, &mut map, MapChanges::tree_changed(), result)
     }
 
     /// Zeroes a range.  Holes and unwritten blocks already read as zeroes;
@@ -418,13 +295,13 @@ impl ServedFile {
     /// before changing anything if that would mean writing zeroes slowly.
     pub fn zero(
         &self,
-        shared: &Shared,
+        volume: &Volume,
         offset: u64,
         len: u64,
         may_trim: bool,
         fast: bool,
     ) -> Result<()> {
-        self.check_writable(shared)?;
+        self.check_writable(volume)?;
         let punching = may_trim && self.can_trim();
         let mut map = self.map_exclusive()?;
         let mut window = self.change_window(&map, offset, len)?;
@@ -440,19 +317,19 @@ impl ServedFile {
             .filter(|p| matches!(p.content, Content::Data { .. }))
             .flat_map(|p| outside(&p, freed.start * bs, freed.end * bs))
             .collect();
-        if fast && !in_place.is_empty() && !shared.plugin().capabilities().can_fast_zero {
+        if fast && !in_place.is_empty() && !volume.device().capabilities().can_fast_zero {
             return Err(Error::Device(Errno::ENOTSUP));
         }
-        let punched = self.punch(shared, &mut window, freed.clone());
+        let punched = self.punch(volume, &mut window, freed.clone());
         let changes = if freed.is_empty() {
             MapChanges::default()
         } else {
             MapChanges::tree_changed()
         };
-        self.after_change(shared, &mut map, changes, punched)?;
+        self.after_change(volume, &mut map, changes, punched)?;
         for piece in in_place {
             if let Content::Data { image_offset } = piece.content {
-                shared.image.zero(piece.len, image_offset, may_trim, fast)?;
+                volume.image.zero(piece.len, image_offset, may_trim, fast)?;
             }
         }
         Ok(())
@@ -460,20 +337,20 @@ impl ServedFile {
 }
 
 /// A read may span a gap this large in the image between two runs of the
-/// file's data (see `filter::coalesce`).
+/// file's data (see `file::coalesce`).
 const READ_GAP: u64 = 16 << 10;
 
 /// Reads a request's pieces into `buf` (the request at `offset`): each run
 /// of pieces contiguous in the image in one plugin request, several at once
 /// when the plugin allows; holes and unwritten blocks as zeroes.
-fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -> Result<()> {
+fn read_pieces(volume: &Volume, pieces: &[Piece], buf: &mut [u8], offset: u64) -> Result<()> {
     if let [Piece {
         content: Content::Data { image_offset },
         ..
     }] = pieces
     {
         // The common case, with nothing to group or allocate.
-        return Ok(shared.image.pread(buf, *image_offset)?);
+        return Ok(volume.image.pread(buf, *image_offset)?);
     }
     let runs = coalesce::runs(pieces, offset, READ_GAP);
     // Zero what no run covers, and give each run its part of the buffer.
@@ -489,13 +366,13 @@ fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -
         jobs.push((run, dst));
     }
     rest.fill(0);
-    let parallel = shared.plugin().parallel();
+    let parallel = volume.device().parallel();
     pool::run_all(parallel, pool::FAN_OUT, jobs, &|(run, dst)| -> Result<()> {
         if run.is_direct() {
-            shared.image.pread(dst, run.image_offset)?;
+            volume.image.pread(dst, run.image_offset)?;
         } else {
             let mut image = vec![0u8; run.image_len as usize];
-            shared.image.pread(&mut image, run.image_offset)?;
+            volume.image.pread(&mut image, run.image_offset)?;
             coalesce::scatter(run, pieces, offset, &image, dst);
         }
         Ok(())
@@ -507,22 +384,22 @@ fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -
 /// Writes the data pieces of a request (`data`, at `offset`): each run of
 /// pieces contiguous in the image in one plugin request, several at once
 /// when the plugin allows.  Other pieces are left to the caller.
-pub(super) fn write_pieces(
-    shared: &Shared,
+pub(crate) fn write_pieces(
+    volume: &Volume,
     pieces: &[Piece],
     data: &[u8],
     offset: u64,
     fua: bool,
 ) -> Result<()> {
     let runs = coalesce::runs(pieces, offset, 0);
-    let parallel = shared.plugin().parallel();
+    let parallel = volume.device().parallel();
     pool::run_all(parallel, pool::FAN_OUT, runs, &|run| -> Result<()> {
         let from = &data[run.span.clone()];
         if run.is_direct() {
-            shared.image.pwrite(from, run.image_offset, fua)?;
+            volume.image.pwrite(from, run.image_offset, fua)?;
         } else {
             let image = coalesce::gather(&run, pieces, offset, from);
-            shared.image.pwrite(&image, run.image_offset, fua)?;
+            volume.image.pwrite(&image, run.image_offset, fua)?;
         }
         Ok(())
     })

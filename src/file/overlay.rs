@@ -15,7 +15,7 @@ use std::ops::Range;
 use parking_lot::Mutex;
 
 use ext2_rs::error::{Errno, Error, Result};
-use ext2_rs::extent_map::{pieces_in, Extent, ExtentSet, FileMap, Piece};
+use ext2_rs::extent_map::{pieces_in, Content, Extent, ExtentSet, FileMap, Piece};
 use ext2_rs::lazy_map::LazyMap;
 use ext2_rs::txn::Linked;
 
@@ -241,6 +241,23 @@ impl OverlaidMap {
             window.replace_range(e.logical, e.end(), &[e]);
         }
         window
+    }
+
+    /// Where new blocks for file block `logical` go: after the block
+    /// before it when `window` (a window of this map) shows one, with no
+    /// lookup; else [`OverlaidMap::placement_goal`]; `None` when nothing is
+    /// near (libext2fs's goal then applies).
+    pub fn goal(&self, window: &FileMap, logical: u64) -> Option<u64> {
+        let bs = window.block_size();
+        let before = logical
+            .checked_sub(1)
+            .map(|block| window.pieces(block * bs, 1)[0].content);
+        match before {
+            Some(Content::Data { image_offset }) | Some(Content::Unwritten { image_offset }) => {
+                Some(image_offset / bs + 1)
+            }
+            _ => self.placement_goal(logical),
+        }
     }
 
     /// Where file block `logical` would lie if the file were laid out as

@@ -9,18 +9,7 @@ pub enum Target {
     ExportName,
 }
 
-/// What to do with an image whose journal needs recovery (`ext2journal=`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum JournalMode {
-    /// `memory` (the default): replay the journal in memory only and serve
-    /// the image read-only; nothing is written.
-    #[default]
-    Memory,
-    /// `replay`: when the server and the plugin can write, write the replay
-    /// into the image, mark the journal empty and clear `needs_recovery` as
-    /// e2fsck does, then serve read-write.
-    Replay,
-}
+pub use crate::volume::JournalMode;
 
 impl JournalMode {
     /// The parameter's value, or `Err` with nbdkit-style wording.
@@ -184,17 +173,6 @@ pub fn path_for(target: &Target, export_name: &str) -> String {
         Target::ExportName if export_name.starts_with('/') => export_name.to_string(),
         Target::ExportName => format!("/{export_name}"),
     }
-}
-
-/// The path libext2fs should look up, as a kernel would read it: repeated
-/// slashes count as one, and a trailing slash names a directory, which can
-/// never be served (`Err` with the message).
-pub fn lookup_path(path: &str) -> Result<String, String> {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    if path.ends_with('/') && !parts.is_empty() {
-        return Err(format!("{path}: must be a regular file in the disk image"));
-    }
-    Ok(format!("/{}", parts.join("/")))
 }
 
 #[cfg(test)]
@@ -371,16 +349,6 @@ mod tests {
             };
             assert_eq!(ConfigBuilder::default().set(key, value), Ok(true), "{key}");
         }
-    }
-
-    #[test]
-    fn lookup_paths_are_normalized() {
-        assert_eq!(lookup_path("//disks//disk.img").unwrap(), "/disks/disk.img");
-        assert_eq!(lookup_path("/").unwrap(), "/");
-        assert_eq!(lookup_path("/a/../b").unwrap(), "/a/../b");
-        assert!(lookup_path("/disks/disk.img/")
-            .unwrap_err()
-            .contains("must be a regular file"));
     }
 
     #[test]

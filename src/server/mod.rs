@@ -1,80 +1,17 @@
-//! The filter's logic, in safe Rust: what each nbdkit callback does.
-//!
-//! `callbacks.rs` turns nbdkit's C calls into calls of the functions here;
-//! nothing here touches a raw pointer.
+//! The server: its configuration, what it opens at start, and the
+//! connections it serves, in safe Rust that never names nbdkit (`abi`
+//! turns nbdkit's callbacks into calls here).
 
 pub mod config;
 pub mod exports;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
-use crate::abi::nbdkit::{Backend, Plugin};
-use crate::abi::report::error as report_error;
-use crate::file::{ServedFile, Status};
-use crate::volume::open as opening;
-use crate::volume::Shared;
-use config::{Config, ConfigBuilder, Target};
+use crate::device::Device;
+use crate::file::{Files, ServedFile, Status};
+use crate::volume::Volume;
+use config::{Config, Target};
 use ext2_rs::error::{Errno, Error, Result};
-
-static BUILDER: Mutex<Option<ConfigBuilder>> = Mutex::new(None);
-/// Set by `.config_complete`, cleared by `.unload` (so that nothing is left
-/// allocated when nbdkit unloads us).
-static CONFIG: Mutex<Option<Arc<Config>>> = Mutex::new(None);
-/// Whether the plugin takes only one request at a time per handle.
-static SERIALIZE_PLUGIN: AtomicBool = AtomicBool::new(false);
-/// What `.after_fork` opened, until `.cleanup`.
-static STARTED: Mutex<Option<Arc<Started>>> = Mutex::new(None);
-
-/// `.config`: `Ok(true)` if the key was ours.
-pub fn config(key: &str, value: &str) -> std::result::Result<bool, String> {
-    BUILDER
-        .lock()
-        .get_or_insert_with(ConfigBuilder::default)
-        .set(key, value)
-}
-
-/// `.config_complete`
-pub fn config_complete() -> std::result::Result<(), String> {
-    let builder = BUILDER.lock().take().unwrap_or_default();
-    *CONFIG.lock() = Some(Arc::new(builder.finish()?));
-    Ok(())
-}
-
-/// `.unload`: frees the configuration.
-pub fn unload() {
-    BUILDER.lock().take();
-    CONFIG.lock().take();
-}
-
-fn current_config() -> Arc<Config> {
-    CONFIG
-        .lock()
-        .clone()
-        .expect("config_complete ran before any connection")
-}
-
-pub fn exportname_mode() -> bool {
-    current_config().target == Target::ExportName
-}
-
-/// The file served for export "" in exportname mode, if one was chosen.
-pub fn default_export() -> Option<String> {
-    current_config().default_export.clone()
-}
-
-/// `.list_exports` in exportname mode: the image's regular files.
-pub fn list_exports() -> Result<Vec<exports::ListedFile>> {
-    let max = current_config().max_exports;
-    if max == 0 {
-        return Ok(Vec::new());
-    }
-    let shared = started()?.shared.clone();
-    let mut fs = shared.lock_fs()?;
-    exports::list_files(&mut fs, max)
-}
 
 /// `.dump_plugin` (nbdkit 1.43.9 on): what `nbdkit --dump-plugin` shows
 /// about the filter besides its path and name, as `(key, value)` pairs:
@@ -95,126 +32,98 @@ pub fn dump_fields() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// `.get_ready`: learns the thread model nbdkit settled on.
-pub fn get_ready(serialize_requests: bool) {
-    SERIALIZE_PLUGIN.store(serialize_requests, Ordering::Relaxed);
-}
-
 /// The filesystem every connection shares, opened at start.
-struct Started {
-    shared: Arc<Shared>,
+pub struct Server {
+    config: Arc<Config>,
+    files: Arc<Files>,
     /// With `ext2file=/PATH`: that file, found at start and kept for every
     /// connection.
     _file: Option<Arc<ServedFile>>,
-    /// Whether the first writable connection's re-open has settled; held
-    /// while it runs, so that other writable connections wait for it.
-    reopened: Mutex<bool>,
-    /// Whether the log says why the journal stays unwritten (told once, by
-    /// the first read-only connection or the re-open).
-    told_read_only: AtomicBool,
 }
 
-/// `.after_fork`: opens the plugin and the filesystem, read-only, and with
-/// `ext2file=/PATH` finds the file, so that a bad image or path stops nbdkit
-/// at start instead of failing every client.
-pub fn after_fork(backend: Backend) -> Result<()> {
-    let config = current_config();
-    let plugin = Plugin::open(backend, true, SERIALIZE_PLUGIN.load(Ordering::Relaxed))?;
-    let shared = Arc::new(Shared::open(plugin, config.map_cache)?);
-    let file = match &config.target {
-        Target::File(path) => Some(shared.open_file(path)?),
-        Target::ExportName => None,
-    };
-    *STARTED.lock() = Some(Arc::new(Started {
-        shared,
-        _file: file,
-        reopened: Mutex::new(false),
-        told_read_only: AtomicBool::new(false),
-    }));
-    Ok(())
-}
-
-fn started() -> Result<Arc<Started>> {
-    STARTED
-        .lock()
-        .clone()
-        .ok_or_else(|| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))
-}
-
-impl Started {
-    /// Readies the filesystem for a connection that may write (`writable`)
-    /// or not.  The first that may write re-opens it read-write, once;
-    /// connections arriving meanwhile wait here until that has settled.
-    fn admit(&self, backend: Backend, writable: bool) -> Result<()> {
-        let journal = current_config().journal;
-        if !writable {
-            if let Some(note) = opening::read_only_note(&self.shared, journal) {
-                if !self.told_read_only.swap(true, Ordering::Relaxed) {
-                    report_error(note);
-                }
-            }
-            return Ok(());
-        }
-        let mut settled = self.reopened.lock();
-        if !*settled {
-            opening::reopen_writable(&self.shared, backend, journal)?;
-            *settled = true;
-            // It said why, if the image stays read-only: a read-only
-            // connection has nothing to add.
-            self.told_read_only.store(true, Ordering::Relaxed);
-        }
-        Ok(())
+impl Server {
+    /// `.after_fork`: opens the filesystem over `device` read-only, and
+    /// with `ext2file=/PATH` finds the file, so that a bad image or path
+    /// stops nbdkit at start instead of failing every client.
+    pub fn start(config: Arc<Config>, device: Arc<dyn Device>) -> Result<Server> {
+        let volume = Arc::new(Volume::open(device, config.map_cache)?);
+        let files = Arc::new(Files::new(volume));
+        let file = match &config.target {
+            Target::File(path) => Some(files.open(path)?),
+            Target::ExportName => None,
+        };
+        Ok(Server {
+            config,
+            files,
+            _file: file,
+        })
     }
-}
 
-/// `.cleanup`: closes the filesystem (writing its metadata) and the plugin.
-pub fn cleanup() {
-    if let Some(started) = STARTED.lock().take() {
-        started.shared.shutdown();
+    pub fn config(&self) -> &Config {
+        &self.config
     }
-    crate::pool::shutdown();
+
+    pub fn files(&self) -> &Arc<Files> {
+        &self.files
+    }
+
+    /// `.list_exports` in exportname mode: the image's regular files.
+    pub fn list_exports(&self) -> Result<Vec<exports::ListedFile>> {
+        let max = self.config.max_exports;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut fs = self.files.volume().lock_fs()?;
+        exports::list_files(&mut fs, max)
+    }
+
+    /// `.open`: a connection to the filesystem opened at start; the first
+    /// that may write has it re-opened read-write before it goes on.
+    pub fn connect(&self, readonly: bool, export_name: &str) -> Result<Connection> {
+        self.files.admit(!readonly, self.config.journal)?;
+        Ok(Connection {
+            export_name: export_name.to_string(),
+            readonly,
+            config: self.config.clone(),
+            files: self.files.clone(),
+            file: None,
+        })
+    }
+
+    /// `.cleanup`: closes the filesystem (writing its metadata) and the
+    /// device.
+    pub fn shutdown(&self) {
+        self.files.shutdown();
+    }
 }
 
 /// Per-connection state: which file, on which shared filesystem.
 pub struct Connection {
     export_name: String,
     readonly: bool,
-    shared: Arc<Shared>,
+    config: Arc<Config>,
+    files: Arc<Files>,
     file: Option<Arc<ServedFile>>,
 }
 
 impl Connection {
-    /// `.open`: a connection to the filesystem opened at start; the first
-    /// that may write has it re-opened read-write before it goes on.
-    pub fn open(backend: Backend, readonly: bool, export_name: &str) -> Result<Connection> {
-        let started = started()?;
-        started.admit(backend, !readonly)?;
-        Ok(Connection {
-            export_name: export_name.to_string(),
-            readonly,
-            shared: started.shared.clone(),
-            file: None,
-        })
-    }
-
     /// The path inside the image this connection serves.
     pub fn path(&self) -> String {
-        let config = current_config();
-        match &config.default_export {
+        match &self.config.default_export {
             Some(default) if self.export_name.is_empty() => default.clone(),
-            _ => config::path_for(&config.target, &self.export_name),
+            _ => config::path_for(&self.config.target, &self.export_name),
         }
     }
 
     /// `.prepare`: resolves the file and builds (or shares) its map.
     pub fn prepare(&mut self) -> Result<()> {
         let path = self.path();
-        self.file = Some(self.shared.open_file(&path)?);
+        self.file = Some(self.files.open(&path)?);
         Ok(())
     }
 
-    pub fn plugin(&self) -> &Plugin {
-        self.shared.plugin()
+    fn volume(&self) -> &Volume {
+        self.files.volume()
     }
 
     fn file(&self) -> Result<&ServedFile> {
@@ -228,16 +137,16 @@ impl Connection {
     }
 
     pub fn block_size(&self) -> u32 {
-        self.shared.block_size
+        self.volume().block_size
     }
 
     pub fn can_write(&self) -> Result<bool> {
-        Ok(!self.readonly && self.shared.writable() && self.file()?.writable())
+        Ok(!self.readonly && self.volume().writable() && self.file()?.writable())
     }
 
     /// `.export_description`, in the C filter's words.
     pub fn description(&self) -> Option<String> {
-        let base = self.plugin().export_description()?;
+        let base = self.volume().device().description()?;
         Some(format!(
             "embedded '{}' from within ext2 image: {base}",
             self.path()
@@ -245,11 +154,11 @@ impl Connection {
     }
 
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file()?.read(&self.shared, buf, offset)
+        self.file()?.read(self.volume(), buf, offset)
     }
 
     pub fn pwrite(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.file()?.write(&self.shared, data, offset, fua)
+        self.file()?.write(self.volume(), data, offset, fua)
     }
 
     pub fn can_trim(&self) -> Result<bool> {
@@ -257,24 +166,24 @@ impl Connection {
     }
 
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.file()?.trim(&self.shared, offset, len)?;
+        self.file()?.trim(self.volume(), offset, len)?;
         if fua {
-            self.shared.flush()?;
+            self.files.flush()?;
         }
         Ok(())
     }
 
     pub fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool, fua: bool) -> Result<()> {
         self.file()?
-            .zero(&self.shared, offset, len, may_trim, fast)?;
+            .zero(self.volume(), offset, len, may_trim, fast)?;
         if fua {
-            self.shared.flush()?;
+            self.files.flush()?;
         }
         Ok(())
     }
 
     pub fn flush(&self) -> Result<()> {
-        self.shared.flush()
+        self.files.flush()
     }
 
     pub fn status(&self, offset: u64, len: u64) -> Result<Vec<(u64, Status)>> {

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::abi::report::{ext2_debug_journal, nbd_debug};
-use crate::volume::FsState;
-use ext2_rs::txn::Durability;
+use ext2_rs::log::Topic;
 
 /// How long a metadata change may wait for its commit.
 pub const INTERVAL: Duration = Duration::from_secs(1);
@@ -31,22 +29,23 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the thread, unless it runs already or was stopped.
-    pub fn ensure_started(&self, state: &Arc<Mutex<Option<FsState>>>) {
+    /// Starts the thread, unless it runs already or was stopped: it calls
+    /// `tick` every half [`INTERVAL`] until stopped (`tick` commits what
+    /// has waited an [`INTERVAL`]).
+    pub fn ensure_started(&self, tick: impl Fn() + Send + 'static) {
         let mut running = self.running.lock();
         if running.is_some() {
             return;
         }
         let signal = Arc::new(Signal::default());
-        let state = Arc::clone(state);
         let thread_signal = Arc::clone(&signal);
         let spawned = std::thread::Builder::new()
             .name("ext2-commit".into())
-            .spawn(move || run(&thread_signal, &state));
+            .spawn(move || run(&thread_signal, tick));
         match spawned {
             Ok(handle) => *running = Some((signal, handle)),
-            Err(e) => nbd_debug!(
-                ext2_debug_journal,
+            Err(e) => ext2_rs::debug!(
+                Topic::Journal,
                 "cannot start the commit thread ({e}): metadata is committed at flushes only"
             ),
         }
@@ -63,7 +62,7 @@ impl Committer {
     }
 }
 
-fn run(signal: &Signal, state: &Mutex<Option<FsState>>) {
+fn run(signal: &Signal, tick: impl Fn()) {
     loop {
         {
             let mut stop = signal.stop.lock();
@@ -74,19 +73,6 @@ fn run(signal: &Signal, state: &Mutex<Option<FsState>>) {
                 return;
             }
         }
-        let mut guard = state.lock();
-        let Some(FsState { fs, tx: Some(tx) }) = guard.as_mut() else {
-            continue;
-        };
-        if tx.age().is_some_and(|age| age >= INTERVAL) {
-            if let Err(e) = tx.commit(fs, Durability::Recoverable) {
-                // Kept in memory; the next commit or a client's flush
-                // tries again, and the flush reports it.
-                nbd_debug!(
-                    ext2_debug_journal,
-                    "the background commit failed ({e}): retried later"
-                );
-            }
-        }
+        tick();
     }
 }

@@ -1,85 +1,83 @@
-//! The one filesystem all connections share, the registry of files being
-//! served from it, and the one way to change its metadata
-//! ([`Shared::change`]).
+//! The one filesystem all connections share: opened read-only over the
+//! device at start, re-opened read-write once for the first connection
+//! that may write ([`Volume::admit`]), changed only through
+//! [`Volume::change`] and friends, committed by [`Volume::commit`], in the
+//! background ([`committer`]) and at [`Volume::shutdown`].
 //!
-//! Lock order, outermost first: the registry, a file's map, the filesystem
-//! lock.  Plugin I/O for file data happens under a file's map lock; only a
-//! change's own data (the blocks it links) is written under the filesystem
-//! lock, so that a change is one unit.
+//! Every libext2fs call goes through the one door ([`door`]).  Lock order,
+//! outermost first: the served-file registry (`file::registry`), a file's
+//! map, the door.  Plugin I/O for file data happens under a file's map
+//! lock; only a change's own data (the blocks it links) is written through
+//! the door, so that a change is one unit.
 //!
 //! A file's extent tree changes only under its map lock held exclusively
 //! (its readers walk the tree with no library lock: `ext2_rs::lazy_map`):
 //! changes name the file they change, and `ext2_rs::txn` changes a tree
 //! only in such a change, or when asked to link a file's pending writes
-//! ([`Shared::link_pending`]), which the file's own code does under its
-//! lock; [`Shared::flush`] takes each file's lock to ask.
-
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Instant;
+//! (`file::holes`), which the file's own code does under its lock.
 
 pub mod committer;
+pub mod door;
 pub mod open;
 
-use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use crate::abi::plugin::Plugin;
-use crate::abi::report::{ext2_debug_lock, ext2_debug_map, nbd_debug, nbd_error};
-use crate::file::overlay::written_extents;
-use crate::file::ServedFile;
+use parking_lot::{MappedMutexGuard, Mutex};
+
+use crate::device::Device;
 use crate::image::{Image, MapDevice};
-use crate::volume::committer::Committer;
+use crate::volume::committer::{Committer, INTERVAL};
+use crate::volume::door::{Door, FsState};
+use crate::volume::open::Reopened;
 use ext2_rs::error::{Errno, Error, Result};
-use ext2_rs::extent_map::Extent;
 use ext2_rs::lazy_map::{LazyMap, MapSource};
-use ext2_rs::mapping::BlockRuns;
+use ext2_rs::log::{self, Topic};
 use ext2_rs::mmp::Protection;
 use ext2_rs::policy::Verdict;
-use ext2_rs::txn::{Durability, Linked, Transactions};
-use ext2_rs::{Filesystem, Ino};
+use ext2_rs::txn::{Durability, Transactions};
+use ext2_rs::{Filesystem, Ino, Layout};
 
-/// The filesystem and, when it is writable, its running transaction:
-/// what the process-wide libext2fs lock guards.
-pub struct FsState {
-    pub fs: Filesystem,
-    pub tx: Option<Transactions>,
-}
+pub use open::JournalMode;
 
-pub struct Shared {
+pub struct Volume {
     /// Where file data and metadata are read and written.
     pub image: Arc<Image>,
     /// The process-wide libext2fs lock: every library call holds it.
-    /// Emptied by [`Shared::shutdown`].
-    state: Arc<Mutex<Option<FsState>>>,
+    door: Arc<Door>,
     committer: Committer,
-    files: Mutex<HashMap<Ino, Weak<ServedFile>>>,
     /// Where served files' maps are read from, and their shared cache.
     map_source: MapSource,
     /// The device under `map_source`, switched to the transactions'
     /// metadata cache once the filesystem is writable.
     map_device: Arc<MapDevice>,
     /// The MMP block held while the filesystem is written (`mmp`), released
-    /// by [`Shared::shutdown`].
+    /// by [`Volume::shutdown`].
     mmp: Mutex<Option<Protection>>,
     pub block_size: u32,
     /// Blocks per allocation cluster (bigalloc; 1 otherwise).
     pub cluster_ratio: u64,
     /// Read-only from the start until the first writable connection has
-    /// re-opened the filesystem read-write ([`open::reopen_writable`]).
+    /// re-opened the filesystem read-write ([`Volume::admit`]).
     writable: AtomicBool,
-    /// Writes into holes whose data is in ([`Shared::hole_filled`]), for
-    /// the transactions to take at the next lock of the filesystem: a
-    /// write needs the library lock once, not twice.
-    filled: Mutex<Vec<Filled>>,
+    /// Whether the re-open for the first writable connection has settled;
+    /// held while it runs, so that other writable connections wait for it.
+    reopened: Mutex<bool>,
+    /// Whether the log says why the journal stays unwritten (told once, by
+    /// the first read-only connection or the re-open).
+    told_read_only: AtomicBool,
 }
 
-/// Blocks `runs` reserved for file blocks from `logical` of `ino` now
-/// hold their data.
-struct Filled {
-    ino: Ino,
-    logical: u64,
-    runs: BlockRuns,
+/// A regular file found in the filesystem, to serve.
+pub struct FoundFile {
+    pub ino: Ino,
+    pub size: u64,
+    pub layout: Layout,
+    pub cluster_ratio: u64,
+    /// Its map, read lazily.
+    pub map: LazyMap,
+    /// Why it must be served read-only, if it must (its inode's flags).
+    pub read_only: Option<String>,
 }
 
 /// What a change's closure works with: the filesystem, and the image for
@@ -114,14 +112,25 @@ impl<'a> Tx<'a> {
     }
 }
 
-impl Shared {
-    /// Opens the filesystem over `plugin` read-only, an unclean journal
+/// The path libext2fs should look up, as a kernel would read it: repeated
+/// slashes count as one, and a trailing slash names a directory, which can
+/// never be served (`Err` with the message).
+pub fn lookup_path(path: &str) -> std::result::Result<String, String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if path.ends_with('/') && !parts.is_empty() {
+        return Err(format!("{path}: must be a regular file in the disk image"));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+impl Volume {
+    /// Opens the filesystem over `device` read-only, an unclean journal
     /// replayed in memory (see [`open::open_read_only`]); files' maps
     /// share a cache of about `map_cache` bytes.
-    pub fn open(plugin: Plugin, map_cache: usize) -> Result<Shared> {
-        let (image, fs) = open::open_read_only(plugin)?;
+    pub fn open(device: Arc<dyn Device>, map_cache: usize) -> Result<Volume> {
+        let (image, fs) = open::open_read_only(device)?;
         let map_device = Arc::new(MapDevice::new(image.clone()));
-        Ok(Shared {
+        Ok(Volume {
             map_source: MapSource::new(&fs, map_device.clone(), map_cache)
                 .with_background(Arc::new(crate::pool::spawn)),
             map_device,
@@ -129,16 +138,16 @@ impl Shared {
             block_size: fs.block_size(),
             cluster_ratio: fs.cluster_ratio(),
             image,
-            state: Arc::new(Mutex::new(Some(FsState { fs, tx: None }))),
+            door: Arc::new(Door::new(FsState { fs, tx: None })),
             committer: Committer::default(),
-            files: Mutex::new(HashMap::new()),
             writable: AtomicBool::new(false),
-            filled: Mutex::new(Vec::new()),
+            reopened: Mutex::new(false),
+            told_read_only: AtomicBool::new(false),
         })
     }
 
-    pub fn plugin(&self) -> &Plugin {
-        self.image.plugin()
+    pub fn device(&self) -> &Arc<dyn Device> {
+        self.image.device()
     }
 
     /// Opened read-write, and no other node has taken the filesystem since
@@ -147,114 +156,66 @@ impl Shared {
         self.writable.load(Ordering::Acquire) && !self.image.fenced_off()
     }
 
-    /// Puts the filesystem re-opened read-write (`fs`, changed through
-    /// `tx`, under the MMP block `held` if it has the `mmp` feature) in the
-    /// lock's `state`; from now on maps are read through the transactions'
-    /// metadata cache and the filesystem counts as writable.
-    pub fn now_writable(
-        &self,
-        state: &mut FsState,
-        fs: Filesystem,
-        tx: Transactions,
-        held: Option<Protection>,
-    ) {
-        self.map_device.read_through(tx.cache().clone());
-        state.fs = fs;
-        state.tx = Some(tx);
-        *self.mmp.lock() = held;
-        self.writable.store(true, Ordering::Release);
-    }
-
-    /// Takes the libext2fs lock.
-    pub fn lock_state(&self) -> Result<MappedMutexGuard<'_, FsState>> {
-        let start = ext2_debug_lock.enabled().then(Instant::now);
-        let guard = self.state.lock();
-        if let Some(waited) = start.map(|s| s.elapsed()) {
-            if waited.as_micros() >= 1000 {
-                nbd_debug!(
-                    ext2_debug_lock,
-                    "waited {:?} for the filesystem lock",
-                    waited
-                );
+    /// Readies the filesystem for a connection that may write (`writable`)
+    /// or not.  The first that may write re-opens it read-write, once (see
+    /// [`open::reopen_writable`]), holding the library lock so that other
+    /// connections' requests wait and then see the re-opened filesystem;
+    /// connections arriving meanwhile wait here until that has settled.
+    /// `Err` (the connection fails) leaves it read-only for the next
+    /// writable connection to try again.
+    pub fn admit(&self, writable: bool, journal: JournalMode) -> Result<()> {
+        if !writable {
+            if let Some(note) = open::read_only_note(&self.image, journal) {
+                if !self.told_read_only.swap(true, Ordering::Relaxed) {
+                    log::error(note);
+                }
+            }
+            return Ok(());
+        }
+        let mut settled = self.reopened.lock();
+        if *settled {
+            return Ok(());
+        }
+        let mut state = self.door.lock()?;
+        match open::reopen_writable(&self.image, &mut state.fs, journal)? {
+            Reopened::Unchanged => {}
+            Reopened::ReadOnly(fs) => state.fs = fs,
+            Reopened::Writable { fs, tx, held } => {
+                self.map_device.read_through(tx.cache().clone());
+                state.fs = fs;
+                state.tx = Some(*tx);
+                *self.mmp.lock() = held;
+                self.writable.store(true, Ordering::Release);
             }
         }
-        let mut state = MutexGuard::try_map(guard, Option::as_mut)
-            .map_err(|_| Error::other(Errno::ESHUTDOWN, "the server is shutting down"))?;
-        self.hand_over_filled(&mut state);
-        Ok(state)
-    }
-
-    /// Gives the transactions the writes into holes filled since the last
-    /// lock: from now on they wait to be linked, not in flight.
-    fn hand_over_filled(&self, state: &mut FsState) {
-        if let Some(tx) = state.tx.as_mut() {
-            for Filled { ino, logical, runs } in self.filled.lock().drain(..) {
-                tx.hole_filled(ino, logical, &runs);
-            }
-        }
+        *settled = true;
+        // It said why, if the image stays read-only: a read-only
+        // connection has nothing to add.
+        self.told_read_only.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Takes the libext2fs lock, to read the filesystem (changes go through
-    /// [`Shared::change`]).
+    /// [`Volume::change`]).
     pub fn lock_fs(&self) -> Result<MappedMutexGuard<'_, Filesystem>> {
-        Ok(MappedMutexGuard::map(self.lock_state()?, |state| {
+        Ok(MappedMutexGuard::map(self.door.lock()?, |state| {
             &mut state.fs
         }))
     }
 
-    /// `.cleanup`: links every file's pending writes, commits what is
-    /// still in memory and leaves the image as a clean unmount does (see
-    /// `Transactions::shutdown`), closes the filesystem, then the plugin
-    /// context.  nbdkit may clean up while connections still hold this
-    /// state: their later requests fail with ESHUTDOWN.  Metadata that
-    /// cannot be written now is reported: it is lost, and the image holds
-    /// what the last commit left (recoverable).
-    pub fn shutdown(&self) {
-        self.committer.stop();
-        let linked = self.link_all_files();
-        let mut state = self.state.lock();
-        if let Some(state) = state.as_mut() {
-            self.hand_over_filled(state);
-        }
-        if let Some(FsState { mut fs, tx }) = state.take() {
-            if let Some(mut tx) = tx {
-                if let Err(e) = linked.and_then(|()| tx.shutdown(&mut fs)) {
-                    nbd_error!(
-                        "shutdown: the last metadata changes could not be written ({e}): the \
-                         image holds what the last commit left, which e2fsck or the kernel \
-                         recovers"
-                    );
-                }
-            }
-            drop(fs);
-        }
-        if let Err(e) = self.image.flush() {
-            nbd_error!("flushing the plugin at shutdown failed (errno {})", e.get());
-        }
-        // Everything is written: the MMP block can say the filesystem is
-        // free (unless another node took it).
-        if let Some(held) = self.mmp.lock().take() {
-            if let Err(e) = held.release() {
-                nbd_error!("{e}");
-            }
-        }
-        self.image.plugin().close();
+    /// The inode `path` names.
+    pub fn lookup(&self, path: &str) -> Result<Ino> {
+        let lookup = lookup_path(path).map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
+        self.lock_fs()?
+            .lookup(&lookup)
+            .map_err(|e| e.in_context(format!("{path}: namei")))
     }
 
-    /// The shared state of the file at `path`, reading its inode the first
-    /// time any connection opens it.
-    pub fn open_file(&self, path: &str) -> Result<Arc<ServedFile>> {
-        let lookup = crate::server::config::lookup_path(path)
-            .map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
-        let mut files = self.files.lock();
-        let mut state = self.lock_state()?;
+    /// Reads inode `ino` (found at `path`) to serve it: a regular file the
+    /// kernel's rules let us open, its map read lazily from now on.
+    pub fn open_inode(&self, ino: Ino, path: &str) -> Result<FoundFile> {
+        let mut state = self.door.lock()?;
         let FsState { fs, tx } = &mut *state;
-        let ino = fs
-            .lookup(&lookup)
-            .map_err(|e| e.in_context(format!("{path}: namei")))?;
-        if let Some(file) = files.get(&ino).and_then(Weak::upgrade) {
-            return Ok(file);
-        }
         if let Some(tx) = tx {
             // Writes into holes of an earlier served copy of this file may
             // wait to be linked (no one reads that copy's tree now): the
@@ -284,30 +245,21 @@ impl Shared {
         };
         // Only the inode is read: map blocks are read as requests need them.
         let map = LazyMap::open(fs, self.map_source.clone(), ino, path)?;
-        nbd_debug!(
-            ext2_debug_map,
+        ext2_rs::debug!(
+            Topic::Map,
             "{path}: inode {ino}, {} bytes, {:?}, map read lazily ({:?})",
             info.size,
             info.layout,
             self.map_source.cache.stats()
         );
-        let cluster_ratio = fs.cluster_ratio();
-        drop(state);
-        if let Some(why) = &read_only {
-            crate::abi::report::error(&format!("{why}: serving it read-only"));
-        }
-        let file = Arc::new(ServedFile::new(
+        Ok(FoundFile {
             ino,
-            path.to_string(),
-            info.size,
-            info.layout,
-            cluster_ratio,
+            size: info.size,
+            layout: info.layout,
+            cluster_ratio: fs.cluster_ratio(),
             map,
             read_only,
-        ));
-        files.retain(|_, weak| weak.strong_count() > 0);
-        files.insert(ino, Arc::downgrade(&file));
-        Ok(file)
+        })
     }
 
     /// Changes the filesystem's metadata as one unit, in the running
@@ -325,7 +277,7 @@ impl Shared {
         self.change_allocating(ino, 0, op)
     }
 
-    /// [`Shared::change`] for a change that allocates up to `count`
+    /// [`Volume::change`] for a change that allocates up to `count`
     /// blocks: refused with ENOSPC when that would leave the transaction
     /// too few for its own metadata.
     pub fn change_allocating<T>(
@@ -346,13 +298,14 @@ impl Shared {
     }
 
     /// Runs `f` on the filesystem and its transactions, under the lock,
-    /// with the background commit started (changes go through here).
-    fn with_transactions<T>(
+    /// with the background commit started: every change of a writable
+    /// filesystem goes through here.
+    pub fn with_transactions<T>(
         &self,
         f: impl FnOnce(&mut Filesystem, &mut Transactions, &Image) -> Result<T>,
     ) -> Result<T> {
-        self.committer.ensure_started(&self.state);
-        let mut state = self.lock_state()?;
+        self.start_committer();
+        let mut state = self.door.lock()?;
         let FsState { fs, tx } = &mut *state;
         let tx = tx
             .as_mut()
@@ -360,145 +313,112 @@ impl Shared {
         f(fs, tx, &self.image)
     }
 
-    /// Fills a hole of extent file `ino` (not bigalloc) at file blocks from
-    /// `logical`, as one change: `fill(fs, image, goal)` allocates the
-    /// blocks near `goal` and writes their data, returning the runs; they
-    /// are linked into the file's tree later (see
-    /// `Transactions::fill_hole`), the caller's map serving them until
-    /// then.  `near` is a goal the caller knows from a neighbour.  Also
-    /// says whether the file's tree changed meanwhile (writes waiting to
-    /// be linked were, to make room or because enough waited), failed or
-    /// not: the caller holds the file's map lock exclusively, and reads the
-    /// tree again if so.
-    pub fn fill_hole(
+    /// Runs `f` on the filesystem and its transactions, if it is writable
+    /// (`None` otherwise), under the lock.
+    pub fn with_transactions_if_writable<T>(
         &self,
-        ino: Ino,
-        logical: u64,
-        count: u64,
-        near: Option<u64>,
-        fill: impl FnOnce(&mut Filesystem, &Image, u64) -> Result<BlockRuns>,
-    ) -> (Result<BlockRuns>, bool) {
-        let mut tree_changed = false;
-        let runs = self.with_transactions(|fs, tx, image| {
-            let links = tx.links_made();
-            let runs = tx.fill_hole(fs, ino, logical, count, near, |fs, goal| {
-                fill(fs, image, goal)
-            });
-            tree_changed = tx.links_made() != links;
-            runs
-        });
-        (runs, tree_changed)
-    }
-
-    /// Allocates `count` blocks for a hole of extent file `ino` (not
-    /// bigalloc) at file blocks from `logical`, as one change, for a caller
-    /// that then writes their data without the library lock and says how
-    /// that went ([`Shared::hole_filled`] or [`Shared::abandon_hole`]).
-    /// Changes no tree (see `Transactions::reserve_hole`): callable while
-    /// the file's map is held only shared.
-    pub fn reserve_hole(
-        &self,
-        ino: Ino,
-        logical: u64,
-        count: u64,
-        near: Option<u64>,
-    ) -> Result<BlockRuns> {
-        self.with_transactions(|fs, tx, _| tx.reserve_hole(fs, ino, logical, count, near))
-    }
-
-    /// The data of `runs` from [`Shared::reserve_hole`] is written: they
-    /// wait to be linked, from the next time the filesystem is locked (the
-    /// caller lays them over the file's map meanwhile).
-    pub fn hole_filled(&self, ino: Ino, logical: u64, runs: BlockRuns) {
-        self.filled.lock().push(Filled { ino, logical, runs });
-    }
-
-    /// The data of `runs` from [`Shared::reserve_hole`] could not be
-    /// written: they are freed.
-    pub fn abandon_hole(&self, runs: &BlockRuns) -> Result<()> {
-        self.with_transactions(|fs, tx, _| tx.abandon_hole(fs, runs))
-    }
-
-    /// The blocks written into holes of `ino` not linked into its tree yet.
-    pub fn unlinked(&self, ino: Ino) -> Result<Vec<Extent>> {
-        let state = self.lock_state()?;
-        Ok(state
-            .tx
-            .as_ref()
-            .map(|tx| written_extents(&tx.unlinked(ino)))
-            .unwrap_or_default())
-    }
-
-    /// Links the writes into holes of `ino` that wait, into its tree; the
-    /// caller holds the file's map lock exclusively (and reads the tree
-    /// again after, whatever the outcome), and learns which tree blocks
-    /// changed.
-    pub fn link_pending(&self, ino: Ino) -> Result<Linked> {
-        let mut state = self.lock_state()?;
+        f: impl FnOnce(&mut Filesystem, &mut Transactions) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let mut state = self.door.lock()?;
         let FsState { fs, tx } = &mut *state;
-        match tx {
-            Some(tx) => tx.link_pending_noting_writes(fs, ino),
-            None => Ok(Linked::default()),
-        }
+        tx.as_mut().map(|tx| f(fs, tx)).transpose()
     }
 
-    /// Links, as one change, those of up to `max` writes into holes of
-    /// `ino` waiting from file block `from` on that go into their leaves
-    /// in place (see `Transactions::link_in_place_some`); the caller may
-    /// hold the file's map only shared.  Returns what was linked and where
-    /// to go on from (`None`: done, or the filesystem cannot link so).
-    pub fn link_in_place_some(
-        &self,
-        ino: Ino,
-        from: u64,
-        max: usize,
-    ) -> Result<(Linked, Option<u64>)> {
-        self.with_transactions(|fs, tx, _| tx.link_in_place_some(fs, ino, from, max))
+    /// The door, for writes into holes whose data is in
+    /// (`file::holes`): handed to the transactions at the next lock.
+    pub fn door(&self) -> &Door {
+        &self.door
     }
 
-    /// Links every file's pending writes: each served file's under its map
-    /// lock (see `ServedFile::link_unlinked`), then those of files no
-    /// connection serves any more, whose trees nobody reads, holding the
-    /// registry so that none is opened meanwhile.
-    fn link_all_files(&self) -> Result<()> {
-        let live: Vec<Arc<ServedFile>> = self
-            .files
-            .lock()
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for file in &live {
-            file.link_unlinked(self)?;
-        }
-        drop(live);
-        let files = self.files.lock();
-        let mut state = self.lock_state()?;
-        let FsState { fs, tx } = &mut *state;
-        let Some(tx) = tx else {
-            return Ok(());
-        };
-        for ino in tx.pending_inodes() {
-            if files.get(&ino).and_then(Weak::upgrade).is_none() {
-                tx.link_pending(fs, ino)?;
+    /// The background commit: what waited [`INTERVAL`] is committed
+    /// recoverably.
+    fn start_committer(&self) {
+        let door = Arc::downgrade(&self.door);
+        self.committer.ensure_started(move || {
+            let Some(door) = door.upgrade() else {
+                return;
+            };
+            let Ok(mut state) = door.lock() else {
+                return;
+            };
+            let FsState { fs, tx: Some(tx) } = &mut *state else {
+                return;
+            };
+            if tx.age().is_some_and(|age| age >= INTERVAL) {
+                if let Err(e) = tx.commit(fs, Durability::Recoverable) {
+                    // Kept in memory; the next commit or a client's flush
+                    // tries again, and the flush reports it.
+                    ext2_rs::debug!(
+                        Topic::Journal,
+                        "the background commit failed ({e}): retried later"
+                    );
+                }
             }
-        }
-        Ok(())
+        });
     }
 
-    /// Makes everything durable: links the writes into holes that wait,
-    /// commits the metadata home (see `Transactions::commit`) and flushes
-    /// the plugin.  Writes that complete while it runs may stay pending:
-    /// they came after the flush.
-    pub fn flush(&self) -> Result<()> {
-        if !self.writable() {
-            return self.image.flush().map_err(Error::from);
-        }
-        self.link_all_files()?;
-        let mut state = self.lock_state()?;
+    /// Makes everything durable that the transactions hold: commits the
+    /// metadata home (see `Transactions::commit`) and flushes the device.
+    /// The caller linked the writes into holes it wants durable first.
+    pub fn commit(&self) -> Result<()> {
+        let mut state = self.door.lock()?;
         let FsState { fs, tx } = &mut *state;
         match tx {
             Some(tx) => tx.commit(fs, Durability::Home),
             None => self.image.flush().map_err(Error::from),
         }
+    }
+
+    /// `.cleanup`: stops the background commit, has `link_files` link
+    /// every file's pending writes, commits what is still in memory and
+    /// leaves the image as a clean unmount does (see
+    /// `Transactions::shutdown`), closes the filesystem, then the device.
+    /// Connections that still hold the volume fail with ESHUTDOWN from now
+    /// on.  Metadata that cannot be written now is reported: it is lost,
+    /// and the image holds what the last commit left (recoverable).
+    pub fn shutdown(&self, link_files: impl FnOnce() -> Result<()>) {
+        self.committer.stop();
+        let linked = link_files();
+        if let Some(FsState { mut fs, tx }) = self.door.take() {
+            if let Some(mut tx) = tx {
+                if let Err(e) = linked.and_then(|()| tx.shutdown(&mut fs)) {
+                    log::error(&format!(
+                        "shutdown: the last metadata changes could not be written ({e}): the \
+                         image holds what the last commit left, which e2fsck or the kernel \
+                         recovers"
+                    ));
+                }
+            }
+            drop(fs);
+        }
+        if let Err(e) = self.image.flush() {
+            log::error(&format!(
+                "flushing the plugin at shutdown failed (errno {})",
+                e.get()
+            ));
+        }
+        // Everything is written: the MMP block can say the filesystem is
+        // free (unless another node took it).
+        if let Some(held) = self.mmp.lock().take() {
+            if let Err(e) = held.release() {
+                log::error(&e.to_string());
+            }
+        }
+        self.device().close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_paths_are_normalized() {
+        assert_eq!(lookup_path("//disks//disk.img").unwrap(), "/disks/disk.img");
+        assert_eq!(lookup_path("/").unwrap(), "/");
+        assert_eq!(lookup_path("/a/../b").unwrap(), "/a/../b");
+        assert!(lookup_path("/disks/disk.img/")
+            .unwrap_err()
+            .contains("must be a regular file"));
     }
 }

@@ -12,35 +12,60 @@
 
 use std::sync::Arc;
 
-use crate::abi::nbdkit::{Backend, Plugin};
-use crate::abi::report::{error as report_error, ext2_debug_journal, ext2_debug_lock, nbd_debug};
-use crate::image::{Image, PluginDevice};
-use crate::server::config::JournalMode;
-use crate::volume::Shared;
+use crate::device::Device;
+use crate::image::{Image, RawDevice};
 use ext2_rs::error::{Errno, Error, Result};
 use ext2_rs::jbd2::Replay;
+use ext2_rs::log::{self, Topic};
 use ext2_rs::mmp::{MmpConfig, Protection};
 use ext2_rs::policy::{Features, Verdict};
 use ext2_rs::txn::Transactions;
 use ext2_rs::{Access, Filesystem};
 
-/// Opens the filesystem over `plugin` (a read-only context) read-only.  One
-/// whose journal needs recovery has it replayed in memory, once, here: the
-/// image reads as `e2fsck` would leave it.
-pub fn open_read_only(plugin: Plugin) -> Result<(Arc<Image>, Filesystem)> {
-    let plugin = Arc::new(plugin);
-    let image = Arc::new(Image::new(plugin.clone()));
+/// What to do with an image whose journal needs recovery (`ext2journal=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JournalMode {
+    /// `memory` (the default): replay the journal in memory only and serve
+    /// the image read-only; nothing is written.
+    #[default]
+    Memory,
+    /// `replay`: when the server and the device can write, write the replay
+    /// into the image, mark the journal empty and clear `needs_recovery` as
+    /// e2fsck does, then serve read-write.
+    Replay,
+}
+
+/// What [`reopen_writable`] made of the filesystem.
+pub enum Reopened {
+    /// It stays as it was: read-only (the log says why).
+    Unchanged,
+    /// Opened again read-only (the log says why): this one replaces it.
+    ReadOnly(Filesystem),
+    /// Opened read-write, changed through `tx`, under the MMP block `held`
+    /// if it has the `mmp` feature.
+    Writable {
+        fs: Filesystem,
+        tx: Box<Transactions>,
+        held: Option<Protection>,
+    },
+}
+
+/// Opens the filesystem over `device` (not open for writing yet)
+/// read-only.  One whose journal needs recovery has it replayed in memory,
+/// once, here: the image reads as `e2fsck` would leave it.
+pub fn open_read_only(device: Arc<dyn Device>) -> Result<(Arc<Image>, Filesystem)> {
+    let image = Arc::new(Image::new(device.clone()));
     let mut fs = open_checked(&image, Access::ReadOnly)?;
     if !fs.needs_recovery() {
         return Ok((image, fs));
     }
     let bs = u64::from(fs.block_size());
     let read_block = |block: u64, buf: &mut [u8]| -> std::result::Result<(), Errno> {
-        plugin.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
+        device.pread(buf, block.checked_mul(bs).ok_or(Errno::EIO)?)
     };
     let replay = ext2_rs::jbd2::load(&mut fs, &read_block)?;
     drop(fs);
-    let image = Arc::new(Image::with_replay(plugin, replay, bs));
+    let image = Arc::new(Image::with_replay(device, replay, bs));
     let fs = open_checked(&image, Access::ReadOnly)?;
     Ok((image, fs))
 }
@@ -111,30 +136,32 @@ fn replay_refusal(replay: &Replay) -> Option<String> {
 
 /// What a read-only connection is told about `ext2journal=replay` while the
 /// journal is replayed in memory only; `None` when there is nothing to say.
-pub fn read_only_note(shared: &Shared, journal: JournalMode) -> Option<&'static str> {
-    (journal == JournalMode::Replay && shared.image.replaying()).then_some(
+pub fn read_only_note(image: &Image, journal: JournalMode) -> Option<&'static str> {
+    (journal == JournalMode::Replay && image.replaying()).then_some(
         "ext2journal=replay: the image cannot be written (-r, or a plugin that \
          cannot write): the journal is replayed in memory only and the image \
          served read-only",
     )
 }
 
-/// For the first connection that may write: opens the plugin on `backend`
-/// and the filesystem again read-write, unless the image must stay
-/// read-only (then with a message saying why).  With `ext2journal=replay`
-/// an unclean journal is first written into the image.
+/// For the first connection that may write: opens the device for writing
+/// and the filesystem `fs` on `image` again read-write, unless the image
+/// must stay read-only (then with a message saying why).  With
+/// `ext2journal=replay` an unclean journal is first written into the image.
 ///
 /// `Ok` once that is settled either way; `Err` (the connection fails) when
 /// it failed, leaving the filesystem read-only for the next connection that
-/// may write to try again.  The library lock is held throughout, so requests
-/// of other connections wait, and then see the re-opened filesystem.
-pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) -> Result<()> {
-    let image = &shared.image;
-    let mut state = shared.lock_state()?;
-    let fs = &mut state.fs;
+/// may write to try again.  The caller holds the library lock throughout, so
+/// requests of other connections wait, and then see the re-opened
+/// filesystem.
+pub fn reopen_writable(
+    image: &Arc<Image>,
+    fs: &mut Filesystem,
+    journal: JournalMode,
+) -> Result<Reopened> {
     if let Some(why) = unwritable_features(fs) {
-        report_error(&why);
-        return Ok(());
+        log::error(&why);
+        return Ok(Reopened::Unchanged);
     }
     // As the kernel, multi-mount protection comes before the journal: a
     // filesystem another node has open (its journal in use) is refused
@@ -144,23 +171,23 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
         .replay()
         .and_then(|replay| journal_refusal(replay, journal));
     if let (Some(why), None) = (&refusal, &mmp) {
-        report_error(why);
-        return Ok(());
+        log::error(why);
+        return Ok(Reopened::Unchanged);
     }
-    let plugin = image.plugin();
-    plugin.reopen(backend, false)?;
-    if !plugin.capabilities().can_write {
-        if let Some(note) = read_only_note(shared, journal) {
-            report_error(note);
+    let device = image.device();
+    device.open_writable()?;
+    if !device.capabilities().can_write {
+        if let Some(note) = read_only_note(image, journal) {
+            log::error(note);
         }
-        return Ok(());
+        return Ok(Reopened::Unchanged);
     }
     // Nothing is written before the MMP block is ours (`mmp`).
     let held = protect(image, mmp)?;
     if let Some(why) = refusal {
         // Released (marked clean) with `held`.
-        report_error(&why);
-        return Ok(());
+        log::error(&why);
+        return Ok(Reopened::Unchanged);
     }
     let bs = u64::from(fs.block_size());
     let replayed = match image.replay() {
@@ -185,21 +212,26 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
         && clear_needs_recovery(image, held.as_ref())
             .map_err(|e| after(e, "clearing needs_recovery"))?
     {
-        report_error(&format!(
+        log::error(&format!(
             "replayed {} blocks of the journal into the image; the journal is \
              marked empty and needs_recovery cleared, as e2fsck does: serving read-write",
             replayed.unwrap_or_default()
         ));
     }
-    match open_writable(image, held.as_ref()).map_err(|e| match replayed {
-        Some(_) => after(e, "opening the filesystem read-write"),
-        None => e,
-    })? {
-        (fresh, Some(tx)) => shared.now_writable(&mut state, fresh, tx, held),
-        // The MMP block is released (marked clean) with `held`.
-        (fresh, None) => state.fs = fresh,
-    }
-    Ok(())
+    Ok(
+        match open_writable(image, held.as_ref()).map_err(|e| match replayed {
+            Some(_) => after(e, "opening the filesystem read-write"),
+            None => e,
+        })? {
+            (fs, Some(tx)) => Reopened::Writable {
+                fs,
+                tx: Box::new(tx),
+                held,
+            },
+            // The MMP block is released (marked clean) with `held`.
+            (fs, None) => Reopened::ReadOnly(fs),
+        },
+    )
 }
 
 /// Takes the MMP block of a filesystem with the `mmp` feature (`config`),
@@ -210,11 +242,11 @@ fn protect(image: &Arc<Image>, config: Option<MmpConfig>) -> Result<Option<Prote
     let Some(config) = config else {
         return Ok(None);
     };
-    let device = Arc::new(PluginDevice(image.plugin().clone()));
+    let device = Arc::new(RawDevice(image.device().clone()));
     let host = ext2_rs::mmp::host_name();
     let name = format!("nbdkit[{}]", std::process::id());
-    nbd_debug!(
-        ext2_debug_lock,
+    ext2_rs::debug!(
+        Topic::Lock,
         "multi-mount protection: taking MMP block {} (update interval {} s)",
         config.block,
         config.update_interval
@@ -236,7 +268,7 @@ fn open_writable(
 ) -> Result<(Filesystem, Option<Transactions>)> {
     match ext2_rs::txn::open_read_write(image.clone(), held) {
         Err(e) if e.errno() == Errno::EROFS => {
-            report_error(&format!("{e}: serving read-only"));
+            log::error(&format!("{e}: serving read-only"));
             let fs = open_checked(image, Access::ReadOnly)?;
             Ok((fs, None))
         }
@@ -285,7 +317,7 @@ const REPLAY_RUN_BYTES: u64 = 1 << 20;
 /// empty journal with `needs_recovery` set has nothing to replay.  A
 /// failure returns an error saying the journal still needs recovery.
 fn replay_into_image(image: &Image, replay: &Replay, bs: u64) -> Result<usize> {
-    let plugin = image.plugin();
+    let device = image.device();
     let checkpoint = replay
         .checkpoint()
         .cloned()
@@ -319,13 +351,13 @@ fn replay_into_image(image: &Image, replay: &Replay, bs: u64) -> Result<usize> {
             )
         })?;
         if ext2_rs::jbd2::keep_needs_recovery(&mut buf, offset) {
-            nbd_debug!(
-                ext2_debug_journal,
+            ext2_rs::debug!(
+                Topic::Journal,
                 "journal: the replayed superblock lacks needs_recovery: it is written with \
                  the flag set, which is cleared once the journal is empty"
             );
         }
-        plugin.pwrite(&buf, offset, false).map_err(|errno| {
+        device.pwrite(&buf, offset, false).map_err(|errno| {
             Error::other(
                 errno,
                 format!("journal: writing replayed blocks {first}-{last} into the image failed: {still}"),
@@ -333,23 +365,23 @@ fn replay_into_image(image: &Image, replay: &Replay, bs: u64) -> Result<usize> {
         })?;
         i += n;
     }
-    plugin.flush().map_err(|errno| {
+    device.flush().map_err(|errno| {
         Error::other(
             errno,
             format!("journal: flushing the replayed blocks failed: {still}"),
         )
     })?;
-    nbd_debug!(
-        ext2_debug_journal,
+    ext2_rs::debug!(
+        Topic::Journal,
         "journal: {} replayed blocks written and flushed; marking the journal empty \
          (image block {}, next transaction {})",
         blocks.len(),
         checkpoint.superblock_block,
         checkpoint.next_sequence
     );
-    plugin
+    device
         .pwrite(&empty, checkpoint.superblock_block * bs, false)
-        .and_then(|()| plugin.flush())
+        .and_then(|()| device.flush())
         .map_err(|errno| {
             Error::other(
                 errno,
