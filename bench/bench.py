@@ -31,17 +31,58 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_FILTER = os.path.join(REPO, "target", "release", "libext2filter.so")
+C_FILTER = "ext2"            # nbdkit's own C filter, by name
 DEBIAN_PYTHON = "/usr/bin/python3"
 INNER = "/data.bin"          # path of the served file inside every image
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+
+def nbdkit_program():
+    """The nbdkit under test, chosen as the tests choose it (tests/common/mod.rs,
+    nbdkit_program): $EXT2FILTER_NBDKIT (a path, or a name looked up on PATH), else
+    `nbdkit` from PATH."""
+    return os.environ.get("EXT2FILTER_NBDKIT") or "nbdkit"
+
+
+def filter_so():
+    """--filter's default, chosen as the tests choose theirs (tests/common/mod.rs,
+    filter_so): $EXT2FILTER_SO (a path, or `ext2` for nbdkit's C filter), else
+    target/release/libext2filter.so."""
+    return os.environ.get("EXT2FILTER_SO") or DEFAULT_FILTER
+
+
+def nbdkit_argv(nbdkit, filter=None, plugin_args=(), options=(), socket=None, run=None):
+    """The one launcher of nbdkit: every command line the benchmark runs has the shape
+    of the tests' (tests/common/mod.rs, `Nbdkit`):
+
+        NBDKIT [-f -U SOCKET | -U -] OPTIONS --filter=FILTER PLUGIN_ARGS [--run SCRIPT]
+
+    `-f -U SOCKET` with a socket, `-U - ... --run SCRIPT` with a script, neither for a
+    query (--dump-plugin).  FILTER is the outermost filter (ours, or C_FILTER); the raw
+    candidate has none.  PLUGIN_ARGS may start with further --filter= options, placed
+    below it, then the plugin and everyone's parameters."""
+    argv = [nbdkit]
+    if socket is not None:
+        argv += ["-f", "-U", socket]
+    elif run is not None:
+        argv += ["-U", "-"]
+    argv += list(options)
+    if filter is not None:
+        argv.append("--filter=" + filter)
+    argv += list(plugin_args)
+    if run is not None:
+        argv += ["--run", run]
+    return argv
+
 
 # The nbdkit serving ours, raw and "cnew" ($EXT2FILTER_NBDKIT, as for the tests; our
 # filter must be built against its headers).  Debian's C filter ("c") always runs on
 # Debian's nbdkit; when EXT2FILTER_NBDKIT names another nbdkit (e.g. upstream 1.45.2),
 # "cnew" is that nbdkit's own C filter.
 DEBIAN_NBDKIT = "nbdkit"
-NBDKIT = os.environ.get("EXT2FILTER_NBDKIT") or DEBIAN_NBDKIT
+NBDKIT = nbdkit_program()
 OTHER_NBDKIT = os.path.realpath(shutil.which(NBDKIT) or NBDKIT) != \
     os.path.realpath(shutil.which(DEBIAN_NBDKIT) or DEBIAN_NBDKIT)
 
@@ -257,15 +298,14 @@ class Server:
     os.wait4 gives exactly its user+sys CPU time and peak RSS (ru_maxrss)."""
 
     def __init__(self, argv, sock, logpath):
+        # argv from nbdkit_argv(..., socket=sock) (see Bench.server_args).
         self.sock = sock
         self.logpath = logpath
         if os.path.exists(sock):
             os.unlink(sock)
         self.logf = open(logpath, "wb")
-        # argv[0] is the nbdkit to run (see Bench.server_args).
-        full = [argv[0], "-f", "--exit-with-parent", "-U", sock] + argv[1:]
-        self.argv = full
-        self.proc = subprocess.Popen(full, stdin=subprocess.DEVNULL,
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=self.logf, stderr=subprocess.STDOUT)
         self.reaped = None
         self.hwm = 0
@@ -412,14 +452,18 @@ class Bench:
     # ---- server command lines --------------------------------------------
 
     def server_args(self, cand, fs_img, plain_img, under=(), params=()):
+        """The server's argv (nbdkit_argv), on self.sock, exiting with the benchmark."""
         under, params = list(under), list(params)
+        nbdkit, filt = NBDKIT, None
         if cand == "ours":
-            return [NBDKIT, "--filter=" + self.a.filter] + under + ["file", fs_img] + \
-                   params + ["ext2file=" + INNER]
-        if cand in ("c", "cnew"):
-            return [DEBIAN_NBDKIT if cand == "c" else NBDKIT, "--filter=ext2"] + under + \
-                   ["file", fs_img] + params + ["ext2file=" + INNER]
-        return [NBDKIT] + under + ["file", plain_img] + params
+            filt, plugin = self.a.filter, ["file", fs_img] + params + ["ext2file=" + INNER]
+        elif cand in ("c", "cnew"):
+            nbdkit = DEBIAN_NBDKIT if cand == "c" else NBDKIT
+            filt, plugin = C_FILTER, ["file", fs_img] + params + ["ext2file=" + INNER]
+        else:
+            plugin = ["file", plain_img] + params
+        return nbdkit_argv(nbdkit, filt, under + plugin, options=["--exit-with-parent"],
+                           socket=self.sock)
 
     def start(self, argv, tag):
         srv = Server(argv, self.sock, os.path.join(self.rundir, "nbdkit-%s.log" % tag))
@@ -1130,12 +1174,12 @@ def preflight(args):
                             % tool)
     if problems:
         return problems
-    if "ours" in args.candidates and not os.path.isfile(args.filter):
+    if "ours" in args.candidates and args.filter != C_FILTER and not os.path.isfile(args.filter):
         problems.append("our filter %s does not exist: build it with `cargo build --release` "
                         "in %s, pass --filter PATH, or leave it out with --candidates c,raw"
                         % (args.filter, REPO))
     elif "ours" in args.candidates:
-        r = subprocess.run([NBDKIT, "--filter=" + args.filter, "null", "--dump-plugin"],
+        r = subprocess.run(nbdkit_argv(NBDKIT, args.filter, ["null"], options=["--dump-plugin"]),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if r.returncode != 0:
             problems.append("nbdkit cannot load our filter %s:\n  %s" % (
@@ -1169,8 +1213,8 @@ def preflight(args):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--filter", default=DEFAULT_FILTER,
-                    help="our filter .so (default: %(default)s)")
+    ap.add_argument("--filter", default=filter_so(),
+                    help="our filter .so (default: $EXT2FILTER_SO, else %s)" % DEFAULT_FILTER)
     ap.add_argument("--runs", type=int, default=None, help="timed runs per candidate (default 5)")
     ap.add_argument("--scenarios", default="all",
                     help="comma list of %s or numbers 1-12 (default all)"
@@ -1207,7 +1251,8 @@ def parse_args(argv):
     a.delay_size = a.delay_size if a.delay_size is not None else (4 if q else 32)
     a.rand_count = a.rand_count if a.rand_count is not None else (4000 if q else 20000)
     a.timeout = a.timeout if a.timeout is not None else (20 if q else 60)
-    a.filter = os.path.abspath(a.filter)
+    if a.filter != C_FILTER:
+        a.filter = os.path.abspath(a.filter)
     cands = [c.strip() for c in a.candidates.split(",") if c.strip()]
     for c in cands:
         if c not in CANDIDATES or (c == "cnew" and not OTHER_NBDKIT):

@@ -134,13 +134,13 @@ fn non_utf8_ext2file_is_a_config_error() {
     let odd_image = std::path::PathBuf::from(OsStr::from_bytes(&odd_name));
     std::fs::copy(&image, &odd_image).unwrap();
     let run_with = |ext2file: &[u8]| {
-        let (mut cmd, _logs) = nbdkit_cmd();
-        cmd.args(["-U", "-"])
-            .arg(format!("--filter={}", filter_so()))
-            .arg("file")
-            .arg(&odd_image)
-            .arg(OsStr::from_bytes(ext2file))
-            .args(["--run", "nbdsh -u \"$uri\" -c 'print(h.pread(12, 0))'"]);
+        let (cmd, _logs) = Nbdkit::run("nbdsh -u \"$uri\" -c 'print(h.pread(12, 0))'")
+            .plugin(&[
+                OsStr::new("file"),
+                odd_image.as_os_str(),
+                OsStr::from_bytes(ext2file),
+            ])
+            .command();
         run_command(cmd, &[])
     };
     let out = run_with(b"ext2file=/hello\xff.txt");

@@ -3,7 +3,7 @@
 //! (`tests/crash/recorder.py`, nbdkit's python plugin), which logs every
 //! write and flush the filter sends down; from that log every crash state
 //! a power cut could leave (all requests before some flush, plus any
-//! subset of the blocks written after it: `ext2_rs::crash`) is rebuilt and
+//! subset of the blocks written after it: `crash_judge`) is rebuilt and
 //! judged as a user's machine would:
 //!
 //! - with a journal, its replay alone (`e2fsck -E journal_only`), then
@@ -25,8 +25,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use ext2_rs::crash::judge::{judge, judge_with_kernel, kernel_mounts, FileHistory, Recovery};
-use ext2_rs::crash::{each_crash_state, Op, Rng};
+use crash_judge::judge::{judge, judge_with_kernel, kernel_mounts, FileHistory, Recovery};
+use crash_judge::{each_crash_state, Op, Rng};
 
 /// One client request, on connection `conn`.
 #[derive(Clone, Debug)]

@@ -16,12 +16,13 @@
 //! nbdkit's own C filter.
 //!
 //! `EXT2FILTER_VALGRIND=1` runs every nbdkit these helpers start under valgrind memcheck
-//! (see [`nbdkit_cmd`]); a memcheck error then fails the test.
+//! (see [`Nbdkit`], the one launcher of nbdkit); a memcheck error then fails the test.
 
 #![allow(dead_code)]
 
 use std::collections::hash_map::DefaultHasher;
 use std::env;
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
@@ -825,7 +826,7 @@ pub fn valgrind_suppressions() -> PathBuf {
 
 /// Where memcheck writes its logs: `$EXT2FILTER_VALGRIND_LOGDIR`, else
 /// `$TMPDIR/ext2filter-valgrind`. Created on first use; the logs outlive the tests so a
-/// whole run can be looked over afterwards (README.md, "Under valgrind").
+/// whole run can be looked over afterwards (doc/testing.md, "Under valgrind").
 pub fn valgrind_log_dir() -> PathBuf {
     let dir = env::var_os("EXT2FILTER_VALGRIND_LOGDIR")
         .map(PathBuf::from)
@@ -862,7 +863,7 @@ pub fn valgrind_options(log_file: &Path) -> Vec<String> {
     options
 }
 
-/// The memcheck logs of one nbdkit started by [`nbdkit_cmd`], one per process it became
+/// The memcheck logs of one nbdkit started by [`Nbdkit`], one per process it became
 /// (`--run` serves from a forked child; a plugin's script runs in one until its exec):
 /// `<valgrind_log_dir>/ext2filter-vg-<test pid>-<n>-<pid>.log`. Without valgrind, none.
 #[derive(Clone, Debug)]
@@ -923,24 +924,129 @@ impl ValgrindLogs {
     }
 }
 
-/// The command that starts nbdkit: plain `nbdkit`, or with `EXT2FILTER_VALGRIND=1`
-/// `valgrind --tool=memcheck ... --log-file=<valgrind_log_dir>/ext2filter-vg-<test
-/// pid>-<n>-%p.log nbdkit` (see [`valgrind_options`]), with the logs to check once it
-/// has exited.
-pub fn nbdkit_cmd() -> (Command, ValgrindLogs) {
-    if !valgrind_enabled() {
-        return (command(&nbdkit_program()), ValgrindLogs { prefix: None });
+/// Where a launched nbdkit listens.
+#[derive(Clone, Debug)]
+enum Listen {
+    /// Nowhere: a query (`--help`, `--dump-plugin`) that serves nothing.
+    Nowhere,
+    /// `-f -U SOCKET`: a server in the foreground on a Unix socket.
+    Socket(PathBuf),
+    /// `-U - ... --run SCRIPT`: a private socket for one command.
+    Run(String),
+}
+
+/// The one launcher of nbdkit for every test (and the shape `bench/bench.py`'s
+/// `nbdkit_argv` follows too). Every command line it builds is
+///
+/// ```text
+/// [valgrind OPTIONS] NBDKIT [-f -U SOCKET | -U -] OPTIONS --filter=FILTER PLUGIN_ARGS [--run SCRIPT]
+/// ```
+///
+/// - NBDKIT is [`nbdkit_program`]: `$EXT2FILTER_NBDKIT`, or `nbdkit` from PATH;
+/// - FILTER is [`filter_so`]: `$EXT2FILTER_SO`, or `target/<profile>/libext2filter.so`.
+///   It is always the outermost filter: PLUGIN_ARGS may start with further `--filter=`
+///   options (placed below ours), then the plugin's name and everyone's parameters;
+/// - with `EXT2FILTER_VALGRIND=1` the whole command runs under memcheck
+///   ([`valgrind_options`], one log per process, see [`ValgrindLogs`]).
+///
+/// ```ignore
+/// let (cmd, logs) = Nbdkit::serve_on(&socket).options(&["-r"]).plugin(&args).command();
+/// ```
+///
+/// [`nbdkit_run`], [`nbdkit_query`], [`nbdkit_start_failure`] and [`Server::start`] are
+/// built on it; tests needing something else (arguments that are not UTF-8, their own
+/// server type) use it directly.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct Nbdkit {
+    listen: Listen,
+    options: Vec<OsString>,
+    plugin_args: Vec<OsString>,
+    valgrind_options: Vec<String>,
+}
+
+impl Nbdkit {
+    fn with(listen: Listen) -> Nbdkit {
+        Nbdkit {
+            listen,
+            options: Vec::new(),
+            plugin_args: Vec::new(),
+            valgrind_options: Vec::new(),
+        }
     }
-    let prefix = format!("ext2filter-vg-{}-{}-", process::id(), unique_number());
-    let mut cmd = command("valgrind");
-    cmd.args(valgrind_options(
-        &valgrind_log_dir().join(format!("{prefix}%p.log")),
-    ));
-    cmd.arg(nbdkit_program());
-    let logs = ValgrindLogs {
-        prefix: Some(prefix),
-    };
-    (cmd, logs)
+
+    /// nbdkit that serves nothing: `NBDKIT OPTIONS --filter=FILTER PLUGIN_ARGS`.
+    pub fn query() -> Nbdkit {
+        Self::with(Listen::Nowhere)
+    }
+
+    /// A server in the foreground on the Unix socket `socket`: `-f -U SOCKET`.
+    pub fn serve_on(socket: &Path) -> Nbdkit {
+        Self::with(Listen::Socket(socket.to_path_buf()))
+    }
+
+    /// One command run against a private socket: `-U - ... --run SCRIPT`. Under
+    /// valgrind the script then waits for the server's connections to wind down (see
+    /// [`valgrind_wait_for_connections`]) and exits with the script's status.
+    pub fn run(script: &str) -> Nbdkit {
+        Self::with(Listen::Run(script.to_string()))
+    }
+
+    /// nbdkit's own options (`-r`, `-v`, `-D ...`, `--dump-plugin`), before our filter.
+    pub fn options<S: AsRef<OsStr>>(mut self, options: &[S]) -> Nbdkit {
+        self.options
+            .extend(options.iter().map(|o| o.as_ref().to_os_string()));
+        self
+    }
+
+    /// What follows our filter: further `--filter=` options, the plugin, parameters.
+    pub fn plugin<S: AsRef<OsStr>>(mut self, plugin_args: &[S]) -> Nbdkit {
+        self.plugin_args
+            .extend(plugin_args.iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    /// Memcheck options put before the common ones, under valgrind only.
+    pub fn valgrind_options(mut self, options: &[&str]) -> Nbdkit {
+        self.valgrind_options
+            .extend(options.iter().map(|o| o.to_string()));
+        self
+    }
+
+    /// The command, and the memcheck logs to check once it has exited.
+    pub fn command(self) -> (Command, ValgrindLogs) {
+        let (mut cmd, logs) = if valgrind_enabled() {
+            let prefix = format!("ext2filter-vg-{}-{}-", process::id(), unique_number());
+            let mut cmd = command("valgrind");
+            cmd.args(&self.valgrind_options);
+            cmd.args(valgrind_options(
+                &valgrind_log_dir().join(format!("{prefix}%p.log")),
+            ));
+            cmd.arg(nbdkit_program());
+            let logs = ValgrindLogs {
+                prefix: Some(prefix),
+            };
+            (cmd, logs)
+        } else {
+            (command(&nbdkit_program()), ValgrindLogs { prefix: None })
+        };
+        match &self.listen {
+            Listen::Nowhere => {}
+            Listen::Socket(socket) => {
+                cmd.arg("-f").arg("-U").arg(socket);
+            }
+            Listen::Run(_) => {
+                cmd.arg("-U").arg("-");
+            }
+        }
+        cmd.args(&self.options);
+        cmd.arg(format!("--filter={}", filter_so()));
+        cmd.args(&self.plugin_args);
+        if let Listen::Run(script) = &self.listen {
+            cmd.arg("--run").arg(run_script_for(script));
+        }
+        (cmd, logs)
+    }
 }
 
 /// Words memcheck starts its error records with (any of them, not suppressed, is a
@@ -1043,12 +1149,10 @@ fn assert_valgrind_clean(logs: &ValgrindLogs, output: &CmdOutput) {
 /// memcheck error fails the test here, whatever nbdkit's exit status.
 #[track_caller]
 pub fn nbdkit_run(options: &[&str], plugin_args: &[&str], run_script: &str) -> CmdOutput {
-    let (mut cmd, logs) = nbdkit_cmd();
-    cmd.arg("-U").arg("-");
-    cmd.args(options);
-    cmd.arg(format!("--filter={}", filter_so()));
-    cmd.args(plugin_args);
-    cmd.arg("--run").arg(run_script_for(run_script));
+    let (cmd, logs) = Nbdkit::run(run_script)
+        .options(options)
+        .plugin(plugin_args)
+        .command();
     let output = run_command(cmd, &[]);
     assert_valgrind_clean(&logs, &output);
     output
@@ -1057,10 +1161,10 @@ pub fn nbdkit_run(options: &[&str], plugin_args: &[&str], run_script: &str) -> C
 /// Runs nbdkit without a server (e.g. `--help`, `--dump-plugin`) with our filter.
 #[track_caller]
 pub fn nbdkit_query(options: &[&str], plugin_args: &[&str]) -> CmdOutput {
-    let (mut cmd, logs) = nbdkit_cmd();
-    cmd.arg(format!("--filter={}", filter_so()));
-    cmd.args(plugin_args);
-    cmd.args(options);
+    let (cmd, logs) = Nbdkit::query()
+        .options(options)
+        .plugin(plugin_args)
+        .command();
     let output = run_command(cmd, &[]);
     assert_valgrind_clean(&logs, &output);
     output
@@ -1100,13 +1204,10 @@ pub fn start_failure_timeout() -> Duration {
 /// would wait forever.)
 #[track_caller]
 pub fn nbdkit_start_failure(dir: &TestDir, options: &[&str], plugin_args: &[&str]) -> CmdOutput {
-    let (mut cmd, logs) = nbdkit_cmd();
-    cmd.arg("-f")
-        .arg("-U")
-        .arg(dir.join(&format!("s{}.sock", unique_number())));
-    cmd.args(options);
-    cmd.arg(format!("--filter={}", filter_so()));
-    cmd.args(plugin_args);
+    let (cmd, logs) = Nbdkit::serve_on(&dir.join(&format!("s{}.sock", unique_number())))
+        .options(options)
+        .plugin(plugin_args)
+        .command();
     let output = run_command_within(cmd, &[], start_failure_timeout())
         .unwrap_or_else(|e| panic!("nbdkit did not stop at start: {e}"));
     assert_valgrind_clean(&logs, &output);
@@ -1155,11 +1256,10 @@ impl Server {
         let socket = dir.join(&format!("s{n}.sock"));
         let log = dir.join(&format!("nbdkit-{n}.log"));
         let log_file = File::create(&log).unwrap();
-        let (mut cmd, valgrind_logs) = nbdkit_cmd();
-        cmd.arg("-f").arg("-U").arg(&socket);
-        cmd.args(options);
-        cmd.arg(format!("--filter={}", filter_so()));
-        cmd.args(plugin_args);
+        let (mut cmd, valgrind_logs) = Nbdkit::serve_on(&socket)
+            .options(options)
+            .plugin(plugin_args)
+            .command();
         let description = describe(&cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -25,7 +25,7 @@ use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -509,7 +509,7 @@ pub struct Srv {
     child: Option<Child>,
     socket: PathBuf,
     log: PathBuf,
-    valgrind_log: Option<PathBuf>,
+    valgrind_logs: common::ValgrindLogs,
     description: String,
 }
 
@@ -525,16 +525,17 @@ impl Srv {
         let socket = dir.join(format!("h{n}.sock"));
         let log = dir.join(format!("h{n}.log"));
         let log_file = File::create(&log).unwrap();
-        let mut args: Vec<String> = vec!["-f".into(), "-U".into(), socket.to_str().unwrap().into()];
-        args.extend(options.iter().map(|s| s.to_string()));
+        let mut nbdkit = common::Nbdkit::serve_on(&socket)
+            .options(options)
+            // Memcheck tells where an uninitialised value came from; a plugin's forks
+            // (the eval plugin's scripts) are not checked.
+            .valgrind_options(&["--track-origins=yes", "--child-silent-after-fork=yes"]);
         // EXT2FILTER_HARDENING_DEBUG=1: nbdkit's debug output and the filter's map
         // changes in the server logs (kept with EXT2FILTER_TEST_KEEP=1).
         if env::var_os("EXT2FILTER_HARDENING_DEBUG").is_some() {
-            args.extend(["-v".to_string(), "-D".into(), "ext2.map=1".into()]);
+            nbdkit = nbdkit.options(&["-v", "-D", "ext2.map=1"]);
         }
-        args.push(format!("--filter={}", common::filter_so()));
-        args.extend(plugin_args.iter().map(|s| s.to_string()));
-        let (mut cmd, valgrind_log) = nbdkit_command(n, &args);
+        let (mut cmd, valgrind_logs) = nbdkit.plugin(plugin_args).command();
         let description = format!("{cmd:?}");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -546,7 +547,7 @@ impl Srv {
             child: Some(child),
             socket,
             log,
-            valgrind_log,
+            valgrind_logs,
             description,
         };
         let started = Instant::now();
@@ -765,9 +766,16 @@ impl Srv {
 
     /// Memcheck's complaints, if it ran and found any.
     pub fn valgrind_report(&self) -> Option<String> {
-        let path = self.valgrind_log.as_ref()?;
-        let text = fs::read_to_string(path).ok()?;
-        valgrind_problems(&text).map(|p| format!("valgrind ({}):\n{p}", path.display()))
+        let problems: Vec<String> = self
+            .valgrind_logs
+            .paths()
+            .iter()
+            .filter_map(|path| {
+                let text = fs::read_to_string(path).ok()?;
+                valgrind_problems(&text).map(|p| format!("valgrind ({}):\n{p}", path.display()))
+            })
+            .collect();
+        (!problems.is_empty()).then(|| problems.join("\n"))
     }
 }
 
@@ -775,26 +783,6 @@ impl Drop for Srv {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-/// The nbdkit command line, wrapped in valgrind when `EXT2FILTER_VALGRIND` is set: the
-/// options of `common::valgrind_options` (leak check, `tests/valgrind.supp`) plus
-/// `--track-origins=yes`.
-fn nbdkit_command(n: u64, args: &[String]) -> (Command, Option<PathBuf>) {
-    if !valgrind_enabled() {
-        let mut cmd = common::command(&common::nbdkit_program());
-        cmd.args(args);
-        return (cmd, None);
-    }
-    // With the other tests' logs (they outlive the test directory).
-    let vg_log =
-        common::valgrind_log_dir().join(format!("ext2filter-vg-h{}-{n}.log", std::process::id()));
-    let mut cmd = common::command("valgrind");
-    cmd.args(["--track-origins=yes", "--child-silent-after-fork=yes"]);
-    cmd.args(common::valgrind_options(&vg_log));
-    cmd.arg(common::nbdkit_program());
-    cmd.args(args);
-    (cmd, Some(vg_log))
 }
 
 /// Memcheck's error records and the summary line, if the log reports any error or a

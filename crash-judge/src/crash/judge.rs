@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::crash::CrashState;
+use super::CrashState;
 
 /// How the filesystem is recovered before it is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Crash states, for tests (feature `testing`): what a device may hold
+//! Crash states, for tests only (crate `crash-judge`): what a device may hold
 //! after a power cut, built from a record of every write and flush that
 //! reached it (the CrashMonkey model).
 //!
