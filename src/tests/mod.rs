@@ -183,7 +183,7 @@ pub fn dump(bytes: &[u8], path: &str) -> Vec<u8> {
     let dir = TempDir::new();
     let image = dir.path().join("dump.img");
     std::fs::write(&image, bytes).unwrap();
-    ext2_rs::crash::judge::dump(&image, path, dir.path()).expect("debugfs dumps the file")
+    crash_judge::judge::dump(&image, path, dir.path()).expect("debugfs dumps the file")
 }
 
 /// The free blocks `dumpe2fs -h` reports for `bytes`.

@@ -158,19 +158,19 @@ fn flushed_writes_into_holes_survive_a_crash() {
     // The power goes: no shutdown.  The journal replay recovers it.
     let crashed = bytes.snapshot();
     let dir = TempDir::new();
-    let state = ext2_rs::crash::CrashState {
+    let state = crash_judge::CrashState {
         durable: 0,
         kept: 0,
         pieces: 0,
         image: crashed,
     };
-    let mut history = ext2_rs::crash::judge::FileHistory::new("/f", vec![0u8; size as usize]);
+    let mut history = crash_judge::judge::FileHistory::new("/f", vec![0u8; size as usize]);
     history.write(123_456, &data);
     history.flush(0);
-    ext2_rs::crash::judge::judge(
+    crash_judge::judge::judge(
         &state,
         dir.path(),
-        ext2_rs::crash::judge::Recovery::JournalReplay,
+        crash_judge::judge::Recovery::JournalReplay,
         &[history],
     )
     .unwrap();
