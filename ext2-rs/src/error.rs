@@ -188,6 +188,15 @@ impl From<Errno> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Turns a libext2fs return code into a Result.
+pub(crate) fn check(code: sys::errcode_t, context: impl FnOnce() -> String) -> Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Error::ext2(context(), code))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use std::ffi::{CStr, CString};
 use std::ptr;
 
 use crate::device::BlockDevice;
-use crate::error::{Errno, Error, Result};
+use crate::error::{check, Errno, Error, Result};
 use crate::io;
 use crate::mmp::{MmpConfig, Protection};
 use crate::policy::{self, Features, Verdict};
@@ -72,15 +72,6 @@ pub struct Filesystem {
 // SAFETY: the handle is only used behind the process-wide filesystem lock;
 // libext2fs keeps no thread-affine state.
 unsafe impl Send for Filesystem {}
-
-/// Turns a libext2fs return code into a Result.
-pub(crate) fn check(code: sys::errcode_t, context: impl FnOnce() -> String) -> Result<()> {
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(Error::ext2(context(), code))
-    }
-}
 
 impl Filesystem {
     /// Opens the filesystem on `device`.  The error text follows nbdkit's

@@ -37,6 +37,7 @@ pub mod dir;
 pub mod error;
 pub mod extent_map;
 pub mod ffi;
+pub mod format;
 pub mod fs;
 pub mod io;
 pub mod jbd2;

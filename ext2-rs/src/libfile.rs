@@ -6,8 +6,8 @@
 use std::marker::PhantomData;
 use std::ptr;
 
-use crate::error::Result;
-use crate::fs::{check, Filesystem, Ino};
+use crate::error::{check, Result};
+use crate::fs::{Filesystem, Ino};
 use crate::sys;
 
 /// An open `ext2_file_t`, closed on drop; it borrows the filesystem.

@@ -4,6 +4,7 @@
 //! without), with its checksum kept right.
 
 use crate::crc::crc32c;
+use crate::format::{le16, le32};
 use crate::sys;
 
 /// Where the primary superblock lies in the image, and its size.
@@ -15,16 +16,6 @@ const S_STATE: usize = 0x3a;
 const S_FEATURE_INCOMPAT: usize = 0x60;
 const S_FEATURE_RO_COMPAT: usize = 0x64;
 const S_CHECKSUM: usize = 0x3fc;
-
-/// The little-endian u16 at `at`.
-pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-/// The little-endian u32 at `at`.
-pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 
 /// Whether `sb` (the superblock's 1024 bytes) carries the ext2 magic.
 pub fn is_superblock(sb: &[u8]) -> bool {

@@ -19,8 +19,8 @@ use std::ops::Range;
 
 use crate::crc::crc32c;
 use crate::error::{Errno, Error, Result};
+use crate::format::{le16, le32};
 use crate::fs::{Filesystem, Ino};
-use crate::sb::{le16, le32};
 use crate::sys;
 
 use super::MAX_INIT_LEN;

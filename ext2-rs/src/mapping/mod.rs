@@ -9,10 +9,10 @@
 use std::ffi::{c_int, c_void};
 use std::ptr;
 
-use crate::error::{Errno, Error, Result};
+use crate::error::{check, Errno, Error, Result};
 use crate::extent_map::Extent;
 use crate::ffi::{self, Walk};
-use crate::fs::{check, Filesystem, Ino, Layout};
+use crate::fs::{Filesystem, Ino, Layout};
 use crate::quota;
 use crate::sys;
 use crate::undo;
@@ -459,6 +459,16 @@ pub fn goal_for(fs: &mut Filesystem, ino: Ino, logical: u64) -> Result<u64> {
     let mut inode = fs.read_inode_raw(ino)?;
     // SAFETY: open filesystem, inode read just above.
     Ok(unsafe { sys::ext2fs_find_inode_goal(fs.raw(), ino, &mut inode, logical) })
+}
+
+/// Where new blocks for file block `logical` of `ino` go: `near` (a
+/// neighbour the caller knows, else after the last run pending for the
+/// file), else libext2fs's goal for the block.
+pub fn hole_goal(fs: &mut Filesystem, ino: Ino, logical: u64, near: Option<u64>) -> Result<u64> {
+    match near {
+        Some(goal) => Ok(goal),
+        None => goal_for(fs, ino, logical),
+    }
 }
 
 /// Links already-filled blocks into a file: `runs` are (first image block,

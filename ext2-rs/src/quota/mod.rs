@@ -21,8 +21,8 @@ pub mod tree;
 
 use std::collections::HashMap;
 
-use crate::error::{Errno, Error, Result};
-use crate::fs::{check, Filesystem, Ino};
+use crate::error::{check, Errno, Error, Result};
+use crate::fs::{Filesystem, Ino};
 use crate::libfile::LibraryFile;
 use crate::sys;
 pub use tree::Kind;

@@ -38,9 +38,9 @@
 //! the one way to change it.
 
 mod cache;
+mod holes;
 mod journal;
 mod ordered;
-mod pending;
 mod relocate;
 #[cfg(test)]
 mod tests;
@@ -62,9 +62,9 @@ use crate::sys;
 use crate::undo;
 
 pub use cache::MetaCache;
+use holes::PendingLinks;
 use journal::JournalLog;
 use ordered::Ordered;
-use pending::PendingLinks;
 use touched::Touched;
 
 /// Extents waiting to be linked into one file's tree before a write into
@@ -351,7 +351,7 @@ impl Transactions {
         // No inode named: the change allocates, and no tree changes (so,
         // without a journal, there is no node to move).
         let runs = self.run_change(fs, None, true, |fs| {
-            let goal = hole_goal(fs, ino, logical, near)?;
+            let goal = mapping::hole_goal(fs, ino, logical, near)?;
             fill(fs, goal)
         })?;
         self.pending.add(ino, logical, &runs);
@@ -384,7 +384,7 @@ impl Transactions {
         self.room_for(fs, count)?;
         self.commit_if_needed(fs)?;
         let near = near.or(self.pending.goal(ino));
-        let goal = hole_goal(fs, ino, logical, near)?;
+        let goal = mapping::hole_goal(fs, ino, logical, near)?;
         // Only libext2fs's block bitmap and counters change, in its memory,
         // and `allocate` gives back what it took if it fails: no change
         // (undo log, block cache overlay) is needed around it.
@@ -802,16 +802,6 @@ impl Transactions {
             Mode::Journal(log) => log.shutdown(&self.cache),
             Mode::Ordered(ordered) => ordered.shutdown(&self.cache),
         }
-    }
-}
-
-/// Where new blocks for file block `logical` of `ino` go: `near` (a
-/// neighbour the caller knows, else after the last run pending for the
-/// file), else libext2fs's goal for the block.
-fn hole_goal(fs: &mut Filesystem, ino: Ino, logical: u64, near: Option<u64>) -> Result<u64> {
-    match near {
-        Some(goal) => Ok(goal),
-        None => mapping::goal_for(fs, ino, logical),
     }
 }
 

@@ -14,9 +14,9 @@
 
 use std::ptr;
 
-use crate::error::{Error, Result};
-use crate::fs::{check, Filesystem, Ino};
-use crate::sb::{le16, le32};
+use crate::error::{check, Error, Result};
+use crate::format::{le16, le32};
+use crate::fs::{Filesystem, Ino};
 use crate::sys;
 
 const EXT3_EXT_MAGIC: u16 = 0xf30a;
