@@ -39,6 +39,7 @@ pub mod extent_map;
 pub mod ffi;
 pub mod format;
 pub mod fs;
+pub mod handle;
 pub mod io;
 pub mod jbd2;
 pub mod lazy_map;

@@ -13,7 +13,6 @@ use crate::error::{check, Errno, Error, Result};
 use crate::extent_map::Extent;
 use crate::ffi::{self, Walk};
 use crate::fs::{Filesystem, Ino, Layout};
-use crate::quota;
 use crate::sys;
 use crate::undo;
 
@@ -372,7 +371,7 @@ pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
             free_blocks(fs, &runs);
             return Err(bitmap_offers_metadata(block));
         }
-        undo::block_stats_range(fs, start, got, 1);
+        undo::block_stats_range(fs.handle(), start, got, 1);
         runs.push((start, got));
         want -= got;
         goal = start + got;
@@ -386,7 +385,7 @@ pub fn free_blocks(fs: &mut Filesystem, runs: &[(u64, u64)]) {
     let ratio = fs.cluster_ratio();
     for &(start, len) in runs {
         if ratio == 1 {
-            undo::block_stats_range(fs, start, len, -1);
+            undo::block_stats_range(fs.handle(), start, len, -1);
         } else {
             for cluster_start in (start..start + len).step_by(ratio as usize) {
                 // SAFETY: as above, one cluster at a time.
@@ -483,7 +482,7 @@ pub fn link_blocks(
     runs: &[(u64, u64)],
     new_clusters: u64,
 ) -> Result<()> {
-    quota::charging(fs, ino, |fs| {
+    fs.charging(ino, |fs| {
         link_uncharged(fs, ino, layout, logical, runs, new_clusters)
     })
 }
@@ -572,7 +571,7 @@ fn already_mapped(logical: u64) -> Error {
 /// bigalloc filesystems.  The owner's quotas are charged with what the file
 /// grew by (tree blocks too).
 pub fn link_extents(fs: &mut Filesystem, ino: Ino, extents: &[(u64, u64, u64)]) -> Result<()> {
-    quota::charging(fs, ino, |fs| link_extents_uncharged(fs, ino, extents))
+    fs.charging(ino, |fs| link_extents_uncharged(fs, ino, extents))
 }
 
 fn link_extents_uncharged(
@@ -604,7 +603,7 @@ pub fn link_extents_in_place(
     ino: Ino,
     extents: &[(u64, u64, u64)],
 ) -> Result<Vec<(u64, u64, u64)>> {
-    quota::charging(fs, ino, |fs| {
+    fs.charging(ino, |fs| {
         let pieces = extent_sized(extents.iter().copied());
         let refused = leaves::link_in_place(fs, ino, &pieces)?;
         let blocks = |list: &[(u64, u64, u64)]| list.iter().map(|e| e.2).sum::<u64>();
@@ -651,7 +650,7 @@ fn link_block_pointers(
 /// at the range's edges.  The caller has already filled the blocks.  A split
 /// may add a tree block, charged to the owner's quotas.
 pub fn mark_written(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Result<()> {
-    quota::charging(fs, ino, |fs| mark_written_uncharged(fs, ino, start, end))
+    fs.charging(ino, |fs| mark_written_uncharged(fs, ino, start, end))
 }
 
 fn mark_written_uncharged(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Result<()> {
@@ -716,7 +715,7 @@ pub fn punch(
     end: u64,
     budget: u64,
 ) -> Result<u64> {
-    quota::charging(fs, ino, |fs| {
+    fs.charging(ino, |fs| {
         punch_uncharged(fs, ino, layout, start, end, budget)
     })
 }
@@ -826,7 +825,7 @@ fn punch_extents(
         drop(handle);
         let count = cut_end - block;
         // The blocks were the file's and are no longer referenced.
-        undo::block_stats_range(fs, at(block), count, -1);
+        undo::block_stats_range(fs.handle(), at(block), count, -1);
         *freed += count;
         edits += 1;
         let (g1, g2) = (

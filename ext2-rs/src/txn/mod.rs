@@ -580,7 +580,7 @@ impl Transactions {
             Vec::new()
         };
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, 1);
+            undo::apply(fs.handle(), start, count, 1);
         }
         let mut linked = 0;
         let mut result = Ok(());
@@ -595,7 +595,7 @@ impl Transactions {
             linked += batch.len();
         }
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, -1);
+            undo::apply(fs.handle(), start, count, -1);
         }
         let rest = extents.split_off(linked);
         if !rest.is_empty() {
@@ -649,7 +649,7 @@ impl Transactions {
             let flags = std::ptr::addr_of_mut!((*fs.raw()).flags);
             self.cache.begin_change_verifying_once(flags);
         }
-        let recording = undo::Recording::start(fs);
+        let recording = undo::Recording::start(fs.handle());
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let value = op(fs)?;
             if let (Mode::Ordered(ordered), Some(ino)) = (&mut self.mode, ino) {
@@ -685,7 +685,7 @@ impl Transactions {
             }
             Ok(Err(e)) => Err(e),
             Err(panic) => {
-                undo::reverse(fs, &changes);
+                undo::reverse(fs.handle(), &changes);
                 self.cache.end_change(false);
                 resume_unwind(panic)
             }
@@ -693,7 +693,7 @@ impl Transactions {
         let value = match result {
             Ok(value) => value,
             Err(e) => {
-                undo::reverse(fs, &changes);
+                undo::reverse(fs.handle(), &changes);
                 self.cache.end_change(false);
                 return Err(e);
             }
@@ -882,13 +882,13 @@ pub(crate) fn edit_superblock_on_disk(
 /// of `unlinked` (allocated, not yet linked to a file) shown free.
 pub(crate) fn capture(fs: &mut Filesystem, unlinked: &[(u64, u64)]) -> Result<()> {
     for &(start, count) in unlinked {
-        undo::apply(fs, start, count, -1);
+        undo::apply(fs.handle(), start, count, -1);
     }
     let result = fs
         .flush()
         .map_err(|e| e.in_context("writing the bitmaps and the superblock"));
     for &(start, count) in unlinked {
-        undo::apply(fs, start, count, 1);
+        undo::apply(fs.handle(), start, count, 1);
     }
     result
 }

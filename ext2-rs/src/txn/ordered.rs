@@ -150,11 +150,11 @@ impl Ordered {
             }
         }
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, 1);
+            undo::apply(fs.handle(), start, count, 1);
         }
         let result = relocate_changed_nodes(fs, ino, &existing, &is_dirty);
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, -1);
+            undo::apply(fs.handle(), start, count, -1);
         }
         let moved =
             result.map_err(|e| e.in_context(format!("inode {ino}: moving extent nodes")))?;
@@ -176,7 +176,7 @@ impl Ordered {
         if self.moved.is_empty() {
             return;
         }
-        let recording = undo::Recording::start(fs);
+        let recording = undo::Recording::start(fs.handle());
         for &block in &self.moved {
             // SAFETY: open read-write filesystem; the block was a node,
             // marked in use since.
@@ -206,11 +206,11 @@ impl Ordered {
         // The allocation records as they must be first: freed blocks still
         // in use.
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, 1);
+            undo::apply(fs.handle(), start, count, 1);
         }
         let captured = capture(fs, unlinked);
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, -1);
+            undo::apply(fs.handle(), start, count, -1);
         }
         captured?;
         let mut taken = cache.take_dirty();
