@@ -12,6 +12,7 @@ use std::ptr;
 use crate::error::{check, Errno, Error, Result};
 use crate::extent_map::Extent;
 use crate::ffi::{self, Walk};
+use crate::format::EXT_INIT_MAX_LEN;
 use crate::fs::{Filesystem, Ino, Layout};
 use crate::sys;
 use crate::undo;
@@ -20,9 +21,6 @@ mod leaves;
 
 /// Runs of image blocks: (first block, count).
 pub type BlockRuns = Vec<(u64, u64)>;
-
-/// Longest initialized extent ext4 can record (EXT_INIT_MAX_LEN).
-const MAX_INIT_LEN: u64 = 1 << 15;
 
 /// An open extent handle, freed on drop.
 struct ExtentHandle(sys::ext2_extent_handle_t);
@@ -113,7 +111,7 @@ impl ExtentHandle {
                 let contiguous = cur_end == logical
                     && cur.e_pblk + u64::from(cur.e_len) == physical
                     && cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT == 0
-                    && u64::from(cur.e_len) + len <= MAX_INIT_LEN;
+                    && u64::from(cur.e_len) + len <= EXT_INIT_MAX_LEN;
                 if contiguous {
                     // The start stays: no parent to fix.
                     return self.replace(&raw_extent(
@@ -524,7 +522,7 @@ fn extent_sized(runs: impl IntoIterator<Item = (u64, u64, u64)>) -> Vec<(u64, u6
     for (logical, physical, len) in runs {
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(MAX_INIT_LEN);
+            let n = (len - done).min(EXT_INIT_MAX_LEN);
             pieces.push((logical + done, physical + done, n));
             done += n;
         }

@@ -149,11 +149,7 @@ fn block_size_of(raw: &dyn BlockDevice) -> u64 {
     if raw.read_at(&mut superblock, sb::OFFSET).is_err() || !sb::is_superblock(&superblock) {
         return 1024;
     }
-    let log = u32::from_le_bytes(superblock[0x18..0x1c].try_into().expect("four bytes"));
-    if log > 6 {
-        return 1024;
-    }
-    1024 << log
+    sb::block_size(&superblock).unwrap_or(1024)
 }
 
 /// Opens the filesystem on `raw` read-write, with its metadata going
