@@ -10,7 +10,7 @@ use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
 use crate::device::BlockDevice;
-use crate::error::{check, Errno, Error, Result};
+use crate::error::{check, Errno, Error, Ext2Code, Result};
 use crate::handle::Handle;
 pub use crate::handle::Ino;
 use crate::mmp::{MmpConfig, Protection};
@@ -70,12 +70,12 @@ pub struct Filesystem {
 }
 
 impl Filesystem {
-    /// Opens the filesystem on `device`.  The error text follows nbdkit's
-    /// C filter (`open: Bad magic number in super-block`).
+    /// Opens the filesystem on `device`.  The error text names the call and
+    /// gives the library's words (`open: Bad magic number in super-block`).
     ///
     /// Read-write only where [`crate::policy::filesystem`] allows it, and
     /// not for a filesystem with `mmp` (see [`Filesystem::open_protected`]);
-    /// otherwise the error has errno EROFS and says why.  Read-write also
+    /// otherwise the error is [`Error::ReadOnly`] and says why.  Read-write also
     /// loads the quota files ([`crate::quota`]): a filesystem whose quotas
     /// cannot be kept is not opened read-write either.
     pub fn open(device: Arc<dyn BlockDevice>, access: Access) -> Result<Filesystem> {
@@ -119,10 +119,9 @@ impl Filesystem {
             check(code, || "read_bitmaps".into())?;
             undo::install(&mut handle);
             quotas = Quotas::load(&mut handle).map_err(|e| {
-                Error::other(
-                    Errno::EROFS,
-                    format!("quotas cannot be kept ({e}): the filesystem is not written"),
-                )
+                Error::ReadOnly(format!(
+                    "quotas cannot be kept ({e}): the filesystem is not written"
+                ))
             })?;
         }
         Ok(Filesystem {
@@ -252,7 +251,7 @@ impl Filesystem {
     /// Clears `needs_recovery` in the superblock, as e2fsck does once the
     /// journal has been replayed into the image and marked empty
     /// (`e2fsck_clear_recover`), and writes the superblock out with
-    /// `ext2fs_flush2`, which then flushes the channel (and so the plugin).
+    /// `ext2fs_flush2`, which then flushes the channel (and so the device).
     pub fn clear_needs_recovery(&mut self) -> Result<()> {
         if self.access == Access::ReadOnly {
             return Err(Error::other(
@@ -329,7 +328,7 @@ impl Filesystem {
     }
 
     /// Writes bitmaps, group descriptors and the superblock, then flushes the
-    /// channel (and so the plugin).
+    /// channel (and so the device).
     pub fn flush(&mut self) -> Result<()> {
         if self.access == Access::ReadOnly {
             return Ok(());
@@ -401,17 +400,15 @@ impl Filesystem {
 fn permitted(features: Features, access: Access, mmp_held: bool) -> Result<()> {
     match policy::filesystem(features) {
         Verdict::Refused(why) => Err(Error::other(Errno::ENOTSUP, format!("open: {why}"))),
-        Verdict::ReadOnly(why) if access == Access::ReadWrite => {
-            Err(Error::other(Errno::EROFS, why))
-        }
+        Verdict::ReadOnly(why) if access == Access::ReadWrite => Err(Error::ReadOnly(why)),
         _ if access == Access::ReadWrite
             && features.has_incompat(sys::EXT4_FEATURE_INCOMPAT_MMP)
             && !mmp_held =>
         {
-            Err(Error::other(
-                Errno::EROFS,
+            Err(Error::ReadOnly(
                 "the filesystem has the mmp feature (multi-mount protection): it is \
-                 written only while the protocol runs",
+                 written only while the protocol runs"
+                    .into(),
             ))
         }
         _ => Ok(()),
@@ -431,10 +428,14 @@ fn open_failure(device: &dyn BlockDevice, code: sys::errcode_t) -> Error {
                 Some(Verdict::Refused(why)) => {
                     return Error::other(Errno::ENOTSUP, format!("open: {why}"))
                 }
-                Some(Verdict::ReadOnly(why)) => return Error::other(Errno::EROFS, why),
+                Some(Verdict::ReadOnly(why)) => return Error::ReadOnly(why),
                 _ => {}
             }
         }
+    }
+    if code == sys::EXT2_ET_RO_UNSUPP_FEATURE as sys::errcode_t {
+        // Features libext2fs can read but not write.
+        return Error::ReadOnly(format!("open: {}", Ext2Code(code)));
     }
     Error::ext2("open", code)
 }

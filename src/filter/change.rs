@@ -368,7 +368,9 @@ fn write_runs(image: &Image, runs: &BlockRuns, buf: &[u8], bs: u64) -> Result<()
     let mut at = 0usize;
     for &(physical, len) in runs {
         let n = (len * bs) as usize;
-        image.pwrite(&buf[at..at + n], physical * bs, false)?;
+        image
+            .pwrite(&buf[at..at + n], physical * bs, false)
+            .map_err(ext2_rs::Error::reported)?;
         at += n;
     }
     Ok(())

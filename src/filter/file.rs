@@ -448,7 +448,10 @@ impl ServedFile {
         self.after_change(shared, &mut map, changes, punched)?;
         for piece in in_place {
             if let Content::Data { image_offset } = piece.content {
-                shared.image.zero(piece.len, image_offset, may_trim, fast)?;
+                shared
+                    .image
+                    .zero(piece.len, image_offset, may_trim, fast)
+                    .map_err(Error::reported)?;
             }
         }
         Ok(())
@@ -469,7 +472,10 @@ fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -
     }] = pieces
     {
         // The common case, with nothing to group or allocate.
-        return Ok(shared.image.pread(buf, *image_offset)?);
+        return shared
+            .image
+            .pread(buf, *image_offset)
+            .map_err(Error::reported);
     }
     let runs = coalesce::runs(pieces, offset, READ_GAP);
     // Zero what no run covers, and give each run its part of the buffer.
@@ -488,10 +494,16 @@ fn read_pieces(shared: &Shared, pieces: &[Piece], buf: &mut [u8], offset: u64) -
     let parallel = shared.plugin().parallel();
     pool::run_all(parallel, pool::FAN_OUT, jobs, &|(run, dst)| -> Result<()> {
         if run.is_direct() {
-            shared.image.pread(dst, run.image_offset)?;
+            shared
+                .image
+                .pread(dst, run.image_offset)
+                .map_err(Error::reported)?;
         } else {
             let mut image = vec![0u8; run.image_len as usize];
-            shared.image.pread(&mut image, run.image_offset)?;
+            shared
+                .image
+                .pread(&mut image, run.image_offset)
+                .map_err(Error::reported)?;
             coalesce::scatter(run, pieces, offset, &image, dst);
         }
         Ok(())
@@ -515,10 +527,16 @@ pub(super) fn write_pieces(
     pool::run_all(parallel, pool::FAN_OUT, runs, &|run| -> Result<()> {
         let from = &data[run.span.clone()];
         if run.is_direct() {
-            shared.image.pwrite(from, run.image_offset, fua)?;
+            shared
+                .image
+                .pwrite(from, run.image_offset, fua)
+                .map_err(Error::reported)?;
         } else {
             let image = coalesce::gather(&run, pieces, offset, from);
-            shared.image.pwrite(&image, run.image_offset, fua)?;
+            shared
+                .image
+                .pwrite(&image, run.image_offset, fua)
+                .map_err(Error::reported)?;
         }
         Ok(())
     })

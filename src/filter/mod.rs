@@ -126,7 +126,8 @@ struct Started {
 /// at start instead of failing every client.
 pub fn after_fork(backend: Backend) -> Result<()> {
     let config = current_config();
-    let plugin = Plugin::open(backend, true, SERIALIZE_PLUGIN.load(Ordering::Relaxed))?;
+    let plugin = Plugin::open(backend, true, SERIALIZE_PLUGIN.load(Ordering::Relaxed))
+        .map_err(Error::reported)?;
     let shared = Arc::new(Shared::open(plugin, config.map_cache)?);
     let file = match &config.target {
         Target::File(path) => Some(shared.open_file(path)?),

@@ -150,7 +150,7 @@ pub fn reopen_writable(shared: &Shared, backend: Backend, journal: JournalMode) 
         return Ok(());
     }
     let plugin = image.plugin();
-    plugin.reopen(backend, false)?;
+    plugin.reopen(backend, false).map_err(Error::reported)?;
     if !plugin.capabilities().can_write {
         if let Some(note) = read_only_note(shared, journal) {
             report_error(note);

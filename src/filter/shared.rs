@@ -102,7 +102,9 @@ impl<'a> Tx<'a> {
     /// Writes file data into blocks the change allocated (or owns
     /// unwritten), before it links them: a failure fails the change.
     pub fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
-        Ok(self.image.pwrite(buf, offset, false)?)
+        self.image
+            .pwrite(buf, offset, false)
+            .map_err(Error::reported)
     }
 
     /// About how many metadata blocks one change may touch; a change that
@@ -247,9 +249,7 @@ impl Shared {
         let mut files = self.files.lock();
         let mut state = self.lock_state()?;
         let FsState { fs, tx } = &mut *state;
-        let ino = fs
-            .lookup(&lookup)
-            .map_err(|e| e.in_context(format!("{path}: namei")))?;
+        let ino = fs.lookup(&lookup).map_err(|e| e.in_context(path))?;
         if let Some(file) = files.get(&ino).and_then(Weak::upgrade) {
             return Ok(file);
         }
@@ -260,9 +260,7 @@ impl Shared {
             tx.link_pending(fs, ino)
                 .map_err(|e| e.in_context(path.to_string()))?;
         }
-        let info = fs
-            .inode(ino)
-            .map_err(|e| e.in_context(format!("{path}: inode")))?;
+        let info = fs.inode(ino).map_err(|e| e.in_context(path))?;
         if !info.is_regular() {
             return Err(Error::other(
                 if info.is_dir() {
@@ -489,14 +487,14 @@ impl Shared {
     /// they came after the flush.
     pub fn flush(&self) -> Result<()> {
         if !self.writable() {
-            return self.image.flush().map_err(Error::from);
+            return self.image.flush().map_err(Error::reported);
         }
         self.link_all_files()?;
         let mut state = self.lock_state()?;
         let FsState { fs, tx } = &mut *state;
         match tx {
             Some(tx) => tx.commit(fs, Durability::Home),
-            None => self.image.flush().map_err(Error::from),
+            None => self.image.flush().map_err(Error::reported),
         }
     }
 }

@@ -213,7 +213,7 @@ impl ReadAhead<'_> {
 /// it), holds fast commits, or when recovery itself fails (e2fsck would
 /// then repair the filesystem, which cannot be done in memory).  A
 /// transaction with a bad commit checksum is dropped with everything after
-/// it, as recovery drops it, and reported with `nbdkit_error`.
+/// it, as recovery drops it, and reported as an error ([`crate::log`]).
 pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
     let (ino, map) = locate(fs)?;
     let block_size = fs.block_size();

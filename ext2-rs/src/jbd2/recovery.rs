@@ -1069,7 +1069,7 @@ mod tests {
         log.start(1, 1);
         let mut read = |logical: u32| -> Result<Vec<u8>> {
             if logical == 3 {
-                Err(Error::from(Errno::EIO))
+                Err(Error::reported(Errno::EIO))
             } else {
                 Ok(log.blocks[logical as usize].clone())
             }

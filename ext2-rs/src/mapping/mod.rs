@@ -9,7 +9,7 @@
 use std::ffi::{c_int, c_void};
 use std::ptr;
 
-use crate::error::{check, Errno, Error, Result};
+use crate::error::{check, Errno, Error, Ext2Code, Result};
 use crate::extent_map::Extent;
 use crate::ffi::{self, Walk};
 use crate::format::EXT_INIT_MAX_LEN;
@@ -338,7 +338,8 @@ fn read_block_pointers(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
     Ok(walk.extents)
 }
 
-/// Allocates up to `len` free blocks near `goal`, marking them in use.
+/// Allocates up to `len` free blocks near `goal`, marking them in use
+/// ([`Error::NoSpace`] if there are not that many).
 /// Returns the runs allocated (their total is `len`), not yet linked to any
 /// file; give them back with [`free_blocks`] if linking fails.
 pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
@@ -362,6 +363,9 @@ pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
         };
         if code != 0 {
             free_blocks(fs, &runs);
+            if code == sys::EXT2_ET_BLOCK_ALLOC_FAIL as sys::errcode_t {
+                return Err(Error::NoSpace(format!("allocate: {}", Ext2Code(code))));
+            }
             return Err(Error::ext2("allocate", code));
         }
         let got = got.min(want);
@@ -699,7 +703,7 @@ fn mark_written_uncharged(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -
 ///
 /// Not `ext2fs_punch`: in 1.47.0 it frees far more than asked on
 /// block-pointer files, overflows its count past 2^31 blocks, and ignores a
-/// failed `ext2fs_extent_goto`, so a plugin read error in the middle makes
+/// failed `ext2fs_extent_goto`, so a device read error in the middle makes
 /// it edit the wrong node.  Here every step is checked, one extent at a
 /// time.  Not on bigalloc filesystems, where a cluster may stay partly in
 /// use (the caller does not offer it).
@@ -876,7 +880,8 @@ mod tests {
                     break;
                 }
                 let end = (at + bs as usize).min(out.len());
-                dev.read_at(&mut out[at..end], (e.physical + b) * bs)?;
+                dev.read_at(&mut out[at..end], (e.physical + b) * bs)
+                    .map_err(Error::reported)?;
             }
         }
         Ok(out)

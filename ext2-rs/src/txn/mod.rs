@@ -157,7 +157,8 @@ fn block_size_of(raw: &dyn BlockDevice) -> u64 {
 /// in the journal when there is one this crate can write, in crash-safe
 /// order otherwise (saying why, when a journal is there but not used).
 /// Nothing is written until the first commit.  A filesystem with the `mmp`
-/// feature is opened only under `held`, its MMP block taken.
+/// feature is opened only under `held`, its MMP block taken.  One that may
+/// only be read (see [`Filesystem::open`]) is an [`Error::ReadOnly`].
 pub fn open_read_write(
     raw: Arc<dyn BlockDevice>,
     held: Option<&crate::mmp::Protection>,
@@ -367,7 +368,7 @@ impl Transactions {
     /// is in ([`Self::hole_filled`]) or gave up ([`Self::abandon_hole`]).
     /// Changes no tree: nothing is linked here, not even to make room (a
     /// host whose readers walk the tree without the library lock may call
-    /// this while they do); short of room it fails with ENOSPC, and
+    /// this while they do); short of room it fails with [`Error::NoSpace`], and
     /// [`Self::fill_hole`], which may link, is the way to go on.
     pub fn reserve_hole(
         &mut self,
@@ -424,7 +425,7 @@ impl Transactions {
     }
 
     /// A change that allocates `count` blocks (and may link them, as
-    /// [`Self::change`]), refused with ENOSPC if that would eat into the
+    /// [`Self::change`]), refused with [`Error::NoSpace`] if that would eat into the
     /// blocks the transaction keeps for itself (see [`Self::ensure_room`]).
     pub fn change_allocating<T>(
         &mut self,
@@ -453,21 +454,18 @@ impl Transactions {
     /// Makes sure `count` more blocks can be allocated without taking the
     /// reserve: if not, first makes the pending links of `ino` (while there
     /// is room for their nodes; other files' trees are changed only when
-    /// their host asks), then refuses with ENOSPC if it is still short.
+    /// their host asks), then refuses with [`Error::NoSpace`] if it is still short.
     fn room_for(&self, fs: &mut Filesystem, count: u64) -> Result<()> {
         // SAFETY: open filesystem; reads its in-memory superblock.
         let free = unsafe { sys::ext2fs_free_blocks_count((*fs.raw()).super_) };
         if free >= count + self.reserve() {
             return Ok(());
         }
-        Err(Error::other(
-            Errno::ENOSPC,
-            format!(
-                "no space left: {free} blocks free, {count} wanted, {} kept for the filesystem's \
-                 own metadata",
-                self.reserve()
-            ),
-        ))
+        Err(Error::NoSpace(format!(
+            "no space left: {free} blocks free, {count} wanted, {} kept for the filesystem's \
+             own metadata",
+            self.reserve()
+        )))
     }
 
     fn ensure_room(&mut self, fs: &mut Filesystem, ino: Ino, count: u64) -> Result<()> {
@@ -846,7 +844,7 @@ pub(crate) fn write_runs(raw: &dyn BlockDevice, bs: u64, blocks: &[(u64, Vec<u8>
         for (_, data) in &blocks[i..i + n] {
             buf.extend_from_slice(data);
         }
-        raw.write_at(&buf, first * bs)?;
+        raw.write_at(&buf, first * bs).map_err(Error::reported)?;
         i += n;
     }
     Ok(())
@@ -864,11 +862,17 @@ pub(crate) fn edit_superblock_on_disk(
     let block = sb::OFFSET / bs;
     let at = (sb::OFFSET - block * bs) as usize;
     let mut buf = vec![0u8; bs as usize];
-    cache.raw().read_at(&mut buf, block * bs)?;
+    cache
+        .raw()
+        .read_at(&mut buf, block * bs)
+        .map_err(Error::reported)?;
     if !edit(&mut buf[at..at + sb::BYTES]) {
         return Ok(false);
     }
-    cache.raw().write_at(&buf, block * bs)?;
+    cache
+        .raw()
+        .write_at(&buf, block * bs)
+        .map_err(Error::reported)?;
     cache.refresh_clean(block, &buf);
     Ok(true)
 }

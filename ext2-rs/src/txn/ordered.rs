@@ -259,7 +259,7 @@ impl Ordered {
         }
         if self.valid_on_disk {
             edit_superblock_on_disk(cache, |sb| sb::set_valid(sb, false))?;
-            raw.flush()?;
+            raw.flush().map_err(Error::reported)?;
             self.valid_on_disk = false;
             debug!(
                 Topic::Journal,
@@ -267,14 +267,14 @@ impl Ordered {
             );
         }
         write_runs(raw.as_ref(), bs, &records)?;
-        raw.flush()?;
+        raw.flush().map_err(Error::reported)?;
         write_runs(raw.as_ref(), bs, &new)?;
         if !new.is_empty() && !old.is_empty() {
-            raw.flush()?;
+            raw.flush().map_err(Error::reported)?;
         }
         write_runs(raw.as_ref(), bs, &old)?;
         if !freed.is_empty() {
-            raw.flush()?;
+            raw.flush().map_err(Error::reported)?;
             // The freed blocks, free on disk too.
             capture(fs, unlinked)?;
             let last = cache.take_dirty();
@@ -297,10 +297,10 @@ impl Ordered {
         if durability == Durability::Recoverable {
             return Ok(());
         }
-        cache.raw().flush()?;
+        cache.raw().flush().map_err(Error::reported)?;
         if self.valid_at_open && !self.valid_on_disk {
             edit_superblock_on_disk(cache, |sb| sb::set_valid(sb, true))?;
-            cache.raw().flush()?;
+            cache.raw().flush().map_err(Error::reported)?;
             self.valid_on_disk = true;
             debug!(Topic::Journal, "ordered: the filesystem is marked clean");
         }
