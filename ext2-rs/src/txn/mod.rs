@@ -46,7 +46,6 @@ mod relocate;
 mod tests;
 mod touched;
 
-use std::collections::BTreeMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,7 +61,7 @@ use crate::sys;
 use crate::undo;
 
 pub use cache::MetaCache;
-use holes::PendingLinks;
+use holes::HoleFills;
 use journal::JournalLog;
 use ordered::Ordered;
 use touched::Touched;
@@ -125,21 +124,13 @@ pub struct Transactions {
     /// A change freed blocks and has not been committed yet: nothing may
     /// allocate until it is.
     frees_pending: bool,
-    /// Writes into holes not linked into their trees yet ([`Self::fill_hole`]).
-    pending: PendingLinks,
-    /// Blocks allocated for writes into holes whose data is still being
-    /// written ([`Self::reserve_hole`]): image block -> count.  Like pending
-    /// ones, commits write them as free.
-    in_flight: BTreeMap<u64, u64>,
-    /// How many times a file's tree gained pending links so far.
-    links_made: u64,
+    /// Writes into holes: reserved ([`Self::reserve_hole`]), or written and
+    /// not linked into their trees yet ([`Self::fill_hole`]).
+    holes: HoleFills,
     /// Transactions committed so far.
     commits: u64,
     /// Blocks of group descriptors (each may change with a group).
     desc_blocks: u64,
-    /// While [`Self::link_pending_noting_writes`] runs: the blocks its
-    /// changes wrote.
-    noted_writes: Option<Vec<u64>>,
 }
 
 /// The block size of the filesystem on `raw`, from its superblock (1024 if
@@ -193,11 +184,8 @@ pub fn open_read_write(
         ),
         since: None,
         frees_pending: false,
-        pending: PendingLinks::default(),
-        in_flight: BTreeMap::new(),
-        links_made: 0,
+        holes: HoleFills::default(),
         commits: 0,
-        noted_writes: None,
     };
     debug!(
         Topic::Journal,
@@ -241,7 +229,7 @@ impl Transactions {
 
     /// Whether anything awaits a commit.
     pub fn is_empty(&self) -> bool {
-        self.cache.dirty_len() == 0 && self.touched.is_empty() && self.pending.is_empty()
+        self.cache.dirty_len() == 0 && self.touched.is_empty() && self.holes.is_empty()
     }
 
     /// How long the oldest uncommitted change has waited.
@@ -271,18 +259,18 @@ impl Transactions {
     /// keeps its own map of a file reads the tree again when this moved
     /// during a [`Self::fill_hole`] of it.
     pub fn links_made(&self) -> u64 {
-        self.links_made
+        self.holes.links_made()
     }
 
     /// The files with writes into holes waiting to be linked.
     pub fn pending_inodes(&self) -> Vec<Ino> {
-        self.pending.inodes()
+        self.holes.pending().inodes()
     }
 
     /// The extents written into holes of `ino` and not linked yet:
     /// (file block, image block, blocks), in file order.
     pub fn unlinked(&self, ino: Ino) -> Vec<(u64, u64, u64)> {
-        self.pending.of(ino)
+        self.holes.pending().of(ino)
     }
 
     /// Blocks a transaction should not outgrow: a quarter of the journal,
@@ -344,15 +332,14 @@ impl Transactions {
         fill: impl FnOnce(&mut Filesystem, u64) -> Result<BlockRuns>,
     ) -> Result<BlockRuns> {
         self.ensure_room(fs, ino, count)?;
-        let near = near.or(self.pending.goal(ino));
+        let near = self.holes.near(ino, near);
         // No inode named: the change allocates, and no tree changes (so,
         // without a journal, there is no node to move).
         let runs = self.run_change(fs, None, true, |fs| {
             let goal = mapping::hole_goal(fs, ino, logical, near)?;
             fill(fs, goal)
         })?;
-        self.pending.add(ino, logical, &runs);
-        if self.pending.count_of(ino) >= LINK_AT {
+        if self.holes.written(ino, logical, &runs) >= LINK_AT {
             if let Err(e) = self.link_pending(fs, ino) {
                 debug!(Topic::Map, "{e}: the rest stays pending");
             }
@@ -380,7 +367,7 @@ impl Transactions {
     ) -> Result<BlockRuns> {
         self.room_for(fs, count)?;
         self.commit_if_needed(fs)?;
-        let near = near.or(self.pending.goal(ino));
+        let near = self.holes.near(ino, near);
         let goal = mapping::hole_goal(fs, ino, logical, near)?;
         // Only libext2fs's block bitmap and counters change, in its memory,
         // and `allocate` gives back what it took if it fails: no change
@@ -390,12 +377,9 @@ impl Transactions {
             self.touched.note(start, len, 1);
             // The blocks will hold file data: no metadata cached of them.
             self.cache.forget_clean(start, len);
-            self.in_flight.insert(start, len);
         }
+        self.holes.reserved(ino, &runs);
         self.since.get_or_insert_with(Instant::now);
-        if let Some(&(start, len)) = runs.last() {
-            self.pending.note_goal(ino, start + len);
-        }
         Ok(runs)
     }
 
@@ -405,19 +389,13 @@ impl Transactions {
     /// `ino` wait (the host links them, under its own lock, past
     /// [`LINK_AT`]).
     pub fn hole_filled(&mut self, ino: Ino, logical: u64, runs: &BlockRuns) -> usize {
-        for &(start, _) in runs {
-            self.in_flight.remove(&start);
-        }
-        self.pending.add(ino, logical, runs);
-        self.pending.count_of(ino)
+        self.holes.filled(ino, logical, runs)
     }
 
     /// Frees blocks `runs` reserved by [`Self::reserve_hole`] whose data
     /// could not be written, as one change.
     pub fn abandon_hole(&mut self, fs: &mut Filesystem, runs: &BlockRuns) -> Result<()> {
-        for &(start, _) in runs {
-            self.in_flight.remove(&start);
-        }
+        self.holes.abandoned(runs);
         self.run_change(fs, None, false, |fs| {
             mapping::free_blocks(fs, runs);
             Ok(())
@@ -442,9 +420,7 @@ impl Transactions {
     /// allocate on its own: tree nodes for the pending links, and, without
     /// a journal, a new home for every existing node a commit moves.
     fn reserve(&self) -> u64 {
-        let mut reserve = 64
-            + (self.pending.extents() + self.in_flight.len()) as u64 / 16
-            + 8 * self.pending.inode_count() as u64;
+        let mut reserve = 64 + self.holes.reserve();
         if let Mode::Ordered(_) = self.mode {
             reserve += self.cache.dirty_len() as u64;
         }
@@ -481,9 +457,9 @@ impl Transactions {
     /// is more than one transaction may hold, commits in between.  The
     /// caller keeps readers of that tree out meanwhile.
     pub fn link_pending(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<()> {
-        while self.pending.has(ino) {
+        while self.holes.pending().has(ino) {
             self.link_some(fs, ino)?;
-            if self.pending.has(ino) {
+            if self.holes.pending().has(ino) {
                 self.commit(fs, Durability::Recoverable)?;
             }
         }
@@ -492,7 +468,7 @@ impl Transactions {
 
     /// [`Self::link_pending`], saying what it did (see [`Linked`]).
     pub fn link_pending_noting_writes(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<Linked> {
-        let blocks = self.pending.of(ino).iter().map(|e| e.2).sum();
+        let blocks = self.holes.pending().of(ino).iter().map(|e| e.2).sum();
         let (result, rewritten) = self.noting_writes(|tx| tx.link_pending(fs, ino));
         result.map(|()| Linked { blocks, rewritten })
     }
@@ -503,9 +479,9 @@ impl Transactions {
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T>,
     ) -> (Result<T>, Vec<u64>) {
-        self.noted_writes = Some(Vec::new());
+        self.holes.start_noting();
         let result = op(self);
-        (result, self.noted_writes.take().unwrap_or_default())
+        (result, self.holes.stop_noting())
     }
 
     /// Links, as one change, those of up to `max` extents pending for `ino`
@@ -527,7 +503,7 @@ impl Transactions {
         if self.method() != Method::Journal {
             return Ok((Linked::default(), None));
         }
-        let extents = self.pending.take_from(ino, from, max);
+        let extents = self.holes.pending_mut().take_from(ino, from, max);
         let Some(&(last, _, _)) = extents.last() else {
             return Ok((Linked::default(), None));
         };
@@ -539,7 +515,7 @@ impl Transactions {
         let refused = match result {
             Ok(refused) => refused,
             Err(e) => {
-                self.pending.put_back(ino, extents);
+                self.holes.pending_mut().put_back(ino, extents);
                 return Err(e);
             }
         };
@@ -549,9 +525,9 @@ impl Transactions {
             rewritten,
         };
         if linked.blocks > 0 {
-            self.links_made += 1;
+            self.holes.linked();
         }
-        self.pending.put_back(ino, refused);
+        self.holes.pending_mut().put_back(ino, refused);
         Ok((linked, Some(last + 1)))
     }
 
@@ -561,7 +537,7 @@ impl Transactions {
     fn link_some(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<()> {
         /// Extents per change: each may change a leaf (and split it).
         const BATCH: usize = 64;
-        let Some(mut extents) = self.pending.take(ino) else {
+        let Some(mut extents) = self.holes.pending_mut().take(ino) else {
             return Ok(());
         };
         // Not committing first: the blocks are allocated in this
@@ -593,10 +569,10 @@ impl Transactions {
         }
         let rest = extents.split_off(linked);
         if !rest.is_empty() {
-            self.pending.put_back(ino, rest);
+            self.holes.pending_mut().put_back(ino, rest);
         }
         if linked > 0 {
-            self.links_made += 1;
+            self.holes.linked();
         }
         debug!(
             Topic::Map,
@@ -693,9 +669,7 @@ impl Transactions {
             }
         };
         let written = self.cache.end_change(true);
-        if let Some(noted) = self.noted_writes.as_mut() {
-            noted.extend(written);
-        }
+        self.holes.note_writes(written);
         let mut freed = false;
         for &(start, count, inuse) in &changes {
             self.touched.note(start, count, inuse);
@@ -755,8 +729,7 @@ impl Transactions {
     pub fn commit(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
         let cache = self.cache.clone();
         let _remember = cache.remembering();
-        let mut unlinked = self.pending.block_runs();
-        unlinked.extend(self.in_flight.iter().map(|(&start, &count)| (start, count)));
+        let unlinked = self.holes.unlinked_runs();
         let result = match &mut self.mode {
             Mode::Journal(log) => log.commit(fs, &self.cache, &self.touched, &unlinked, durability),
             Mode::Ordered(ordered) => {
@@ -780,7 +753,7 @@ impl Transactions {
     /// Links every pending extent of every file (see [`Self::link_pending`]):
     /// for a host that knows no reader walks any tree now.
     pub fn link_all(&mut self, fs: &mut Filesystem) -> Result<()> {
-        for ino in self.pending.inodes() {
+        for ino in self.holes.pending().inodes() {
             self.link_pending(fs, ino)?;
         }
         Ok(())
