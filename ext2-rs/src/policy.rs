@@ -358,7 +358,7 @@ mod tests {
     fn raw_superblocks_parse() {
         let mut sb = vec![0u8; 1024];
         assert_eq!(Features::parse(&sb), None);
-        put_le16(&mut sb, sb::S_MAGIC, 0xef53);
+        put_le16(&mut sb, sb::S_MAGIC, sys::EXT2_SUPER_MAGIC as u16);
         put_le32(&mut sb, sb::S_FEATURE_COMPAT, 1);
         put_le32(&mut sb, sb::S_FEATURE_INCOMPAT, 2);
         put_le32(&mut sb, sb::S_FEATURE_RO_COMPAT, 3);

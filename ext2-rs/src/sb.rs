@@ -77,7 +77,7 @@ mod tests {
 
     fn superblock(ro_compat: u32) -> Vec<u8> {
         let mut sb = vec![0x11u8; BYTES];
-        put_le16(&mut sb, S_MAGIC, 0xef53);
+        put_le16(&mut sb, S_MAGIC, sys::EXT2_SUPER_MAGIC as u16);
         put_le16(&mut sb, S_STATE, 1);
         put_le32(&mut sb, S_FEATURE_INCOMPAT, 0x2c2);
         put_le32(&mut sb, S_FEATURE_RO_COMPAT, ro_compat);

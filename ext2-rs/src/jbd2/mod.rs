@@ -557,7 +557,7 @@ mod tests {
     fn fs_superblock(incompat: u32, ro_compat: u32) -> Vec<u8> {
         let mut b = filled(4096, 0x33);
         let sb = &mut b[1024..2048];
-        put_le16(sb, FS_S_MAGIC, 0xef53);
+        put_le16(sb, FS_S_MAGIC, sys::EXT2_SUPER_MAGIC as u16);
         put_le32(sb, FS_S_FEATURE_INCOMPAT, incompat);
         put_le32(sb, FS_S_FEATURE_RO_COMPAT, ro_compat);
         let sum = crc::crc32c(!0, &sb[..FS_S_CHECKSUM]);
