@@ -1,8 +1,10 @@
 //! The block device a filesystem lives on.
 //!
 //! libext2fs reaches its device only through [`crate::io`], which calls
-//! this trait; the host implements it (the filter: the image on the nbdkit
-//! plugin, with its journal overlay; tests: [`crate::testing::MemDevice`]).
+//! this trait; the host implements it (a server: the image beneath it, with
+//! its journal overlay; tests: [`crate::testing::MemDevice`]).  A device
+//! reports its own failures where they happen: its errno comes back as
+//! [`crate::Error::reported`].
 
 use crate::error::Errno;
 

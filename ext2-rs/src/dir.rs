@@ -3,9 +3,9 @@
 use std::ffi::{c_char, c_int, c_void};
 use std::ptr;
 
-use crate::error::Result;
+use crate::error::{check, Result};
 use crate::ffi::{self, Walk};
-use crate::fs::{check, Filesystem, Ino};
+use crate::fs::{Filesystem, Ino};
 use crate::sys;
 
 /// One directory entry.

@@ -1,4 +1,6 @@
-//! Errors, and how each becomes the errno an NBD client receives.
+//! Errors: what went wrong, the errno a host hands on for it, and, where a
+//! caller decides on it, what kind of failure it is ([`Error::ReadOnly`],
+//! [`Error::NoSpace`], [`Error::Device`]).
 
 use std::ffi::CStr;
 use std::fmt;
@@ -33,9 +35,9 @@ impl Errno {
         }
     }
 
-    /// The errno a plugin call reported; a plugin that forgot one gets EIO.
-    pub fn from_plugin(err: i32) -> Errno {
-        NonZeroI32::new(err).map(Errno).unwrap_or(Errno::EIO)
+    /// The errno `value`, or `None` for zero (no errno).
+    pub fn new(value: i32) -> Option<Errno> {
+        NonZeroI32::new(value).map(Errno)
     }
 
     pub fn get(self) -> i32 {
@@ -82,7 +84,7 @@ pub fn errno_for_ext2_code(code: sys::errcode_t) -> Errno {
     let base = sys::EXT2_ET_BASE as sys::errcode_t;
     if code > 0 && code < 4096 {
         // A system errno passed through (e.g. EIO from our io_manager).
-        return Errno::from_plugin(code as i32);
+        return Errno::new(code as i32).unwrap_or(Errno::EIO);
     }
     if !(base..base + 256).contains(&code) {
         return Errno::EIO;
@@ -121,16 +123,27 @@ pub fn errno_for_ext2_code(code: sys::errcode_t) -> Errno {
     }
 }
 
-/// Everything that can go wrong in this crate, and above it in the filter.
+/// Everything that can go wrong in this crate, and above it in its host.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A libext2fs call failed; `context` says which call on what.
+    /// A libext2fs call failed; `context` says which call on what, the
+    /// outermost first.
     #[error("{context}: {code}")]
     Ext2 { context: String, code: Ext2Code },
-    /// The block device failed a request; it has already reported why
-    /// (for the filter: the plugin, through nbdkit).
+    /// The block device failed a request and has already reported why
+    /// ([`Error::reported`]): nothing more is to be said (errno as given).
     #[error("device request failed (errno {})", .0.get())]
     Device(Errno),
+    /// The filesystem may be read but not written: the kernel's rules for
+    /// its features, multi-mount protection, or quota files that cannot be
+    /// kept say so, and why.  A host may serve it read-only (errno EROFS).
+    #[error("{0}")]
+    ReadOnly(String),
+    /// Too few free blocks for what was asked (errno ENOSPC).  A caller
+    /// with a way that makes room first may take it (see
+    /// `txn::Transactions::reserve_hole`).
+    #[error("{0}")]
+    NoSpace(String),
     /// Anything else, with the errno the client gets.
     #[error("{message}")]
     Other { message: String, errno: Errno },
@@ -144,6 +157,13 @@ impl Error {
         }
     }
 
+    /// A failure that was reported where it happened (a block device's
+    /// own): [`Error::Device`].  Only for those: any other failure owes its
+    /// message ([`Error::other`]).
+    pub fn reported(errno: Errno) -> Error {
+        Error::Device(errno)
+    }
+
     pub fn other(errno: Errno, message: impl Into<String>) -> Error {
         Error::Other {
             message: message.into(),
@@ -151,17 +171,29 @@ impl Error {
         }
     }
 
-    /// Names what the error was about, as the C filter does
-    /// (`/nonexistent: namei: File not found by ext2_lookup`).
+    /// Adds what the error was about in front of what it says, keeping
+    /// the rest (the library's code and words, the kind, the errno):
+    /// `namei: File not found by ext2_lookup` in context `/nonexistent`
+    /// says `/nonexistent: namei: File not found by ext2_lookup`.  A
+    /// failure already reported stays as it is.
     pub fn in_context(self, context: impl Into<String>) -> Error {
         let context = context.into();
+        let add = |inner: String| format!("{context}: {inner}");
         match self {
-            Error::Ext2 { code, .. } => Error::Ext2 { context, code },
+            Error::Ext2 {
+                context: inner,
+                code,
+            } => Error::Ext2 {
+                context: add(inner),
+                code,
+            },
+            Error::ReadOnly(why) => Error::ReadOnly(add(why)),
+            Error::NoSpace(why) => Error::NoSpace(add(why)),
             Error::Other { message, errno } => Error::Other {
-                message: format!("{context}: {message}"),
+                message: add(message),
                 errno,
             },
-            other => other,
+            reported @ Error::Device(_) => reported,
         }
     }
 
@@ -169,6 +201,8 @@ impl Error {
         match self {
             Error::Ext2 { code, .. } => code.errno(),
             Error::Device(errno) => *errno,
+            Error::ReadOnly(_) => Errno::EROFS,
+            Error::NoSpace(_) => Errno::ENOSPC,
             Error::Other { errno, .. } => *errno,
         }
     }
@@ -180,13 +214,16 @@ impl Error {
     }
 }
 
-impl From<Errno> for Error {
-    fn from(errno: Errno) -> Error {
-        Error::Device(errno)
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Turns a libext2fs return code into a Result.
+pub(crate) fn check(code: sys::errcode_t, context: impl FnOnce() -> String) -> Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Error::ext2(context(), code))
     }
 }
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
@@ -241,8 +278,24 @@ mod tests {
     }
 
     #[test]
-    fn plugin_without_errno_is_eio() {
-        assert_eq!(Errno::from_plugin(0), Errno::EIO);
-        assert_eq!(Errno::from_plugin(libc::EROFS), Errno::EROFS);
+    fn zero_is_no_errno() {
+        assert_eq!(Errno::new(0), None);
+        assert_eq!(Errno::new(libc::EROFS), Some(Errno::EROFS));
+    }
+
+    #[test]
+    fn context_is_added_not_replaced() {
+        let not_found = code(sys::EXT2_ET_FILE_NOT_FOUND);
+        let e = Error::ext2("namei", not_found).in_context("/nonexistent");
+        // (`File not found by ext2_lookup` once `crate::load` ran.)
+        let words = Ext2Code(not_found).message();
+        assert_eq!(e.to_string(), format!("/nonexistent: namei: {words}"));
+        assert_eq!(e.errno(), Errno::ENOENT);
+        let e = Error::ReadOnly("the filesystem has mmp".into()).in_context("open");
+        assert!(matches!(&e, Error::ReadOnly(why) if why == "open: the filesystem has mmp"));
+        assert!(matches!(
+            Error::reported(Errno::EIO).in_context("x"),
+            Error::Device(Errno::EIO)
+        ));
     }
 }

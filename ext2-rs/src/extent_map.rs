@@ -163,7 +163,7 @@ impl FileMap {
 
     /// Splits `[offset, offset + len)` of the file into pieces of like
     /// content, merging neighbours that are contiguous in the image so that
-    /// each `Data` piece is one plugin request.
+    /// each `Data` piece is one device request.
     pub fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
         let mut out = Vec::new();
         pieces_in(self.block_size, &self.extents, offset, len, &mut out);
@@ -331,7 +331,7 @@ impl ExtentSet {
 /// covering the range) is `extents`, sorted and not overlapping, with
 /// blocks of `bs` bytes, into pieces of like content appended to `out`,
 /// merging neighbours that are contiguous in the image so that each `Data`
-/// piece is one plugin request.
+/// piece is one device request.
 pub fn pieces_in(bs: u64, extents: &[Extent], offset: u64, len: u64, out: &mut Vec<Piece>) {
     let end = offset + len;
     let mut pos = offset;

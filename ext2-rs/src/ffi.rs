@@ -1,7 +1,7 @@
 //! The one C boundary, for this crate and the crates built on it.
 //!
 //! Every `extern "C"` function (libext2fs's io_manager entry points and
-//! iterator callbacks here, nbdkit's callbacks in the filter) runs its body
+//! iterator callbacks here, a host's own callbacks above) runs its body
 //! in [`guard`], which catches a panic before it reaches C (since Rust 1.81
 //! a panic escaping an `extern "C"` function aborts the process) and returns
 //! what the body's result type declares for that case ([`AfterPanic`]).

@@ -7,19 +7,18 @@
 //! process-wide lock around it).
 
 use std::ffi::{CStr, CString};
-use std::ptr;
-
-use crate::device::BlockDevice;
-use crate::error::{Errno, Error, Result};
-use crate::io;
-use crate::mmp::{MmpConfig, Protection};
-use crate::policy::{self, Features, Verdict};
-use crate::quota::Quotas;
-use crate::sys;
 use std::sync::Arc;
 
-/// An inode number.
-pub type Ino = sys::ext2_ino_t;
+use crate::device::BlockDevice;
+use crate::error::{check, Errno, Error, Ext2Code, Result};
+use crate::handle::Handle;
+pub use crate::handle::Ino;
+use crate::mmp::{MmpConfig, Protection};
+use crate::policy::{self, Features, Verdict};
+use crate::quota::{self, Quotas};
+use crate::reserved::{self, Reserved};
+use crate::sys;
+use crate::undo;
 
 /// How a file's blocks are recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,35 +59,23 @@ pub enum Access {
     ReadWrite,
 }
 
+/// An open filesystem, made of its library handle and what was read from
+/// it at open: the blocks it keeps for itself and its quota files.
 pub struct Filesystem {
-    fs: sys::ext2_filsys,
-    device: CString,
+    handle: Handle,
     access: Access,
-    reserved: crate::reserved::Reserved,
+    reserved: Reserved,
     /// The quota files kept while open read-write.
     quotas: Option<Quotas>,
 }
 
-// SAFETY: the handle is only used behind the process-wide filesystem lock;
-// libext2fs keeps no thread-affine state.
-unsafe impl Send for Filesystem {}
-
-/// Turns a libext2fs return code into a Result.
-pub(crate) fn check(code: sys::errcode_t, context: impl FnOnce() -> String) -> Result<()> {
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(Error::ext2(context(), code))
-    }
-}
-
 impl Filesystem {
-    /// Opens the filesystem on `device`.  The error text follows nbdkit's
-    /// C filter (`open: Bad magic number in super-block`).
+    /// Opens the filesystem on `device`.  The error text names the call and
+    /// gives the library's words (`open: Bad magic number in super-block`).
     ///
     /// Read-write only where [`crate::policy::filesystem`] allows it, and
     /// not for a filesystem with `mmp` (see [`Filesystem::open_protected`]);
-    /// otherwise the error has errno EROFS and says why.  Read-write also
+    /// otherwise the error is [`Error::ReadOnly`] and says why.  Read-write also
     /// loads the quota files ([`crate::quota`]): a filesystem whose quotas
     /// cannot be kept is not opened read-write either.
     pub fn open(device: Arc<dyn BlockDevice>, access: Access) -> Result<Filesystem> {
@@ -102,61 +89,47 @@ impl Filesystem {
     }
 
     fn open_as(device: Arc<dyn BlockDevice>, access: Access, mmp_held: bool) -> Result<Filesystem> {
-        let raw_device = device.clone();
-        let device = io::register(device);
         // libext2fs would run MMP itself by opening the device by name
         // (with O_DIRECT), bypassing the io_manager: the host runs it.
         let mut flags = (sys::EXT2_FLAG_64BITS | sys::EXT2_FLAG_SKIP_MMP) as i32;
         if access == Access::ReadWrite {
             flags |= sys::EXT2_FLAG_RW as i32;
         }
-        let mut fs: sys::ext2_filsys = ptr::null_mut();
-        // SAFETY: the device name is NUL-terminated, the manager table is
-        // static, and `fs` is a valid out-pointer.
-        let code = unsafe {
-            sys::ext2fs_open(device.as_ptr(), flags, 0, 0, io::MANAGER.as_ptr(), &mut fs)
+        let mut handle = match Handle::open(device.clone(), flags) {
+            Ok(handle) => handle,
+            Err(code) => return Err(open_failure(&*device, code)),
         };
-        if code != 0 {
-            io::unregister(&device);
-            return Err(open_failure(&*raw_device, code));
-        }
-        // SAFETY: an open filesystem always has its superblock loaded.
-        let features = Features::of(unsafe { &*(*fs).super_ });
+        let features = Features::of(handle.super_block());
         if let Err(e) = permitted(features, access, mmp_held) {
-            // Freed without closing: closing could write the superblock.
-            // SAFETY: `fs` is open and not used again.
-            unsafe { sys::ext2fs_free(fs) };
-            io::unregister(&device);
+            handle.free_unclosed();
             return Err(e);
         }
-        let mut this = Filesystem {
-            fs,
-            device,
-            access,
-            reserved: Default::default(),
-            quotas: None,
-        };
-        this.reserved = crate::reserved::collect(&mut this)?;
+        let reserved = reserved::collect(&mut handle)?;
         // SAFETY: `fs` is open; flags is a plain field.
         unsafe {
             // Rewrite only the primary superblock and descriptors on flush:
             // rewriting every backup on every client flush is slow and
             // e2fsck only needs the primary to be right.
-            (*this.fs).flags |= sys::EXT2_FLAG_MASTER_SB_ONLY as i32;
+            (*handle.raw()).flags |= sys::EXT2_FLAG_MASTER_SB_ONLY as i32;
         }
+        let mut quotas = None;
         if access == Access::ReadWrite {
             // SAFETY: `fs` is open.
-            let code = unsafe { sys::ext2fs_read_bitmaps(this.fs) };
+            let code = unsafe { sys::ext2fs_read_bitmaps(handle.raw()) };
             check(code, || "read_bitmaps".into())?;
-            crate::undo::install(&mut this);
-            this.quotas = Quotas::load(&mut this).map_err(|e| {
-                Error::other(
-                    Errno::EROFS,
-                    format!("quotas cannot be kept ({e}): the filesystem is not written"),
-                )
+            undo::install(&mut handle);
+            quotas = Quotas::load(&mut handle).map_err(|e| {
+                Error::ReadOnly(format!(
+                    "quotas cannot be kept ({e}): the filesystem is not written"
+                ))
             })?;
         }
-        Ok(this)
+        Ok(Filesystem {
+            handle,
+            access,
+            reserved,
+            quotas,
+        })
     }
 
     /// Whether block changes are charged to quota files ([`crate::quota`]).
@@ -173,15 +146,38 @@ impl Filesystem {
     /// needed mutably); an error if there is none.
     pub(crate) fn with_quotas<T>(
         &mut self,
-        f: impl FnOnce(&mut Filesystem, &mut Quotas) -> Result<T>,
+        f: impl FnOnce(&mut Handle, &mut Quotas) -> Result<T>,
     ) -> Result<T> {
-        let mut quotas = self
+        let quotas = self
             .quotas
-            .take()
+            .as_mut()
             .ok_or_else(|| Error::other(Errno::EINVAL, "the filesystem keeps no quotas"))?;
-        let result = f(self, &mut quotas);
-        self.quotas = Some(quotas);
-        result
+        f(&mut self.handle, quotas)
+    }
+
+    /// Runs `op`, a change of inode `ino`'s blocks, and charges its owner
+    /// the bytes it added or freed, in the same change (see
+    /// [`crate::quota`]).  Does nothing more than `op` on a filesystem
+    /// without quotas.
+    pub(crate) fn charging<T>(
+        &mut self,
+        ino: Ino,
+        op: impl FnOnce(&mut Filesystem) -> Result<T>,
+    ) -> Result<T> {
+        if !self.keeps_quotas() {
+            return op(self);
+        }
+        let (owner, before) = quota::owner_and_usage(&mut self.handle, ino)?;
+        let value = op(self)?;
+        let (_, after) = quota::owner_and_usage(&mut self.handle, ino)?;
+        let delta = i64::try_from(i128::from(after) - i128::from(before)).map_err(|_| {
+            Error::other(
+                Errno::EIO,
+                "the block count changed by more than 2^63 bytes",
+            )
+        })?;
+        self.with_quotas(|handle, quotas| quotas.add_space(handle, owner, delta))?;
+        Ok(value)
     }
 
     /// The first block of `[start, start + len)` that the filesystem keeps
@@ -191,7 +187,7 @@ impl Filesystem {
     }
 
     /// The blocks the filesystem keeps for itself.
-    pub fn reserved(&self) -> &crate::reserved::Reserved {
+    pub fn reserved(&self) -> &Reserved {
         &self.reserved
     }
 
@@ -200,8 +196,7 @@ impl Filesystem {
     }
 
     pub fn super_block(&self) -> &sys::ext2_super_block {
-        // SAFETY: an open filesystem always has its superblock loaded.
-        unsafe { &*(*self.fs).super_ }
+        self.handle.super_block()
     }
 
     /// The multi-mount protection parameters (see [`crate::mmp`]), or
@@ -234,19 +229,17 @@ impl Filesystem {
     }
 
     pub fn block_size(&self) -> u32 {
-        // SAFETY: a plain field of an open filesystem.
-        unsafe { (*self.fs).blocksize }
+        self.handle.fields().blocksize
     }
 
     /// Blocks per allocation cluster: 1, or more with the bigalloc feature.
     pub fn cluster_ratio(&self) -> u64 {
-        // SAFETY: a plain field of an open filesystem.
-        1 << unsafe { (*self.fs).cluster_ratio_bits }
+        1 << self.handle.fields().cluster_ratio_bits
     }
 
     pub fn blocks_count(&self) -> u64 {
         // SAFETY: an open filesystem's superblock.
-        unsafe { sys::ext2fs_blocks_count((*self.fs).super_) }
+        unsafe { sys::ext2fs_blocks_count(self.handle.fields().super_) }
     }
 
     /// Whether the journal holds transactions not yet written to their
@@ -258,7 +251,7 @@ impl Filesystem {
     /// Clears `needs_recovery` in the superblock, as e2fsck does once the
     /// journal has been replayed into the image and marked empty
     /// (`e2fsck_clear_recover`), and writes the superblock out with
-    /// `ext2fs_flush2`, which then flushes the channel (and so the plugin).
+    /// `ext2fs_flush2`, which then flushes the channel (and so the device).
     pub fn clear_needs_recovery(&mut self) -> Result<()> {
         if self.access == Access::ReadOnly {
             return Err(Error::other(
@@ -269,12 +262,12 @@ impl Filesystem {
         // SAFETY: an open filesystem always has its superblock loaded; we
         // hold `&mut self`, so nothing else uses the handle meanwhile.
         unsafe {
-            (*(*self.fs).super_).s_feature_incompat &= !sys::EXT3_FEATURE_INCOMPAT_RECOVER;
+            (*(*self.raw()).super_).s_feature_incompat &= !sys::EXT3_FEATURE_INCOMPAT_RECOVER;
         }
         // SAFETY: open filesystem.
-        unsafe { sys::ext2fs_mark_super_dirty(self.fs) };
+        unsafe { sys::ext2fs_mark_super_dirty(self.raw()) };
         // SAFETY: open filesystem, opened read-write.
-        let code = unsafe { sys::ext2fs_flush2(self.fs, 0) };
+        let code = unsafe { sys::ext2fs_flush2(self.raw(), 0) };
         check(code, || "clearing needs_recovery: flush".into())
     }
 
@@ -292,7 +285,7 @@ impl Filesystem {
         let mut ino: Ino = 0;
         // SAFETY: open filesystem, NUL-terminated name, valid out-pointer.
         let code =
-            unsafe { sys::ext2fs_namei_follow(self.fs, root, root, name.as_ptr(), &mut ino) };
+            unsafe { sys::ext2fs_namei_follow(self.raw(), root, root, name.as_ptr(), &mut ino) };
         check(code, || "namei".into())?;
         Ok(ino)
     }
@@ -300,14 +293,14 @@ impl Filesystem {
     fn read_raw_inode(&mut self, ino: Ino) -> Result<sys::ext2_inode> {
         let mut inode = sys::ext2_inode::default();
         // SAFETY: open filesystem, valid out-pointer of the right type.
-        let code = unsafe { sys::ext2fs_read_inode(self.fs, ino, &mut inode) };
+        let code = unsafe { sys::ext2fs_read_inode(self.raw(), ino, &mut inode) };
         check(code, || "inode".into())?;
         Ok(inode)
     }
 
     fn write_raw_inode(&mut self, ino: Ino, inode: &mut sys::ext2_inode) -> Result<()> {
         // SAFETY: open filesystem, inode buffer of the right type.
-        let code = unsafe { sys::ext2fs_write_inode(self.fs, ino, inode) };
+        let code = unsafe { sys::ext2fs_write_inode(self.raw(), ino, inode) };
         check(code, || "write_inode".into())
     }
 
@@ -331,23 +324,28 @@ impl Filesystem {
     /// Reads `buf.len()` bytes at `offset` through the library's own file
     /// code (used only for inline-data files, whose bytes live in the inode).
     pub fn read_via_library(&mut self, ino: Ino, buf: &mut [u8], offset: u64) -> Result<()> {
-        crate::libfile::LibraryFile::open(self, ino, false)?.read_at(buf, offset)
+        crate::libfile::LibraryFile::open(&mut self.handle, ino, false)?.read_at(buf, offset)
     }
 
     /// Writes bitmaps, group descriptors and the superblock, then flushes the
-    /// channel (and so the plugin).
+    /// channel (and so the device).
     pub fn flush(&mut self) -> Result<()> {
         if self.access == Access::ReadOnly {
             return Ok(());
         }
         // SAFETY: open filesystem.
-        let code = unsafe { sys::ext2fs_flush2(self.fs, 0) };
+        let code = unsafe { sys::ext2fs_flush2(self.raw(), 0) };
         check(code, || "flush".into())
     }
 
     /// The raw handle, for the sibling modules that walk and change maps.
     pub(crate) fn raw(&mut self) -> sys::ext2_filsys {
-        self.fs
+        self.handle.raw()
+    }
+
+    /// The library handle, for the helpers below the filesystem.
+    pub(crate) fn handle(&mut self) -> &mut Handle {
+        &mut self.handle
     }
 
     /// Reads image block `block` into `buf` (one block) as libext2fs
@@ -355,8 +353,9 @@ impl Filesystem {
     pub(crate) fn read_block(&mut self, block: u64, buf: &mut [u8]) -> Result<()> {
         assert_eq!(buf.len(), self.block_size() as usize, "one block");
         // SAFETY: open filesystem; `buf` holds exactly one block.
-        let code =
-            unsafe { sys::io_channel_read_blk64((*self.fs).io, block, 1, buf.as_mut_ptr().cast()) };
+        let code = unsafe {
+            sys::io_channel_read_blk64((*self.raw()).io, block, 1, buf.as_mut_ptr().cast())
+        };
         check(code, || format!("reading block {block}"))
     }
 
@@ -367,7 +366,7 @@ impl Filesystem {
         // SAFETY: open filesystem; `buf` holds exactly one block, which the
         // channel only reads.
         let code =
-            unsafe { sys::io_channel_write_blk64((*self.fs).io, block, 1, buf.as_ptr().cast()) };
+            unsafe { sys::io_channel_write_blk64((*self.raw()).io, block, 1, buf.as_ptr().cast()) };
         check(code, || format!("writing block {block}"))
     }
 
@@ -393,7 +392,7 @@ impl Filesystem {
     }
 
     pub fn device(&self) -> &CStr {
-        &self.device
+        self.handle.device()
     }
 }
 
@@ -401,17 +400,15 @@ impl Filesystem {
 fn permitted(features: Features, access: Access, mmp_held: bool) -> Result<()> {
     match policy::filesystem(features) {
         Verdict::Refused(why) => Err(Error::other(Errno::ENOTSUP, format!("open: {why}"))),
-        Verdict::ReadOnly(why) if access == Access::ReadWrite => {
-            Err(Error::other(Errno::EROFS, why))
-        }
+        Verdict::ReadOnly(why) if access == Access::ReadWrite => Err(Error::ReadOnly(why)),
         _ if access == Access::ReadWrite
             && features.has_incompat(sys::EXT4_FEATURE_INCOMPAT_MMP)
             && !mmp_held =>
         {
-            Err(Error::other(
-                Errno::EROFS,
+            Err(Error::ReadOnly(
                 "the filesystem has the mmp feature (multi-mount protection): it is \
-                 written only while the protocol runs",
+                 written only while the protocol runs"
+                    .into(),
             ))
         }
         _ => Ok(()),
@@ -431,28 +428,14 @@ fn open_failure(device: &dyn BlockDevice, code: sys::errcode_t) -> Error {
                 Some(Verdict::Refused(why)) => {
                     return Error::other(Errno::ENOTSUP, format!("open: {why}"))
                 }
-                Some(Verdict::ReadOnly(why)) => return Error::other(Errno::EROFS, why),
+                Some(Verdict::ReadOnly(why)) => return Error::ReadOnly(why),
                 _ => {}
             }
         }
     }
-    Error::ext2("open", code)
-}
-
-impl Drop for Filesystem {
-    fn drop(&mut self) {
-        // SAFETY: open filesystem, closed (and freed) exactly once; close
-        // writes out any dirty metadata first.
-        let code = unsafe { sys::ext2fs_close2(self.fs, 0) };
-        if code != 0 {
-            crate::log::error(&format!(
-                "close: {}",
-                crate::error::Ext2Code(code).message()
-            ));
-            // ext2fs_close2 does not free on failure; free the memory anyway.
-            // SAFETY: the handle is not used again.
-            unsafe { sys::ext2fs_free(self.fs) };
-        }
-        io::unregister(&self.device);
+    if code == sys::EXT2_ET_RO_UNSUPP_FEATURE as sys::errcode_t {
+        // Features libext2fs can read but not write.
+        return Error::ReadOnly(format!("open: {}", Ext2Code(code)));
     }
+    Error::ext2("open", code)
 }

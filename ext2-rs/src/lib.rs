@@ -1,27 +1,35 @@
 //! ext2-rs: safe Rust over libext2fs, for programs that serve or edit
 //! ext2/ext3/ext4 images that live on any block device.
 //!
-//! Layers, from C upwards (a module only uses those above it in this list):
+//! Modules by layer, from C upwards (a module only uses those above it):
 //! - [`sys`]: bindings generated from the installed libext2fs headers.
-//! - [`error`], [`log`], [`ffi`]: errors and errnos, where messages go, and
-//!   the one C boundary (panic guard, typed `void *` conversions).
-//! - [`device`]: the block-device trait a filesystem lives on; [`io`] is the
+//! - `crc`, [`log`]: CRC32C and CRC32; where messages go.
+//! - [`error`]: errors, errnos, libext2fs's codes, and the kinds a caller
+//!   decides on (read-only, no space, already reported).
+//! - [`ffi`]: the one C boundary (panic guard, typed `void *` conversions).
+//! - [`format`], [`sb`]: the on-disk format read as bytes (byte readers,
+//!   inodes, extent nodes); the superblock's raw fields.
+//! - [`device`], [`io`]: the block-device trait a filesystem lives on; the
 //!   libext2fs `io_manager` over it.
+//! - [`extent_map`]: a file's block map, pure Rust.
 //! - [`policy`]: what may be written, read only, or refused, by the
 //!   kernel's rules for features and inode flags.
-//! - [`fs`], [`dir`], [`reserved`], [`undo`], [`mapping`]: one open
-//!   filesystem, its directories, the blocks it keeps for itself, undoing a
-//!   failed change in the library's memory, and reading and changing where
-//!   a file's blocks live; [`quota`] keeps quota usage in step with those
-//!   changes, and [`mmp`] runs multi-mount protection on the device.
-//! - [`extent_map`]: a file's block map, pure Rust.
+//! - [`handle`]: one open libext2fs handle, closed on drop.
+//! - `libfile`, [`reserved`], [`undo`], [`quota`]: on the handle: a file
+//!   through the library's own file code, the blocks the filesystem keeps
+//!   for itself, undoing a failed change in the library's memory, quota
+//!   usage.
+//! - [`mmp`]: multi-mount protection on the device.
+//! - [`fs`]: one open filesystem, made of the handle and those parts.
+//! - [`dir`], [`mapping`]: directories; reading and changing where a
+//!   file's blocks live (and where new ones go, [`mapping::hole_goal`]).
 //! - [`lazy_map`]: a served file's block map read lazily from the device,
 //!   without the library, checked as the kernel checks it, with a shared
 //!   bounded cache.
 //! - [`jbd2`]: the JBD2 journal format: parsing, recovery and writing.
-//! - [`sb`], [`txn`]: the superblock's raw fields, and crash-consistent
-//!   metadata changes (journalled, or ordered without a journal) through a
-//!   metadata cache libext2fs reads and writes.
+//! - [`txn`]: crash-consistent metadata changes (journalled, or ordered
+//!   without a journal) through a metadata cache libext2fs reads and
+//!   writes; writes into holes (`txn/holes.rs`).
 //! - [`testing`], [`crash`]: an in-memory device for tests, and crash
 //!   states of recorded writes with their judge (`e2fsck`, the kernel).
 //!
@@ -39,7 +47,9 @@ pub mod dir;
 pub mod error;
 pub mod extent_map;
 pub mod ffi;
+pub mod format;
 pub mod fs;
+pub mod handle;
 pub mod io;
 pub mod jbd2;
 pub mod lazy_map;

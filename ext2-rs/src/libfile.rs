@@ -6,19 +6,19 @@
 use std::marker::PhantomData;
 use std::ptr;
 
-use crate::error::Result;
-use crate::fs::{check, Filesystem, Ino};
+use crate::error::{check, Result};
+use crate::handle::{Handle, Ino};
 use crate::sys;
 
 /// An open `ext2_file_t`, closed on drop; it borrows the filesystem.
 pub(crate) struct LibraryFile<'fs> {
     file: sys::ext2_file_t,
-    _fs: PhantomData<&'fs mut Filesystem>,
+    _fs: PhantomData<&'fs mut Handle>,
 }
 
 impl<'fs> LibraryFile<'fs> {
     /// Opens inode `ino`, for writing too if `write`.
-    pub(crate) fn open(fs: &'fs mut Filesystem, ino: Ino, write: bool) -> Result<LibraryFile<'fs>> {
+    pub(crate) fn open(fs: &'fs mut Handle, ino: Ino, write: bool) -> Result<LibraryFile<'fs>> {
         let flags = if write {
             sys::EXT2_FILE_WRITE as i32
         } else {

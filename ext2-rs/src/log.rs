@@ -1,7 +1,7 @@
 //! Where the crate's messages go.
 //!
 //! A library cannot know its host's log: the host installs a [`Sink`] once
-//! (nbdkit's error and debug functions, for the filter).  Until then errors
+//! (a server its own error and debug functions).  Until then errors
 //! go to standard error and debug output is off.
 
 use parking_lot::RwLock;

@@ -29,6 +29,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::device::BlockDevice;
 use crate::error::{Errno, Error, Result};
+use crate::format::{le16, le32, le64, put_le16, put_le32, put_le64};
 use crate::sys;
 
 /// The block's magic number (`EXT4_MMP_MAGIC`).
@@ -73,10 +74,6 @@ impl MmpConfig {
     }
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
 fn text(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
@@ -104,8 +101,8 @@ impl MmpBlock {
     }
 
     fn set_seq(&mut self, seq: u32) {
-        self.0[AT_SEQ..AT_SEQ + 4].copy_from_slice(&seq.to_le_bytes());
-        self.0[AT_TIME..AT_TIME + 8].copy_from_slice(&now().to_le_bytes());
+        put_le32(&mut self.0, AT_SEQ, seq);
+        put_le64(&mut self.0, AT_TIME, now());
     }
 
     fn nodename(&self) -> &[u8] {
@@ -113,15 +110,12 @@ impl MmpBlock {
     }
 
     fn check_interval(&self) -> u64 {
-        u64::from(u16::from_le_bytes([
-            self.0[AT_CHECK_INTERVAL],
-            self.0[AT_CHECK_INTERVAL + 1],
-        ]))
+        u64::from(le16(&self.0, AT_CHECK_INTERVAL))
     }
 
     fn set_check_interval(&mut self, seconds: u64) {
         let v = seconds.min(u64::from(u16::MAX)) as u16;
-        self.0[AT_CHECK_INTERVAL..AT_CHECK_INTERVAL + 2].copy_from_slice(&v.to_le_bytes());
+        put_le16(&mut self.0, AT_CHECK_INTERVAL, v);
     }
 
     fn checksum(seed: u32, bytes: &[u8]) -> u32 {
@@ -133,7 +127,7 @@ impl MmpBlock {
     fn describe(&self) -> String {
         format!(
             "last update time: {}, last update node: {}, last update device: {}",
-            u64::from_le_bytes(self.0[AT_TIME..AT_TIME + 8].try_into().expect("8 bytes")),
+            le64(&self.0, AT_TIME),
             text(self.nodename()),
             text(&self.0[AT_BDEVNAME..AT_BDEVNAME + BDEVNAME_LEN]),
         )
@@ -188,7 +182,7 @@ impl Medium {
     fn write(&self, block: &mut MmpBlock) -> Result<()> {
         if let Some(seed) = self.config.checksum_seed {
             let sum = MmpBlock::checksum(seed, &block.0);
-            block.0[AT_CHECKSUM..AT_CHECKSUM + 4].copy_from_slice(&sum.to_le_bytes());
+            put_le32(&mut block.0, AT_CHECKSUM, sum);
         }
         self.device
             .write_at(&block.0, self.config.offset())

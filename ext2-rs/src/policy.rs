@@ -22,6 +22,8 @@
 
 use std::fmt;
 
+use crate::format::{le16, le32, RO_COMPAT_BTREE_DIR};
+use crate::sb;
 use crate::sys;
 
 /// A feature bit and the name e2fsprogs (`tune2fs -O`, `dumpe2fs`) gives it.
@@ -53,10 +55,6 @@ const REFUSED_INCOMPAT: &[Named] = &[
     (sys::EXT3_FEATURE_INCOMPAT_JOURNAL_DEV, "journal_dev"),
     (sys::EXT4_FEATURE_INCOMPAT_DIRDATA, "dirdata"),
 ];
-
-/// `EXT2_FEATURE_RO_COMPAT_BTREE_DIR`: defined by the kernel, never used,
-/// and not in libext2fs's headers.
-const RO_COMPAT_BTREE_DIR: u32 = 0x4;
 
 /// Ro_compat features the filter writes as the kernel does: the kernel's
 /// `EXT4_FEATURE_RO_COMPAT_SUPP`.
@@ -107,15 +105,15 @@ impl Features {
     /// 1024 of an image), without libext2fs; `None` if `sb` is too short
     /// or lacks the ext2 magic number.
     pub fn parse(sb: &[u8]) -> Option<Features> {
-        let le16 = |at: usize| Some(u16::from_le_bytes(sb.get(at..at + 2)?.try_into().ok()?));
-        let le32 = |at: usize| Some(u32::from_le_bytes(sb.get(at..at + 4)?.try_into().ok()?));
-        if le16(0x38)? != sys::EXT2_SUPER_MAGIC as u16 {
+        let field16 = |at: usize| Some(le16(sb.get(at..at + 2)?, 0));
+        let field32 = |at: usize| Some(le32(sb.get(at..at + 4)?, 0));
+        if field16(sb::S_MAGIC)? != sys::EXT2_SUPER_MAGIC as u16 {
             return None;
         }
         Some(Features {
-            compat: le32(0x5c)?,
-            incompat: le32(0x60)?,
-            ro_compat: le32(0x64)?,
+            compat: field32(sb::S_FEATURE_COMPAT)?,
+            incompat: field32(sb::S_FEATURE_INCOMPAT)?,
+            ro_compat: field32(sb::S_FEATURE_RO_COMPAT)?,
         })
     }
 
@@ -266,6 +264,8 @@ pub fn file(path: &str, flags: u32) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::put_le16;
+    use crate::format::put_le32;
 
     fn ext4() -> Features {
         Features {
@@ -358,10 +358,10 @@ mod tests {
     fn raw_superblocks_parse() {
         let mut sb = vec![0u8; 1024];
         assert_eq!(Features::parse(&sb), None);
-        sb[0x38..0x3a].copy_from_slice(&0xef53u16.to_le_bytes());
-        sb[0x5c..0x60].copy_from_slice(&1u32.to_le_bytes());
-        sb[0x60..0x64].copy_from_slice(&2u32.to_le_bytes());
-        sb[0x64..0x68].copy_from_slice(&3u32.to_le_bytes());
+        put_le16(&mut sb, sb::S_MAGIC, sys::EXT2_SUPER_MAGIC as u16);
+        put_le32(&mut sb, sb::S_FEATURE_COMPAT, 1);
+        put_le32(&mut sb, sb::S_FEATURE_INCOMPAT, 2);
+        put_le32(&mut sb, sb::S_FEATURE_RO_COMPAT, 3);
         assert_eq!(
             Features::parse(&sb),
             Some(Features {
@@ -422,8 +422,9 @@ mod tests {
         let mut bytes = dev.snapshot();
         let mut f = Features::parse(&bytes[1024..2048]).unwrap();
         set(&mut f);
-        bytes[1024 + 0x60..1024 + 0x64].copy_from_slice(&f.incompat.to_le_bytes());
-        bytes[1024 + 0x64..1024 + 0x68].copy_from_slice(&f.ro_compat.to_le_bytes());
+        let sb = &mut bytes[1024..2048];
+        put_le32(sb, sb::S_FEATURE_INCOMPAT, f.incompat);
+        put_le32(sb, sb::S_FEATURE_RO_COMPAT, f.ro_compat);
         std::sync::Arc::new(crate::testing::MemDevice::new(bytes))
     }
 

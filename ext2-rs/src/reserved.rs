@@ -60,7 +60,7 @@ fn span(what: &str, group: u32, start: u64, len: u64) -> Result<Range<u64>> {
 
 /// Reads the reserved blocks of an open filesystem.  Fails when a group's
 /// layout cannot be computed or wraps around (a damaged image).
-pub fn collect(fs: &mut crate::fs::Filesystem) -> Result<Reserved> {
+pub fn collect(fs: &mut crate::handle::Handle) -> Result<Reserved> {
     use crate::sys;
     let raw = fs.raw();
     // SAFETY: plain fields of an open filesystem.

@@ -4,27 +4,20 @@
 //! without), with its checksum kept right.
 
 use crate::crc::crc32c;
+use crate::format::{le16, le32, put_le16, put_le32};
 use crate::sys;
 
 /// Where the primary superblock lies in the image, and its size.
 pub const OFFSET: u64 = 1024;
 pub const BYTES: usize = 1024;
 // Field offsets (little-endian).
-const S_MAGIC: usize = 0x38;
-const S_STATE: usize = 0x3a;
-const S_FEATURE_INCOMPAT: usize = 0x60;
-const S_FEATURE_RO_COMPAT: usize = 0x64;
-const S_CHECKSUM: usize = 0x3fc;
-
-/// The little-endian u16 at `at`.
-pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-/// The little-endian u32 at `at`.
-pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
+pub(crate) const S_LOG_BLOCK_SIZE: usize = 0x18;
+pub(crate) const S_MAGIC: usize = 0x38;
+pub(crate) const S_STATE: usize = 0x3a;
+pub(crate) const S_FEATURE_COMPAT: usize = 0x5c;
+pub(crate) const S_FEATURE_INCOMPAT: usize = 0x60;
+pub(crate) const S_FEATURE_RO_COMPAT: usize = 0x64;
+pub(crate) const S_CHECKSUM: usize = 0x3fc;
 
 /// Whether `sb` (the superblock's 1024 bytes) carries the ext2 magic.
 pub fn is_superblock(sb: &[u8]) -> bool {
@@ -36,8 +29,15 @@ pub fn is_superblock(sb: &[u8]) -> bool {
 fn seal(sb: &mut [u8]) {
     if le32(sb, S_FEATURE_RO_COMPAT) & sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM != 0 {
         let sum = crc32c(!0, &sb[..S_CHECKSUM]);
-        sb[S_CHECKSUM..S_CHECKSUM + 4].copy_from_slice(&sum.to_le_bytes());
+        put_le32(sb, S_CHECKSUM, sum);
     }
+}
+
+/// The block size `sb` gives, or `None` if it is not one the kernel
+/// mounts (`s_log_block_size` above 6, 64 KiB).
+pub fn block_size(sb: &[u8]) -> Option<u64> {
+    let log = le32(sb, S_LOG_BLOCK_SIZE);
+    (log <= 6).then(|| 1024 << log)
 }
 
 pub fn needs_recovery(sb: &[u8]) -> bool {
@@ -50,7 +50,7 @@ pub fn set_needs_recovery(sb: &mut [u8], on: bool) -> bool {
         return false;
     }
     let incompat = le32(sb, S_FEATURE_INCOMPAT) ^ sys::EXT3_FEATURE_INCOMPAT_RECOVER;
-    sb[S_FEATURE_INCOMPAT..S_FEATURE_INCOMPAT + 4].copy_from_slice(&incompat.to_le_bytes());
+    put_le32(sb, S_FEATURE_INCOMPAT, incompat);
     seal(sb);
     true
 }
@@ -66,7 +66,7 @@ pub fn set_valid(sb: &mut [u8], on: bool) -> bool {
         return false;
     }
     let state = le16(sb, S_STATE) ^ sys::EXT2_VALID_FS as u16;
-    sb[S_STATE..S_STATE + 2].copy_from_slice(&state.to_le_bytes());
+    put_le16(sb, S_STATE, state);
     seal(sb);
     true
 }
@@ -77,10 +77,10 @@ mod tests {
 
     fn superblock(ro_compat: u32) -> Vec<u8> {
         let mut sb = vec![0x11u8; BYTES];
-        sb[S_MAGIC..S_MAGIC + 2].copy_from_slice(&0xef53u16.to_le_bytes());
-        sb[S_STATE..S_STATE + 2].copy_from_slice(&1u16.to_le_bytes());
-        sb[S_FEATURE_INCOMPAT..S_FEATURE_INCOMPAT + 4].copy_from_slice(&0x2c2u32.to_le_bytes());
-        sb[S_FEATURE_RO_COMPAT..S_FEATURE_RO_COMPAT + 4].copy_from_slice(&ro_compat.to_le_bytes());
+        put_le16(&mut sb, S_MAGIC, sys::EXT2_SUPER_MAGIC as u16);
+        put_le16(&mut sb, S_STATE, 1);
+        put_le32(&mut sb, S_FEATURE_INCOMPAT, 0x2c2);
+        put_le32(&mut sb, S_FEATURE_RO_COMPAT, ro_compat);
         seal(&mut sb);
         sb
     }

@@ -102,7 +102,7 @@ impl MemDevice {
         *self.faults.lock() = faults;
     }
 
-    /// Every request sleeps this long first (a slow plugin).
+    /// Every request sleeps this long first (a slow device).
     pub fn set_latency(&self, latency: Duration) {
         *self.latency.lock() = latency;
     }

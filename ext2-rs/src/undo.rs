@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
-use crate::fs::Filesystem;
+use crate::handle::Handle;
 use crate::sys;
 
 /// One change: `count` blocks from `start` marked in use (+1) or free (-1).
@@ -47,7 +47,7 @@ unsafe extern "C" fn record_block(fs: sys::ext2_filsys, blk: sys::blk64_t, inuse
 /// blocks), so ranges are recorded by [`block_stats_range`] instead, which
 /// all of our own range changes go through.  The library's internal
 /// allocations (extent nodes, indirect blocks) are per block.
-pub fn install(fs: &mut Filesystem) {
+pub fn install(fs: &mut Handle) {
     let mut old_block = None;
     // SAFETY: open filesystem; the callback only appends to LOG.
     unsafe {
@@ -57,14 +57,14 @@ pub fn install(fs: &mut Filesystem) {
 
 /// Marks `count` blocks from `start` in use (`inuse` 1) or free (-1) in the
 /// bitmap and the free counts, recorded if a [`Recording`] is running.
-pub fn block_stats_range(fs: &mut Filesystem, start: u64, count: u64, inuse: i32) {
+pub fn block_stats_range(fs: &mut Handle, start: u64, count: u64, inuse: i32) {
     record(fs.raw(), (start, count, inuse));
     apply(fs, start, count, inuse);
 }
 
 /// Marks blocks in use or free without recording it: for the temporary
 /// and reversing changes a transaction makes itself.
-pub(crate) fn apply(fs: &mut Filesystem, start: u64, count: u64, inuse: i32) {
+pub(crate) fn apply(fs: &mut Handle, start: u64, count: u64, inuse: i32) {
     let mut done = 0;
     while done < count {
         let n = (count - done).min(u64::from(u32::MAX));
@@ -84,7 +84,7 @@ pub struct Recording(usize);
 impl Recording {
     /// Starts recording on `fs`.  One recording at a time per filesystem:
     /// its owner serializes the calls.
-    pub fn start(fs: &mut Filesystem) -> Recording {
+    pub fn start(fs: &mut Handle) -> Recording {
         let key = fs.raw() as usize;
         LOG.lock()
             .get_or_insert_with(HashMap::new)
@@ -128,7 +128,7 @@ impl Drop for Recording {
 
 /// Undoes `changes` (as a [`Recording`] returned them) in the library's
 /// memory, newest first, and forgets cached inodes.
-pub fn reverse(fs: &mut Filesystem, changes: &[Change]) {
+pub fn reverse(fs: &mut Handle, changes: &[Change]) {
     for &(start, count, inuse) in changes.iter().rev() {
         apply(fs, start, count, -inuse);
     }

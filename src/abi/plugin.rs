@@ -122,7 +122,7 @@ impl Entry<'_> {
             let n = (len - done).min(MAX_REQUEST as u64);
             let mut err: c_int = 0;
             if one(raw, done, n as u32, &mut err) == -1 {
-                return Err(Errno::from_plugin(err));
+                return Err(Errno::new(err).unwrap_or(Errno::EIO));
             }
             done += n;
         }
@@ -401,7 +401,7 @@ fn flush(entry: &Entry<'_>) -> Result<(), Errno> {
     }
     let mut err: c_int = 0;
     if call!(entry.raw(), flush, 0, &mut err) == -1 {
-        return Err(Errno::from_plugin(err));
+        return Err(Errno::new(err).unwrap_or(Errno::EIO));
     }
     Ok(())
 }

@@ -75,7 +75,7 @@ pub fn get_ready(serialize_requests: bool) {
 /// outlives every connection, and starts the server over it.
 pub fn after_fork(backend: Backend) -> Result<()> {
     let serialize = SERIALIZE_PLUGIN.load(Ordering::Relaxed);
-    let plugin = Arc::new(Plugin::open(backend, true, serialize)?);
+    let plugin = Arc::new(Plugin::open(backend, true, serialize).map_err(Error::reported)?);
     // On failure the plugin context is closed as it is dropped.
     let server = Arc::new(Server::start(current_config(), plugin.clone())?);
     *STARTED.lock() = Some(Started { plugin, server });

@@ -10,7 +10,7 @@ use std::ops::Range;
 use ext2_rs::extent_map::{Content, Extent, FileMap, Piece};
 use ext2_rs::log::Topic;
 use ext2_rs::mapping::{self, BlockRuns};
-use ext2_rs::Result;
+use ext2_rs::{Error, Result};
 
 use crate::file::overlay::{MapChanges, OverlaidMap};
 use crate::file::ServedFile;
@@ -196,7 +196,9 @@ pub(crate) fn write_runs(image: &Image, runs: &BlockRuns, buf: &[u8], bs: u64) -
     let mut at = 0usize;
     for &(physical, len) in runs {
         let n = (len * bs) as usize;
-        image.pwrite(&buf[at..at + n], physical * bs, false)?;
+        image
+            .pwrite(&buf[at..at + n], physical * bs, false)
+            .map_err(Error::reported)?;
         at += n;
     }
     Ok(())

@@ -25,7 +25,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use ext2_rs::error::{Errno, Result};
+use ext2_rs::error::{Error, Result};
 use ext2_rs::extent_map::{Content, Extent, FileMap, Piece};
 use ext2_rs::log::{self, Topic};
 use ext2_rs::mapping::{self, BlockRuns};
@@ -175,7 +175,7 @@ impl ServedFile {
         });
         let runs = match reserved {
             Ok(runs) => runs,
-            Err(e) if e.errno() == Errno::ENOSPC => return Ok(None),
+            Err(Error::NoSpace(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
         if let Err(e) = write_runs(&volume.image, &runs, &buf, bs) {

@@ -329,7 +329,10 @@ impl ServedFile {
         self.after_change(volume, &mut map, changes, punched)?;
         for piece in in_place {
             if let Content::Data { image_offset } = piece.content {
-                volume.image.zero(piece.len, image_offset, may_trim, fast)?;
+                volume
+                    .image
+                    .zero(piece.len, image_offset, may_trim, fast)
+                    .map_err(Error::reported)?;
             }
         }
         Ok(())
@@ -350,7 +353,10 @@ fn read_pieces(volume: &Volume, pieces: &[Piece], buf: &mut [u8], offset: u64) -
     }] = pieces
     {
         // The common case, with nothing to group or allocate.
-        return Ok(volume.image.pread(buf, *image_offset)?);
+        return volume
+            .image
+            .pread(buf, *image_offset)
+            .map_err(Error::reported);
     }
     let runs = coalesce::runs(pieces, offset, READ_GAP);
     // Zero what no run covers, and give each run its part of the buffer.
@@ -369,10 +375,16 @@ fn read_pieces(volume: &Volume, pieces: &[Piece], buf: &mut [u8], offset: u64) -
     let parallel = volume.device().parallel();
     pool::run_all(parallel, pool::FAN_OUT, jobs, &|(run, dst)| -> Result<()> {
         if run.is_direct() {
-            volume.image.pread(dst, run.image_offset)?;
+            volume
+                .image
+                .pread(dst, run.image_offset)
+                .map_err(Error::reported)?;
         } else {
             let mut image = vec![0u8; run.image_len as usize];
-            volume.image.pread(&mut image, run.image_offset)?;
+            volume
+                .image
+                .pread(&mut image, run.image_offset)
+                .map_err(Error::reported)?;
             coalesce::scatter(run, pieces, offset, &image, dst);
         }
         Ok(())
@@ -396,10 +408,16 @@ pub(crate) fn write_pieces(
     pool::run_all(parallel, pool::FAN_OUT, runs, &|run| -> Result<()> {
         let from = &data[run.span.clone()];
         if run.is_direct() {
-            volume.image.pwrite(from, run.image_offset, fua)?;
+            volume
+                .image
+                .pwrite(from, run.image_offset, fua)
+                .map_err(Error::reported)?;
         } else {
             let image = coalesce::gather(&run, pieces, offset, from);
-            volume.image.pwrite(&image, run.image_offset, fua)?;
+            volume
+                .image
+                .pwrite(&image, run.image_offset, fua)
+                .map_err(Error::reported)?;
         }
         Ok(())
     })

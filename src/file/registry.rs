@@ -92,7 +92,7 @@ impl Files {
     /// complete while it runs may stay pending: they came after the flush.
     pub fn flush(&self) -> Result<()> {
         if !self.volume.writable() {
-            return self.volume.image.flush().map_err(Error::from);
+            return self.volume.image.flush().map_err(Error::reported);
         }
         self.link_all()?;
         self.volume.commit()

@@ -102,7 +102,9 @@ impl<'a> Tx<'a> {
     /// Writes file data into blocks the change allocated (or owns
     /// unwritten), before it links them: a failure fails the change.
     pub fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
-        Ok(self.image.pwrite(buf, offset, false)?)
+        self.image
+            .pwrite(buf, offset, false)
+            .map_err(Error::reported)
     }
 
     /// About how many metadata blocks one change may touch; a change that
@@ -208,7 +210,7 @@ impl Volume {
         let lookup = lookup_path(path).map_err(|msg| Error::other(Errno::ENOTDIR, msg))?;
         self.lock_fs()?
             .lookup(&lookup)
-            .map_err(|e| e.in_context(format!("{path}: namei")))
+            .map_err(|e| e.in_context(path))
     }
 
     /// Reads inode `ino` (found at `path`) to serve it: a regular file the
@@ -223,9 +225,7 @@ impl Volume {
             tx.link_pending(fs, ino)
                 .map_err(|e| e.in_context(path.to_string()))?;
         }
-        let info = fs
-            .inode(ino)
-            .map_err(|e| e.in_context(format!("{path}: inode")))?;
+        let info = fs.inode(ino).map_err(|e| e.in_context(path))?;
         if !info.is_regular() {
             return Err(Error::other(
                 if info.is_dir() {
@@ -365,7 +365,7 @@ impl Volume {
         let FsState { fs, tx } = &mut *state;
         match tx {
             Some(tx) => tx.commit(fs, Durability::Home),
-            None => self.image.flush().map_err(Error::from),
+            None => self.image.flush().map_err(Error::reported),
         }
     }
 

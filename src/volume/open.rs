@@ -175,7 +175,7 @@ pub fn reopen_writable(
         return Ok(Reopened::Unchanged);
     }
     let device = image.device();
-    device.open_writable()?;
+    device.open_writable().map_err(Error::reported)?;
     if !device.capabilities().can_write {
         if let Some(note) = read_only_note(image, journal) {
             log::error(note);
@@ -267,7 +267,7 @@ fn open_writable(
     held: Option<&Protection>,
 ) -> Result<(Filesystem, Option<Transactions>)> {
     match ext2_rs::txn::open_read_write(image.clone(), held) {
-        Err(e) if e.errno() == Errno::EROFS => {
+        Err(e @ Error::ReadOnly(_)) => {
             log::error(&format!("{e}: serving read-only"));
             let fs = open_checked(image, Access::ReadOnly)?;
             Ok((fs, None))

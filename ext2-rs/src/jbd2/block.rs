@@ -5,7 +5,8 @@
 //! `e2fsck/recovery.c` (e2fsprogs 1.47.0).  Big-endian throughout.
 
 use crate::crc::crc32c;
-use crate::jbd2::superblock::{be16, be32, be64, Journal};
+use crate::format::{be16, be32, be64};
+use crate::jbd2::superblock::{Journal, UUID_BYTES};
 use crate::jbd2::JBD2_MAGIC;
 
 pub const DESCRIPTOR_BLOCK: u32 = 1;
@@ -28,14 +29,15 @@ pub const CRC32_CHKSUM: u8 = 1;
 pub const CRC32_CHKSUM_SIZE: u8 = 4;
 
 // Commit block fields.
-const C_CHKSUM_TYPE: usize = 12;
-const C_CHKSUM_SIZE: usize = 13;
-const C_CHKSUM: usize = 16;
-const C_COMMIT_SEC: usize = 48;
+pub(crate) const C_CHKSUM_TYPE: usize = 12;
+pub(crate) const C_CHKSUM_SIZE: usize = 13;
+pub(crate) const C_CHKSUM: usize = 16;
+pub(crate) const C_COMMIT_SEC: usize = 48;
+pub(crate) const C_COMMIT_NSEC: usize = 56;
 
 // Revoke block: the header, then the count of bytes used (header included).
-const R_COUNT: usize = 12;
-const REVOKE_HEADER_BYTES: usize = 16;
+pub(crate) const R_COUNT: usize = 12;
+pub(crate) const REVOKE_HEADER_BYTES: usize = 16;
 
 /// The header of a block carrying the journal magic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +129,7 @@ impl Iterator for Tags<'_> {
         };
         self.at += self.tag_bytes;
         if flags & FLAG_SAME_UUID == 0 {
-            self.at += 16;
+            self.at += UUID_BYTES;
         }
         if flags & FLAG_LAST_TAG != 0 {
             self.done = true;

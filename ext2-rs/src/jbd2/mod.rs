@@ -213,7 +213,7 @@ impl ReadAhead<'_> {
 /// it), holds fast commits, or when recovery itself fails (e2fsck would
 /// then repair the filesystem, which cannot be done in memory).  A
 /// transaction with a bad commit checksum is dropped with everything after
-/// it, as recovery drops it, and reported with `nbdkit_error`.
+/// it, as recovery drops it, and reported as an error ([`crate::log`]).
 pub fn load(fs: &mut Filesystem, read_block: &ReadBlock) -> Result<Replay> {
     let (ino, map) = locate(fs)?;
     let block_size = fs.block_size();
@@ -462,14 +462,14 @@ fn log_recovery(ino: u32, r: &Recovery) {
 mod tests {
     use super::*;
 
-    // Field offsets in the ext2/3/4 superblock (little-endian).
-    const FS_S_MAGIC: usize = 0x38;
-    const FS_S_FEATURE_INCOMPAT: usize = 0x60;
-    const FS_S_FEATURE_RO_COMPAT: usize = 0x64;
-    const FS_S_CHECKSUM: usize = 0x3fc;
     use crate::crc;
     use crate::extent_map::Extent;
+    use crate::format::{le32, put_le16, put_le32};
     use crate::jbd2::testlog::{filled, LogBuilder};
+    use crate::sb::{
+        S_CHECKSUM as FS_S_CHECKSUM, S_FEATURE_INCOMPAT as FS_S_FEATURE_INCOMPAT,
+        S_FEATURE_RO_COMPAT as FS_S_FEATURE_RO_COMPAT, S_MAGIC as FS_S_MAGIC,
+    };
 
     fn map(len: u32) -> JournalMap {
         // Journal blocks 0..10 at image 5000.., the rest at image 9000..
@@ -557,19 +557,16 @@ mod tests {
     fn fs_superblock(incompat: u32, ro_compat: u32) -> Vec<u8> {
         let mut b = filled(4096, 0x33);
         let sb = &mut b[1024..2048];
-        sb[FS_S_MAGIC..FS_S_MAGIC + 2].copy_from_slice(&0xef53u16.to_le_bytes());
-        sb[FS_S_FEATURE_INCOMPAT..FS_S_FEATURE_INCOMPAT + 4]
-            .copy_from_slice(&incompat.to_le_bytes());
-        sb[FS_S_FEATURE_RO_COMPAT..FS_S_FEATURE_RO_COMPAT + 4]
-            .copy_from_slice(&ro_compat.to_le_bytes());
+        put_le16(sb, FS_S_MAGIC, sys::EXT2_SUPER_MAGIC as u16);
+        put_le32(sb, FS_S_FEATURE_INCOMPAT, incompat);
+        put_le32(sb, FS_S_FEATURE_RO_COMPAT, ro_compat);
         let sum = crc::crc32c(!0, &sb[..FS_S_CHECKSUM]);
-        sb[FS_S_CHECKSUM..FS_S_CHECKSUM + 4].copy_from_slice(&sum.to_le_bytes());
+        put_le32(sb, FS_S_CHECKSUM, sum);
         b
     }
 
     fn incompat_of(b: &[u8], sb_at: usize) -> u32 {
-        let at = sb_at + FS_S_FEATURE_INCOMPAT;
-        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+        le32(b, sb_at + FS_S_FEATURE_INCOMPAT)
     }
 
     #[test]
@@ -582,7 +579,7 @@ mod tests {
         assert!(keep_needs_recovery(&mut b, 0));
         assert_eq!(incompat_of(&b, 1024), 0x2c2 | recover);
         let sb = &b[1024..2048];
-        let stored = u32::from_le_bytes(sb[FS_S_CHECKSUM..].try_into().unwrap());
+        let stored = le32(sb, FS_S_CHECKSUM);
         assert_eq!(stored, crc::crc32c(!0, &sb[..FS_S_CHECKSUM]));
         assert_ne!(stored.to_le_bytes(), before[1024 + FS_S_CHECKSUM..2048]);
         let changed: Vec<usize> = (0..b.len()).filter(|&i| b[i] != before[i]).collect();

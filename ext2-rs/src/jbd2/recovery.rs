@@ -27,6 +27,7 @@ use std::fmt;
 
 use crate::crc::crc32_be;
 use crate::error::{Errno, Error, Result};
+use crate::format::le16;
 use crate::jbd2::block::commit_checksum_ok;
 use crate::jbd2::block::{
     count_tags, revoke_records, tag_checksum_ok, tags, tail_checksum_ok, Commit, Header,
@@ -498,7 +499,7 @@ impl Recoverer<'_> {
             return Ok(());
         };
         let block = self.read_log(u64::from(*area.start()))?;
-        if u16::from_le_bytes([block[0], block[1]]) == FC_TAG_HEAD {
+        if le16(&block, 0) == FC_TAG_HEAD {
             return Err(Stop::Io(Error::other(
                 Errno::ENOTSUP,
                 "journal: the journal holds fast commits, which this filter cannot replay \
@@ -1068,7 +1069,7 @@ mod tests {
         log.start(1, 1);
         let mut read = |logical: u32| -> Result<Vec<u8>> {
             if logical == 3 {
-                Err(Error::from(Errno::EIO))
+                Err(Error::reported(Errno::EIO))
             } else {
                 Ok(log.blocks[logical as usize].clone())
             }

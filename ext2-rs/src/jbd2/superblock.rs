@@ -11,6 +11,7 @@ use std::ops::RangeInclusive;
 
 use crate::crc::crc32c;
 use crate::error::{Errno, Error, Result};
+use crate::format::be32;
 use crate::jbd2::JBD2_MAGIC;
 
 pub const SUPERBLOCK_V1: u32 = 3;
@@ -45,32 +46,22 @@ const H_BLOCKTYPE: usize = 4;
 const S_BLOCKSIZE: usize = 0x0c;
 const S_MAXLEN: usize = 0x10;
 const S_FIRST: usize = 0x14;
-const S_SEQUENCE: usize = 0x18;
-const S_START: usize = 0x1c;
+pub(crate) const S_SEQUENCE: usize = 0x18;
+pub(crate) const S_START: usize = 0x1c;
 const S_ERRNO: usize = 0x20;
 /// From here on, fields exist only in a version 2 superblock.
 const S_FEATURE_COMPAT: usize = 0x24;
-const S_FEATURE_INCOMPAT: usize = 0x28;
+pub(crate) const S_FEATURE_INCOMPAT: usize = 0x28;
 const S_FEATURE_RO_COMPAT: usize = 0x2c;
 const S_UUID: usize = 0x30;
+/// The bytes of a journal's UUID (here and after a block tag).
+pub(crate) const UUID_BYTES: usize = 16;
 const S_NR_USERS: usize = 0x40;
 const S_CHECKSUM_TYPE: usize = 0x50;
 const S_NUM_FC_BLKS: usize = 0x54;
-const S_CHECKSUM: usize = 0xfc;
+pub(crate) const S_CHECKSUM: usize = 0xfc;
 /// The size of the structure the superblock checksum covers.
 const SUPERBLOCK_SIZE: usize = 0x400;
-
-pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
-    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
-}
 
 /// The journal's feature flags (all zero in a version 1 journal).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -311,7 +302,7 @@ impl Journal {
         }
         let mut uuid = [0u8; 16];
         if v2_fields {
-            uuid.copy_from_slice(&block[S_UUID..S_UUID + 16]);
+            uuid.copy_from_slice(&block[S_UUID..S_UUID + UUID_BYTES]);
         }
         let mut csum_seed = 0;
         if features.csum_v2_or_v3() {

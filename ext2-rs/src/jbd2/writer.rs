@@ -16,30 +16,17 @@
 
 use crate::crc::{crc32_be, crc32c};
 use crate::error::{Errno, Error, Result};
+use crate::format::{be32, put_be16, put_be32, put_be64};
 use crate::jbd2::block::{
-    COMMIT_BLOCK, CRC32_CHKSUM, CRC32_CHKSUM_SIZE, DESCRIPTOR_BLOCK, FLAG_ESCAPE, FLAG_LAST_TAG,
-    FLAG_SAME_UUID, HEADER_BYTES, REVOKE_BLOCK,
+    COMMIT_BLOCK, CRC32_CHKSUM, CRC32_CHKSUM_SIZE, C_CHKSUM, C_CHKSUM_SIZE, C_CHKSUM_TYPE,
+    C_COMMIT_NSEC, C_COMMIT_SEC, DESCRIPTOR_BLOCK, FLAG_ESCAPE, FLAG_LAST_TAG, FLAG_SAME_UUID,
+    HEADER_BYTES, REVOKE_BLOCK, REVOKE_HEADER_BYTES, R_COUNT,
 };
 use crate::jbd2::superblock::{
-    be32, superblock_checksum, Journal, INCOMPAT_CSUM_V2, INCOMPAT_CSUM_V3,
+    superblock_checksum, Journal, INCOMPAT_CSUM_V2, INCOMPAT_CSUM_V3, S_CHECKSUM,
+    S_FEATURE_INCOMPAT, S_SEQUENCE, S_START, UUID_BYTES,
 };
 use crate::jbd2::JBD2_MAGIC;
-
-// Commit block fields (see `block.rs`).
-const C_CHKSUM_TYPE: usize = 12;
-const C_CHKSUM_SIZE: usize = 13;
-const C_CHKSUM: usize = 16;
-const C_COMMIT_SEC: usize = 48;
-const C_COMMIT_NSEC: usize = 56;
-// Revoke block: the header, then the count of bytes used.
-const R_COUNT: usize = 12;
-const REVOKE_HEADER_BYTES: usize = 16;
-// Journal superblock fields.
-const S_SEQUENCE: usize = 0x18;
-const S_START: usize = 0x1c;
-const S_FEATURE_INCOMPAT: usize = 0x28;
-const S_CHECKSUM: usize = 0xfc;
-const UUID_BYTES: usize = 16;
 
 /// One transaction laid out in the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,15 +59,11 @@ impl CommitTime {
     }
 }
 
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-}
-
 fn header(bs: usize, block_type: u32, sequence: u32) -> Vec<u8> {
     let mut b = vec![0u8; bs];
-    put32(&mut b, 0, JBD2_MAGIC);
-    put32(&mut b, 4, block_type);
-    put32(&mut b, 8, sequence);
+    put_be32(&mut b, 0, JBD2_MAGIC);
+    put_be32(&mut b, 4, block_type);
+    put_be32(&mut b, 8, sequence);
     b
 }
 
@@ -125,7 +108,7 @@ fn seal_tail(journal: &Journal, block: &mut [u8]) {
         let at = journal.block_size - 4;
         block[at..].fill(0);
         let sum = crc32c(journal.csum_seed, block);
-        put32(block, at, sum);
+        put_be32(block, at, sum);
     }
 }
 
@@ -218,13 +201,13 @@ pub(crate) fn revoke_block(journal: &Journal, sequence: u32, blocks: &[u64]) -> 
     let mut at = REVOKE_HEADER_BYTES;
     for &block in blocks {
         if record == 8 {
-            b[at..at + 8].copy_from_slice(&block.to_be_bytes());
+            put_be64(&mut b, at, block);
         } else {
-            put32(&mut b, at, block as u32);
+            put_be32(&mut b, at, block as u32);
         }
         at += record;
     }
-    put32(&mut b, R_COUNT, at as u32);
+    put_be32(&mut b, R_COUNT, at as u32);
     seal_tail(journal, &mut b);
     b
 }
@@ -257,18 +240,18 @@ pub(crate) fn descriptor_block(
         }
         // The tag checksum covers the copy as it lies in the log.
         let sum = crc32c(crc32c(journal.csum_seed, &sequence.to_be_bytes()), &copy);
-        put32(&mut desc, at, *block as u32);
+        put_be32(&mut desc, at, *block as u32);
         if features.csum_v3() {
-            put32(&mut desc, at + 4, u32::from(flags));
-            put32(&mut desc, at + 12, sum);
+            put_be32(&mut desc, at + 4, u32::from(flags));
+            put_be32(&mut desc, at + 12, sum);
         } else {
             if features.csum_v2() {
-                desc[at + 4..at + 6].copy_from_slice(&(sum as u16).to_be_bytes());
+                put_be16(&mut desc, at + 4, sum as u16);
             }
-            desc[at + 6..at + 8].copy_from_slice(&flags.to_be_bytes());
+            put_be16(&mut desc, at + 6, flags);
         }
         if features.is_64bit() {
-            put32(&mut desc, at + 8, (*block >> 32) as u32);
+            put_be32(&mut desc, at + 8, (*block >> 32) as u32);
         }
         at += tag_bytes;
         if i == 0 {
@@ -291,16 +274,16 @@ pub(crate) fn commit_block(
 ) -> Vec<u8> {
     let features = journal.features;
     let mut commit = header(journal.block_size, COMMIT_BLOCK, sequence);
-    commit[C_COMMIT_SEC..C_COMMIT_SEC + 8].copy_from_slice(&time.sec.to_be_bytes());
-    put32(&mut commit, C_COMMIT_NSEC, time.nsec);
+    put_be64(&mut commit, C_COMMIT_SEC, time.sec);
+    put_be32(&mut commit, C_COMMIT_NSEC, time.nsec);
     if features.checksum_v1() {
         commit[C_CHKSUM_TYPE] = CRC32_CHKSUM;
         commit[C_CHKSUM_SIZE] = CRC32_CHKSUM_SIZE;
-        put32(&mut commit, C_CHKSUM, crc_v1);
+        put_be32(&mut commit, C_CHKSUM, crc_v1);
     } else if features.csum_v2_or_v3() {
         // Type and size stay zero; the checksum covers the whole block.
         let sum = crc32c(journal.csum_seed, &commit);
-        put32(&mut commit, C_CHKSUM, sum);
+        put_be32(&mut commit, C_CHKSUM, sum);
     }
     commit
 }
@@ -316,13 +299,13 @@ pub fn set_log_start(block: &mut [u8], start: u32, sequence: u32, incompat: u32)
             "journal: the journal superblock has no JBD2 magic number",
         ));
     }
-    put32(block, S_SEQUENCE, sequence);
-    put32(block, S_START, start);
+    put_be32(block, S_SEQUENCE, sequence);
+    put_be32(block, S_START, start);
     let features = be32(block, S_FEATURE_INCOMPAT) | incompat;
-    put32(block, S_FEATURE_INCOMPAT, features);
+    put_be32(block, S_FEATURE_INCOMPAT, features);
     if features & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3) != 0 {
         let sum = superblock_checksum(block);
-        put32(block, S_CHECKSUM, sum);
+        put_be32(block, S_CHECKSUM, sum);
     }
     Ok(())
 }

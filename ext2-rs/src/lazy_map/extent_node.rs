@@ -4,16 +4,12 @@
 //! block inside the filesystem and off its own metadata, and the checksum
 //! of a node stored in a block.  A node that fails is never used.
 
-use crate::crc::crc32c;
 use crate::extent_map::Extent;
-use crate::lazy_map::geometry::{Geometry, MAX_EXTENT_DEPTH};
-use crate::lazy_map::{le16, le32};
-
-const MAGIC: u16 = 0xf30a;
-const HEADER: usize = 12;
-const ENTRY: usize = 12;
-/// Longest initialized extent; a longer `ee_len` marks an unwritten one.
-const INIT_MAX_LEN: u32 = 1 << 15;
+use crate::format::{
+    extent_csum_ok, extent_entry_at, index_entry, ExtentHeader, RawExtent,
+    EXTENT_ENTRY_BYTES as ENTRY, EXTENT_HEADER_BYTES as HEADER, EXTENT_MAGIC, MAX_EXTENT_DEPTH,
+};
+use crate::lazy_map::geometry::Geometry;
 
 /// An index entry: the subtree from file block `logical` lies in `child`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,12 +57,13 @@ impl ExtentNode {
         if bytes.len() < HEADER {
             return Err(format!("{} is truncated", where_()));
         }
-        if le16(bytes, 0) != MAGIC {
+        let header = ExtentHeader::read(bytes);
+        if header.magic != EXTENT_MAGIC {
             return Err(format!("{} has a bad magic number", where_()));
         }
-        let entries = usize::from(le16(bytes, 2));
-        let max = usize::from(le16(bytes, 4));
-        let own_depth = le16(bytes, 6);
+        let entries = usize::from(header.entries);
+        let max = usize::from(header.max);
+        let own_depth = header.depth;
         match depth {
             Some(want) if want != own_depth => {
                 return Err(format!(
@@ -97,25 +94,22 @@ impl ExtentNode {
             ..
         } = place
         {
-            let tail = HEADER + ENTRY * max;
-            if tail + 4 > bytes.len() || crc32c(seed, &bytes[..tail]) != le32(bytes, tail) {
+            if !extent_csum_ok(bytes, seed) {
                 return Err(format!("{} fails its checksum", where_()));
             }
         }
-        let entry = |i: usize| &bytes[HEADER + ENTRY * i..HEADER + ENTRY * (i + 1)];
         if own_depth == 0 {
             let mut extents = Vec::with_capacity(entries);
             let mut next_free = 0u64;
             for i in 0..entries {
-                let e = entry(i);
-                let logical = le32(e, 0);
-                let raw_len = u32::from(le16(e, 4));
-                let physical = u64::from(le16(e, 6)) << 32 | u64::from(le32(e, 8));
-                let (len, unwritten) = if raw_len > INIT_MAX_LEN {
-                    (raw_len - INIT_MAX_LEN, true)
-                } else {
-                    (raw_len, false)
-                };
+                let RawExtent {
+                    logical,
+                    len,
+                    physical,
+                    unwritten,
+                } = RawExtent::read(bytes, extent_entry_at(i));
+                // At most EXT_INIT_MAX_LEN: a u32.
+                let len = len as u32;
                 if len == 0 || logical.checked_add(len).is_none() {
                     return Err(format!(
                         "{}: extent {i} (file block {logical}, length {len}) is invalid",
@@ -147,9 +141,8 @@ impl ExtentNode {
         } else {
             let mut index = Vec::with_capacity(entries);
             for i in 0..entries {
-                let e = entry(i);
-                let logical = u64::from(le32(e, 0));
-                let child = u64::from(le16(e, 8)) << 32 | u64::from(le32(e, 4));
+                let (logical, child) = index_entry(bytes, extent_entry_at(i));
+                let logical = u64::from(logical);
                 if index
                     .last()
                     .is_some_and(|prev: &IndexEntry| logical <= prev.logical)

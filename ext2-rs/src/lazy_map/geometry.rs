@@ -21,9 +21,6 @@ pub struct Geometry {
     inodes_per_group: u64,
 }
 
-/// The kernel's deepest extent tree (EXT4_MAX_EXTENT_DEPTH).
-pub const MAX_EXTENT_DEPTH: u16 = 5;
-
 impl Geometry {
     pub fn new(fs: &Filesystem) -> Geometry {
         let sb = fs.super_block();

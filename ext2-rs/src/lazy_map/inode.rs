@@ -3,20 +3,12 @@
 //! image and checked the way the kernel checks them when it loads an inode.
 
 use crate::crc::crc32c;
+use crate::format::{
+    inode_csum_seed, le16, le32, GOOD_OLD_INODE_SIZE, I_BLOCK, I_BLOCK_LEN, I_CHECKSUM_HI,
+    I_CHECKSUM_LO, I_EXTRA_ISIZE, I_FLAGS, I_GENERATION,
+};
 use crate::lazy_map::geometry::Geometry;
-use crate::lazy_map::{le16, le32};
-
-const I_FLAGS: usize = 0x20;
-const I_BLOCK: usize = 0x28;
-pub const I_BLOCK_LEN: usize = 60;
-const I_GENERATION: usize = 0x64;
-const I_CHECKSUM_LO: usize = 0x7c;
-const GOOD_OLD_INODE_SIZE: usize = 128;
-const I_EXTRA_ISIZE: usize = 0x80;
-const I_CHECKSUM_HI: usize = 0x82;
-
-const EXTENTS_FL: u32 = 0x0008_0000;
-const INLINE_DATA_FL: u32 = 0x1000_0000;
+use crate::sys;
 
 /// What kind of map an inode's flags say it has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,11 +94,13 @@ impl RawInode {
         ino: u32,
         geometry: &Geometry,
     ) -> Result<RawInode, String> {
-        let csum_seed = geometry.csum_seed.map(|fs_seed| {
-            let seed = crc32c(fs_seed, &ino.to_le_bytes());
-            crc32c(seed, &generation.to_le_bytes())
-        });
-        let kind = match (flags & INLINE_DATA_FL != 0, flags & EXTENTS_FL != 0) {
+        let csum_seed = geometry
+            .csum_seed
+            .map(|fs_seed| inode_csum_seed(fs_seed, ino, generation));
+        let kind = match (
+            flags & sys::EXT4_INLINE_DATA_FL != 0,
+            flags & sys::EXT4_EXTENTS_FL != 0,
+        ) {
             (true, true) => {
                 return Err(format!(
                     "inode {ino} has both the inline-data and the extents flag"

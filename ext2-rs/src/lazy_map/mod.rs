@@ -32,17 +32,8 @@ pub use inode::{MapKind, RawInode};
 use crate::device::BlockDevice;
 use crate::error::{Errno, Error, Result};
 use crate::extent_map::{pieces_in, Extent, FileMap, Piece};
+use crate::format::{i_block_bytes, le32};
 use crate::fs::{Filesystem, Ino};
-
-/// A little-endian u16 at `at` of `b`.
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-/// A little-endian u32 at `at` of `b`.
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 
 /// Map blocks read ahead of a reader that walks a file in order.
 const READ_AHEAD_NODES: usize = 128;
@@ -236,10 +227,7 @@ impl LazyMap {
     pub fn open(fs: &mut Filesystem, source: MapSource, ino: Ino, name: &str) -> Result<LazyMap> {
         let inode_offset = source.geometry.inode_offset(fs, ino)?;
         let raw = fs.read_inode_raw(ino)?;
-        let mut i_block = Vec::with_capacity(inode::I_BLOCK_LEN);
-        for word in raw.i_block {
-            i_block.extend_from_slice(&word.to_le_bytes());
-        }
+        let i_block = i_block_bytes(&raw.i_block);
         let mut map = LazyMap {
             id: NEXT_MAP_ID.fetch_add(1, Ordering::Relaxed),
             epoch: 0,

@@ -17,19 +17,14 @@
 
 use std::ops::Range;
 
-use crate::crc::crc32c;
 use crate::error::{Errno, Error, Result};
+use crate::format::{
+    extent_csum_ok, extent_entry_at, i_block_bytes, index_entry, inode_csum_seed,
+    seal_extent_block, ExtentHeader, RawExtent, EXTENT_ENTRY_BYTES, EXTENT_HEADER_BYTES,
+    EXTENT_MAGIC, EXT_INIT_MAX_LEN, MAX_EXTENT_DEPTH,
+};
 use crate::fs::{Filesystem, Ino};
-use crate::sb::{le16, le32};
 use crate::sys;
-
-use super::MAX_INIT_LEN;
-
-const MAGIC: u16 = 0xf30a;
-const HEADER_BYTES: usize = 12;
-const ENTRY_BYTES: usize = 12;
-/// The kernel's deepest tree (EXT4_MAX_EXTENT_DEPTH).
-const MAX_DEPTH: u16 = 5;
 
 /// A new extent: (file block, image block, blocks), written.
 pub type NewExtent = (u64, u64, u64);
@@ -56,7 +51,7 @@ impl LeafEntry {
             && !next.unwritten
             && self.end() == next.logical
             && self.physical + self.len == next.physical
-            && self.len + next.len <= MAX_INIT_LEN
+            && self.len + next.len <= EXT_INIT_MAX_LEN
     }
 }
 
@@ -119,36 +114,26 @@ struct NodeBlock {
 
 impl NodeBlock {
     fn entries(&self) -> usize {
-        usize::from(le16(&self.bytes, 2))
+        usize::from(ExtentHeader::read(&self.bytes).entries)
     }
 
     fn max(&self) -> usize {
-        usize::from(le16(&self.bytes, 4))
+        usize::from(ExtentHeader::read(&self.bytes).max)
     }
 
     fn depth(&self) -> u16 {
-        le16(&self.bytes, 6)
-    }
-
-    fn entry(&self, i: usize) -> &[u8] {
-        &self.bytes[HEADER_BYTES + i * ENTRY_BYTES..HEADER_BYTES + (i + 1) * ENTRY_BYTES]
+        ExtentHeader::read(&self.bytes).depth
     }
 
     fn leaf_entries(&self) -> Vec<LeafEntry> {
         (0..self.entries())
             .map(|i| {
-                let e = self.entry(i);
-                let raw_len = u64::from(le16(e, 4));
-                let (len, unwritten) = if raw_len > MAX_INIT_LEN {
-                    (raw_len - MAX_INIT_LEN, true)
-                } else {
-                    (raw_len, false)
-                };
+                let e = RawExtent::read(&self.bytes, extent_entry_at(i));
                 LeafEntry {
-                    logical: u64::from(le32(e, 0)),
-                    len,
-                    physical: u64::from(le16(e, 6)) << 32 | u64::from(le32(e, 8)),
-                    unwritten,
+                    logical: u64::from(e.logical),
+                    len: e.len,
+                    physical: e.physical,
+                    unwritten: e.unwritten,
                 }
             })
             .collect()
@@ -156,22 +141,18 @@ impl NodeBlock {
 
     fn set_leaf_entries(&mut self, entries: &[LeafEntry]) {
         let old = self.entries();
-        self.bytes[2..4].copy_from_slice(&(entries.len() as u16).to_le_bytes());
+        ExtentHeader::set_entries(&mut self.bytes, entries.len() as u16);
         for (i, e) in entries.iter().enumerate() {
-            let raw_len = if e.unwritten {
-                e.len + MAX_INIT_LEN
-            } else {
-                e.len
+            let raw = RawExtent {
+                logical: e.logical as u32,
+                len: e.len,
+                physical: e.physical,
+                unwritten: e.unwritten,
             };
-            let at = HEADER_BYTES + i * ENTRY_BYTES;
-            let slot = &mut self.bytes[at..at + ENTRY_BYTES];
-            slot[0..4].copy_from_slice(&(e.logical as u32).to_le_bytes());
-            slot[4..6].copy_from_slice(&(raw_len as u16).to_le_bytes());
-            slot[6..8].copy_from_slice(&((e.physical >> 32) as u16).to_le_bytes());
-            slot[8..12].copy_from_slice(&(e.physical as u32).to_le_bytes());
+            raw.write(&mut self.bytes, extent_entry_at(i));
         }
         // Entries a merge made redundant are cleared, not left behind.
-        let cleared = HEADER_BYTES + entries.len() * ENTRY_BYTES..HEADER_BYTES + old * ENTRY_BYTES;
+        let cleared = extent_entry_at(entries.len())..extent_entry_at(old);
         if !cleared.is_empty() {
             self.bytes[cleared].fill(0);
         }
@@ -179,14 +160,8 @@ impl NodeBlock {
 
     /// The index entry at `i`: (first file block, child block).
     fn index(&self, i: usize) -> (u64, u64) {
-        let e = self.entry(i);
-        let child = u64::from(le32(e, 4)) | u64::from(le16(e, 8)) << 32;
-        (u64::from(le32(e, 0)), child)
-    }
-
-    /// Where the checksum lies (after room for `max` entries).
-    fn tail(&self) -> usize {
-        HEADER_BYTES + ENTRY_BYTES * self.max()
+        let (logical, child) = index_entry(&self.bytes, extent_entry_at(i));
+        (u64::from(logical), child)
     }
 }
 
@@ -209,13 +184,12 @@ impl<'a> Tree<'a> {
         if inode.i_flags & sys::EXT4_EXTENTS_FL == 0 {
             return Err(Error::other(Errno::EINVAL, "not an extent file"));
         }
-        let bytes: Vec<u8> = inode.i_block.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let bytes = i_block_bytes(&inode.i_block);
         let root = NodeBlock { block: 0, bytes };
         let mut tree = Tree {
-            seed: fs.metadata_csum_seed().map(|seed| {
-                let seed = crc32c(seed, &ino.to_le_bytes());
-                crc32c(seed, &inode.i_generation.to_le_bytes())
-            }),
+            seed: fs
+                .metadata_csum_seed()
+                .map(|seed| inode_csum_seed(seed, ino, inode.i_generation)),
             fs,
             ino,
             root,
@@ -243,22 +217,21 @@ impl<'a> Tree<'a> {
     /// `depth` when that is known; returns its depth.
     fn check(&self, node: &NodeBlock, depth: Option<u16>) -> Result<u16> {
         let bytes = &node.bytes;
-        if le16(bytes, 0) != MAGIC {
+        if ExtentHeader::read(bytes).magic != EXTENT_MAGIC {
             return Err(self.damaged(node.block, "has a bad magic number"));
         }
-        let room = (bytes.len() - HEADER_BYTES) / ENTRY_BYTES;
+        let room = (bytes.len() - EXTENT_HEADER_BYTES) / EXTENT_ENTRY_BYTES;
         if node.max() == 0 || node.max() > room || node.entries() > node.max() {
             return Err(self.damaged(node.block, "has a bad entry count"));
         }
-        if depth.map_or(node.depth() > MAX_DEPTH, |d| d != node.depth()) {
+        if depth.map_or(node.depth() > MAX_EXTENT_DEPTH, |d| d != node.depth()) {
             return Err(self.damaged(node.block, "is at the wrong depth"));
         }
         if node.depth() > 0 && node.entries() == 0 {
             return Err(self.damaged(node.block, "is an empty index node"));
         }
         if let (Some(seed), true) = (self.seed, node.block != 0) {
-            let tail = node.tail();
-            if tail + 4 > bytes.len() || crc32c(seed, &bytes[..tail]) != le32(bytes, tail) {
+            if !extent_csum_ok(bytes, seed) {
                 return Err(self.damaged(node.block, "fails its checksum"));
             }
         }
@@ -301,9 +274,7 @@ impl<'a> Tree<'a> {
 
     fn write_leaf(&mut self, leaf: &mut NodeBlock) -> Result<()> {
         if let Some(seed) = self.seed {
-            let tail = leaf.tail();
-            let sum = crc32c(seed, &leaf.bytes[..tail]);
-            leaf.bytes[tail..tail + 4].copy_from_slice(&sum.to_le_bytes());
+            seal_extent_block(&mut leaf.bytes, seed);
         }
         self.fs.write_block(leaf.block, &leaf.bytes)
     }
@@ -335,7 +306,7 @@ fn pick(node: &NodeBlock, logical: u64, range: &mut Range<u64>) -> u64 {
 }
 
 /// Links as many of `extents` (file order, each in a hole and at most
-/// [`MAX_INIT_LEN`] long) into `ino`'s tree as fit without changing its
+/// [`EXT_INIT_MAX_LEN`] long) into `ino`'s tree as fit without changing its
 /// shape, each leaf written once; returns the others, in order, for the
 /// caller to insert one by one.  Fails on a damaged tree or an extent over
 /// mapped blocks (the caller's change is then undone, with the leaves
@@ -424,8 +395,13 @@ mod tests {
         let mut leaf = vec![entry(0, 50, 1), unwritten];
         merge_into_leaf(&mut leaf, &[(15, 105, 1)], 8).unwrap();
         assert_eq!(leaf.len(), 3);
-        let mut leaf = vec![entry(0, 50, 1), entry(1, 1000, MAX_INIT_LEN)];
-        merge_into_leaf(&mut leaf, &[(1 + MAX_INIT_LEN, 1000 + MAX_INIT_LEN, 1)], 8).unwrap();
+        let mut leaf = vec![entry(0, 50, 1), entry(1, 1000, EXT_INIT_MAX_LEN)];
+        merge_into_leaf(
+            &mut leaf,
+            &[(1 + EXT_INIT_MAX_LEN, 1000 + EXT_INIT_MAX_LEN, 1)],
+            8,
+        )
+        .unwrap();
         assert_eq!(leaf.len(), 3, "a written extent holds at most 32768 blocks");
     }
 

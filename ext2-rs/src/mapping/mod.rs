@@ -9,11 +9,11 @@
 use std::ffi::{c_int, c_void};
 use std::ptr;
 
-use crate::error::{Errno, Error, Result};
+use crate::error::{check, Errno, Error, Ext2Code, Result};
 use crate::extent_map::Extent;
 use crate::ffi::{self, Walk};
-use crate::fs::{check, Filesystem, Ino, Layout};
-use crate::quota;
+use crate::format::EXT_INIT_MAX_LEN;
+use crate::fs::{Filesystem, Ino, Layout};
 use crate::sys;
 use crate::undo;
 
@@ -21,9 +21,6 @@ mod leaves;
 
 /// Runs of image blocks: (first block, count).
 pub type BlockRuns = Vec<(u64, u64)>;
-
-/// Longest initialized extent ext4 can record (EXT_INIT_MAX_LEN).
-const MAX_INIT_LEN: u64 = 1 << 15;
 
 /// An open extent handle, freed on drop.
 struct ExtentHandle(sys::ext2_extent_handle_t);
@@ -114,7 +111,7 @@ impl ExtentHandle {
                 let contiguous = cur_end == logical
                     && cur.e_pblk + u64::from(cur.e_len) == physical
                     && cur.e_flags & sys::EXT2_EXTENT_FLAGS_UNINIT == 0
-                    && u64::from(cur.e_len) + len <= MAX_INIT_LEN;
+                    && u64::from(cur.e_len) + len <= EXT_INIT_MAX_LEN;
                 if contiguous {
                     // The start stays: no parent to fix.
                     return self.replace(&raw_extent(
@@ -341,7 +338,8 @@ fn read_block_pointers(fs: &mut Filesystem, ino: Ino) -> Result<Vec<Extent>> {
     Ok(walk.extents)
 }
 
-/// Allocates up to `len` free blocks near `goal`, marking them in use.
+/// Allocates up to `len` free blocks near `goal`, marking them in use
+/// ([`Error::NoSpace`] if there are not that many).
 /// Returns the runs allocated (their total is `len`), not yet linked to any
 /// file; give them back with [`free_blocks`] if linking fails.
 pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
@@ -365,6 +363,9 @@ pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
         };
         if code != 0 {
             free_blocks(fs, &runs);
+            if code == sys::EXT2_ET_BLOCK_ALLOC_FAIL as sys::errcode_t {
+                return Err(Error::NoSpace(format!("allocate: {}", Ext2Code(code))));
+            }
             return Err(Error::ext2("allocate", code));
         }
         let got = got.min(want);
@@ -372,7 +373,7 @@ pub fn allocate(fs: &mut Filesystem, goal: u64, len: u64) -> Result<BlockRuns> {
             free_blocks(fs, &runs);
             return Err(bitmap_offers_metadata(block));
         }
-        undo::block_stats_range(fs, start, got, 1);
+        undo::block_stats_range(fs.handle(), start, got, 1);
         runs.push((start, got));
         want -= got;
         goal = start + got;
@@ -386,7 +387,7 @@ pub fn free_blocks(fs: &mut Filesystem, runs: &[(u64, u64)]) {
     let ratio = fs.cluster_ratio();
     for &(start, len) in runs {
         if ratio == 1 {
-            undo::block_stats_range(fs, start, len, -1);
+            undo::block_stats_range(fs.handle(), start, len, -1);
         } else {
             for cluster_start in (start..start + len).step_by(ratio as usize) {
                 // SAFETY: as above, one cluster at a time.
@@ -461,6 +462,16 @@ pub fn goal_for(fs: &mut Filesystem, ino: Ino, logical: u64) -> Result<u64> {
     Ok(unsafe { sys::ext2fs_find_inode_goal(fs.raw(), ino, &mut inode, logical) })
 }
 
+/// Where new blocks for file block `logical` of `ino` go: `near` (a
+/// neighbour the caller knows, else after the last run pending for the
+/// file), else libext2fs's goal for the block.
+pub fn hole_goal(fs: &mut Filesystem, ino: Ino, logical: u64, near: Option<u64>) -> Result<u64> {
+    match near {
+        Some(goal) => Ok(goal),
+        None => goal_for(fs, ino, logical),
+    }
+}
+
 /// Links already-filled blocks into a file: `runs` are (first image block,
 /// count) laid out in order from file block `logical`, which must be a hole.
 /// Adds `new_clusters` (blocks, without bigalloc) to the inode's count, and
@@ -473,7 +484,7 @@ pub fn link_blocks(
     runs: &[(u64, u64)],
     new_clusters: u64,
 ) -> Result<()> {
-    quota::charging(fs, ino, |fs| {
+    fs.charging(ino, |fs| {
         link_uncharged(fs, ino, layout, logical, runs, new_clusters)
     })
 }
@@ -515,7 +526,7 @@ fn extent_sized(runs: impl IntoIterator<Item = (u64, u64, u64)>) -> Vec<(u64, u6
     for (logical, physical, len) in runs {
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(MAX_INIT_LEN);
+            let n = (len - done).min(EXT_INIT_MAX_LEN);
             pieces.push((logical + done, physical + done, n));
             done += n;
         }
@@ -562,7 +573,7 @@ fn already_mapped(logical: u64) -> Error {
 /// bigalloc filesystems.  The owner's quotas are charged with what the file
 /// grew by (tree blocks too).
 pub fn link_extents(fs: &mut Filesystem, ino: Ino, extents: &[(u64, u64, u64)]) -> Result<()> {
-    quota::charging(fs, ino, |fs| link_extents_uncharged(fs, ino, extents))
+    fs.charging(ino, |fs| link_extents_uncharged(fs, ino, extents))
 }
 
 fn link_extents_uncharged(
@@ -594,7 +605,7 @@ pub fn link_extents_in_place(
     ino: Ino,
     extents: &[(u64, u64, u64)],
 ) -> Result<Vec<(u64, u64, u64)>> {
-    quota::charging(fs, ino, |fs| {
+    fs.charging(ino, |fs| {
         let pieces = extent_sized(extents.iter().copied());
         let refused = leaves::link_in_place(fs, ino, &pieces)?;
         let blocks = |list: &[(u64, u64, u64)]| list.iter().map(|e| e.2).sum::<u64>();
@@ -641,7 +652,7 @@ fn link_block_pointers(
 /// at the range's edges.  The caller has already filled the blocks.  A split
 /// may add a tree block, charged to the owner's quotas.
 pub fn mark_written(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Result<()> {
-    quota::charging(fs, ino, |fs| mark_written_uncharged(fs, ino, start, end))
+    fs.charging(ino, |fs| mark_written_uncharged(fs, ino, start, end))
 }
 
 fn mark_written_uncharged(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -> Result<()> {
@@ -692,7 +703,7 @@ fn mark_written_uncharged(fs: &mut Filesystem, ino: Ino, start: u64, end: u64) -
 ///
 /// Not `ext2fs_punch`: in 1.47.0 it frees far more than asked on
 /// block-pointer files, overflows its count past 2^31 blocks, and ignores a
-/// failed `ext2fs_extent_goto`, so a plugin read error in the middle makes
+/// failed `ext2fs_extent_goto`, so a device read error in the middle makes
 /// it edit the wrong node.  Here every step is checked, one extent at a
 /// time.  Not on bigalloc filesystems, where a cluster may stay partly in
 /// use (the caller does not offer it).
@@ -706,7 +717,7 @@ pub fn punch(
     end: u64,
     budget: u64,
 ) -> Result<u64> {
-    quota::charging(fs, ino, |fs| {
+    fs.charging(ino, |fs| {
         punch_uncharged(fs, ino, layout, start, end, budget)
     })
 }
@@ -816,7 +827,7 @@ fn punch_extents(
         drop(handle);
         let count = cut_end - block;
         // The blocks were the file's and are no longer referenced.
-        undo::block_stats_range(fs, at(block), count, -1);
+        undo::block_stats_range(fs.handle(), at(block), count, -1);
         *freed += count;
         edits += 1;
         let (g1, g2) = (
@@ -869,7 +880,8 @@ mod tests {
                     break;
                 }
                 let end = (at + bs as usize).min(out.len());
-                dev.read_at(&mut out[at..end], (e.physical + b) * bs)?;
+                dev.read_at(&mut out[at..end], (e.physical + b) * bs)
+                    .map_err(Error::reported)?;
             }
         }
         Ok(out)

@@ -9,7 +9,7 @@
 //! format ([`tree`]) is ours, read and written through libext2fs's file
 //! code ([`crate::libfile`]).
 //!
-//! A change to a file's blocks runs inside [`charging`]: the inode's block
+//! A change to a file's blocks runs inside `Filesystem::charging`: the inode's block
 //! count (`i_blocks`, which counts extent-tree and indirect blocks and whole
 //! clusters on bigalloc, exactly what the kernel charges) is read before
 //! and after, and the difference goes to the owner's three records.  An
@@ -21,8 +21,8 @@ pub mod tree;
 
 use std::collections::HashMap;
 
-use crate::error::{Errno, Error, Result};
-use crate::fs::{check, Filesystem, Ino};
+use crate::error::{check, Errno, Error, Result};
+use crate::handle::{Handle, Ino};
 use crate::libfile::LibraryFile;
 use crate::sys;
 pub use tree::Kind;
@@ -74,7 +74,7 @@ impl Quotas {
     /// The quota files the superblock names, each checked (header, format
     /// revision); `None` when the filesystem keeps no quotas.  An error
     /// means the files cannot be kept: the filesystem must not be written.
-    pub fn load(fs: &mut Filesystem) -> Result<Option<Quotas>> {
+    pub fn load(fs: &mut Handle) -> Result<Option<Quotas>> {
         let sb = fs.super_block();
         if sb.s_feature_ro_compat & sys::EXT4_FEATURE_RO_COMPAT_QUOTA == 0 {
             return Ok(None);
@@ -117,7 +117,7 @@ impl Quotas {
 
     /// Adds `delta` bytes to `owner`'s usage in every quota file, creating
     /// records that are missing.
-    pub fn add_space(&mut self, fs: &mut Filesystem, owner: Owner, delta: i64) -> Result<()> {
+    pub fn add_space(&mut self, fs: &mut Handle, owner: Owner, delta: i64) -> Result<()> {
         if delta == 0 {
             return Ok(());
         }
@@ -166,7 +166,7 @@ impl Quotas {
 
     /// Every record of the `kind` file (for checks and tests): (id, space,
     /// inodes).
-    pub fn records(&self, fs: &mut Filesystem, kind: Kind) -> Result<Vec<(u32, u64, u64)>> {
+    pub fn records(&self, fs: &mut Handle, kind: Kind) -> Result<Vec<(u32, u64, u64)>> {
         let Some(&(_, ino)) = self.files.iter().find(|(k, _)| *k == kind) else {
             return Ok(Vec::new());
         };
@@ -181,7 +181,7 @@ impl Quotas {
 
 /// The ids a file is charged to, and the bytes it holds (`i_blocks` in
 /// bytes), as e2fsck and the kernel read them.
-pub fn owner_and_usage(fs: &mut Filesystem, ino: Ino) -> Result<(Owner, u64)> {
+pub fn owner_and_usage(fs: &mut Handle, ino: Ino) -> Result<(Owner, u64)> {
     let mut inode = sys::ext2_inode_large::default();
     // SAFETY: open filesystem; the buffer is an ext2_inode_large and its
     // size is passed, so the library copies at most that much.
@@ -214,30 +214,6 @@ pub fn owner_and_usage(fs: &mut Filesystem, ino: Ino) -> Result<(Owner, u64)> {
         sys::ext2fs_get_stat_i_blocks(fs.raw(), (&mut inode as *mut sys::ext2_inode_large).cast())
     };
     Ok((Owner { uid, gid, project }, sectors.saturating_mul(512)))
-}
-
-/// Runs `op`, a change of inode `ino`'s blocks, and charges its owner the
-/// bytes it added or freed, in the same change.  Does nothing more than
-/// `op` on a filesystem without quotas.
-pub fn charging<T>(
-    fs: &mut Filesystem,
-    ino: Ino,
-    op: impl FnOnce(&mut Filesystem) -> Result<T>,
-) -> Result<T> {
-    if !fs.keeps_quotas() {
-        return op(fs);
-    }
-    let (owner, before) = owner_and_usage(fs, ino)?;
-    let value = op(fs)?;
-    let (_, after) = owner_and_usage(fs, ino)?;
-    let delta = i64::try_from(i128::from(after) - i128::from(before)).map_err(|_| {
-        Error::other(
-            Errno::EIO,
-            "the block count changed by more than 2^63 bytes",
-        )
-    })?;
-    fs.with_quotas(|fs, quotas| quotas.add_space(fs, owner, delta))?;
-    Ok(value)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use super::*;
-use crate::fs::{Access, Layout};
+use crate::fs::{Access, Filesystem, Layout};
 use crate::mapping;
 use crate::testing::MemDevice;
 
@@ -154,7 +154,7 @@ fn write_out(dev: &MemDevice, dir: &TempDir) -> PathBuf {
 
 fn usage(fs: &mut Filesystem, path: &str) -> (Ino, Owner, u64) {
     let ino = fs.lookup(path).unwrap();
-    let (owner, bytes) = owner_and_usage(fs, ino).unwrap();
+    let (owner, bytes) = owner_and_usage(fs.handle(), ino).unwrap();
     (ino, owner, bytes)
 }
 

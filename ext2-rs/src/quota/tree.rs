@@ -18,6 +18,7 @@
 //! Entries are never deleted: an id that owns a file keeps its inode count.
 
 use crate::error::{Errno, Error, Result};
+use crate::format::{le16, le32, le64, put_le16, put_le32, put_le64};
 
 /// Quota files are addressed in 1 KiB blocks whatever the filesystem's
 /// block size (`QT_BLKSIZE_BITS`).
@@ -78,22 +79,6 @@ pub trait Store {
     fn read(&mut self, index: u32) -> Result<Block>;
     /// Writes block `index`, growing the file if it lies past the end.
     fn write(&mut self, index: u32, block: &Block) -> Result<()>;
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn put_le32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn put_le64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 /// `struct v2_disk_dqinfo`: the part of block 0 after the header.
@@ -296,7 +281,7 @@ impl<S: Store> QuotaTree<S> {
             self.info.free_entry = block;
             (block, [0u8; BLOCK])
         };
-        let count = u16::from_le_bytes([data[ENTRIES], data[ENTRIES + 1]]) as usize;
+        let count = usize::from(le16(&data, ENTRIES));
         if count >= ENTRIES_PER_BLOCK {
             return Err(damaged(
                 self.kind,
@@ -306,7 +291,7 @@ impl<S: Store> QuotaTree<S> {
         if count + 1 >= ENTRIES_PER_BLOCK {
             self.unlink_free_entry_block(&mut data)?;
         }
-        data[ENTRIES..ENTRIES + 2].copy_from_slice(&((count + 1) as u16).to_le_bytes());
+        put_le16(&mut data, ENTRIES, (count + 1) as u16);
         let slot = (0..ENTRIES_PER_BLOCK)
             .find(|&i| entry_unused(&data[entry_at(i)..entry_at(i) + ENTRY]))
             .ok_or_else(|| {

@@ -136,7 +136,10 @@ impl JournalLog {
                     Error::other(Errno::EIO, format!("journal: log block {logical} unmapped"))
                 })?;
                 let mut buf = vec![0u8; bs as usize];
-                cache.raw().read_at(&mut buf, block * bs)?;
+                cache
+                    .raw()
+                    .read_at(&mut buf, block * bs)
+                    .map_err(Error::reported)?;
                 Ok(buf)
             };
             let r = jbd2::recover(bs as u32, map.len(), &mut read).map_err(|e| e.to_string())?;
@@ -196,7 +199,8 @@ impl JournalLog {
         set_log_start(&mut self.superblock, start, sequence, self.features_to_add)?;
         cache
             .raw()
-            .write_at(&self.superblock, self.sb_block * self.bs())?;
+            .write_at(&self.superblock, self.sb_block * self.bs())
+            .map_err(Error::reported)?;
         Ok(())
     }
 
@@ -207,9 +211,9 @@ impl JournalLog {
             write_runs(cache.raw().as_ref(), self.bs(), &self.unfinished_home)?;
             self.unfinished_home.clear();
         }
-        cache.raw().flush()?;
+        cache.raw().flush().map_err(Error::reported)?;
         self.write_superblock(cache, 0, self.next_sequence)?;
-        cache.raw().flush()?;
+        cache.raw().flush().map_err(Error::reported)?;
         self.features_to_add = 0;
         self.stale_log = false;
         self.tail = None;
@@ -237,7 +241,7 @@ impl JournalLog {
         if idle {
             // Nothing changed: not even the superblock's write time.
             return match durability {
-                Durability::Home => cache.raw().flush().map_err(Error::from),
+                Durability::Home => cache.raw().flush().map_err(Error::reported),
                 Durability::Recoverable => Ok(()),
             };
         }
@@ -258,7 +262,7 @@ impl JournalLog {
         }
         let result = if keep.is_empty() && self.revoke.is_empty() {
             match durability {
-                Durability::Home => cache.raw().flush().map_err(Error::from),
+                Durability::Home => cache.raw().flush().map_err(Error::reported),
                 Durability::Recoverable => Ok(()),
             }
         } else {
@@ -324,11 +328,12 @@ impl JournalLog {
             .map(|(at, data)| self.image_block(at).map(|block| (block, data)))
             .collect::<Result<_>>()?;
         write_runs(raw.as_ref(), bs, &log)?;
-        raw.flush()?;
+        raw.flush().map_err(Error::reported)?;
         let (commit_at, commit) = t.commit;
-        raw.write_at(&commit, self.image_block(commit_at)? * bs)?;
+        raw.write_at(&commit, self.image_block(commit_at)? * bs)
+            .map_err(Error::reported)?;
         self.write_superblock(cache, start, sequence)?;
-        raw.flush()?;
+        raw.flush().map_err(Error::reported)?;
         // Committed, and the journal starts with it: older transactions
         // will not be replayed, and what they revoked is gone with them.
         self.tail = Some(start);
@@ -347,7 +352,7 @@ impl JournalLog {
             return Err(e);
         }
         if durability == Durability::Home {
-            raw.flush()?;
+            raw.flush().map_err(Error::reported)?;
         }
         debug!(
             Topic::Journal,
@@ -379,7 +384,7 @@ impl JournalLog {
         }
         if self.flagged_on_disk {
             edit_superblock_on_disk(cache, |sb| sb::set_needs_recovery(sb, false))?;
-            cache.raw().flush()?;
+            cache.raw().flush().map_err(Error::reported)?;
             self.flagged_on_disk = false;
             debug!(Topic::Journal, "journal: empty; needs_recovery cleared");
         }

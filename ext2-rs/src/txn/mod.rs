@@ -38,15 +38,14 @@
 //! the one way to change it.
 
 mod cache;
+mod holes;
 mod journal;
 mod ordered;
-mod pending;
 mod relocate;
 #[cfg(test)]
 mod tests;
 mod touched;
 
-use std::collections::BTreeMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,9 +61,9 @@ use crate::sys;
 use crate::undo;
 
 pub use cache::MetaCache;
+use holes::HoleFills;
 use journal::JournalLog;
 use ordered::Ordered;
-use pending::PendingLinks;
 use touched::Touched;
 
 /// Extents waiting to be linked into one file's tree before a write into
@@ -125,21 +124,13 @@ pub struct Transactions {
     /// A change freed blocks and has not been committed yet: nothing may
     /// allocate until it is.
     frees_pending: bool,
-    /// Writes into holes not linked into their trees yet ([`Self::fill_hole`]).
-    pending: PendingLinks,
-    /// Blocks allocated for writes into holes whose data is still being
-    /// written ([`Self::reserve_hole`]): image block -> count.  Like pending
-    /// ones, commits write them as free.
-    in_flight: BTreeMap<u64, u64>,
-    /// How many times a file's tree gained pending links so far.
-    links_made: u64,
+    /// Writes into holes: reserved ([`Self::reserve_hole`]), or written and
+    /// not linked into their trees yet ([`Self::fill_hole`]).
+    holes: HoleFills,
     /// Transactions committed so far.
     commits: u64,
     /// Blocks of group descriptors (each may change with a group).
     desc_blocks: u64,
-    /// While [`Self::link_pending_noting_writes`] runs: the blocks its
-    /// changes wrote.
-    noted_writes: Option<Vec<u64>>,
 }
 
 /// The block size of the filesystem on `raw`, from its superblock (1024 if
@@ -149,11 +140,7 @@ fn block_size_of(raw: &dyn BlockDevice) -> u64 {
     if raw.read_at(&mut superblock, sb::OFFSET).is_err() || !sb::is_superblock(&superblock) {
         return 1024;
     }
-    let log = u32::from_le_bytes(superblock[0x18..0x1c].try_into().expect("four bytes"));
-    if log > 6 {
-        return 1024;
-    }
-    1024 << log
+    sb::block_size(&superblock).unwrap_or(1024)
 }
 
 /// Opens the filesystem on `raw` read-write, with its metadata going
@@ -161,7 +148,8 @@ fn block_size_of(raw: &dyn BlockDevice) -> u64 {
 /// in the journal when there is one this crate can write, in crash-safe
 /// order otherwise (saying why, when a journal is there but not used).
 /// Nothing is written until the first commit.  A filesystem with the `mmp`
-/// feature is opened only under `held`, its MMP block taken.
+/// feature is opened only under `held`, its MMP block taken.  One that may
+/// only be read (see [`Filesystem::open`]) is an [`Error::ReadOnly`].
 pub fn open_read_write(
     raw: Arc<dyn BlockDevice>,
     held: Option<&crate::mmp::Protection>,
@@ -196,11 +184,8 @@ pub fn open_read_write(
         ),
         since: None,
         frees_pending: false,
-        pending: PendingLinks::default(),
-        in_flight: BTreeMap::new(),
-        links_made: 0,
+        holes: HoleFills::default(),
         commits: 0,
-        noted_writes: None,
     };
     debug!(
         Topic::Journal,
@@ -244,7 +229,7 @@ impl Transactions {
 
     /// Whether anything awaits a commit.
     pub fn is_empty(&self) -> bool {
-        self.cache.dirty_len() == 0 && self.touched.is_empty() && self.pending.is_empty()
+        self.cache.dirty_len() == 0 && self.touched.is_empty() && self.holes.is_empty()
     }
 
     /// How long the oldest uncommitted change has waited.
@@ -274,18 +259,18 @@ impl Transactions {
     /// keeps its own map of a file reads the tree again when this moved
     /// during a [`Self::fill_hole`] of it.
     pub fn links_made(&self) -> u64 {
-        self.links_made
+        self.holes.links_made()
     }
 
     /// The files with writes into holes waiting to be linked.
     pub fn pending_inodes(&self) -> Vec<Ino> {
-        self.pending.inodes()
+        self.holes.pending().inodes()
     }
 
     /// The extents written into holes of `ino` and not linked yet:
     /// (file block, image block, blocks), in file order.
     pub fn unlinked(&self, ino: Ino) -> Vec<(u64, u64, u64)> {
-        self.pending.of(ino)
+        self.holes.pending().of(ino)
     }
 
     /// Blocks a transaction should not outgrow: a quarter of the journal,
@@ -347,15 +332,14 @@ impl Transactions {
         fill: impl FnOnce(&mut Filesystem, u64) -> Result<BlockRuns>,
     ) -> Result<BlockRuns> {
         self.ensure_room(fs, ino, count)?;
-        let near = near.or(self.pending.goal(ino));
+        let near = self.holes.near(ino, near);
         // No inode named: the change allocates, and no tree changes (so,
         // without a journal, there is no node to move).
         let runs = self.run_change(fs, None, true, |fs| {
-            let goal = hole_goal(fs, ino, logical, near)?;
+            let goal = mapping::hole_goal(fs, ino, logical, near)?;
             fill(fs, goal)
         })?;
-        self.pending.add(ino, logical, &runs);
-        if self.pending.count_of(ino) >= LINK_AT {
+        if self.holes.written(ino, logical, &runs) >= LINK_AT {
             if let Err(e) = self.link_pending(fs, ino) {
                 debug!(Topic::Map, "{e}: the rest stays pending");
             }
@@ -371,7 +355,7 @@ impl Transactions {
     /// is in ([`Self::hole_filled`]) or gave up ([`Self::abandon_hole`]).
     /// Changes no tree: nothing is linked here, not even to make room (a
     /// host whose readers walk the tree without the library lock may call
-    /// this while they do); short of room it fails with ENOSPC, and
+    /// this while they do); short of room it fails with [`Error::NoSpace`], and
     /// [`Self::fill_hole`], which may link, is the way to go on.
     pub fn reserve_hole(
         &mut self,
@@ -383,8 +367,8 @@ impl Transactions {
     ) -> Result<BlockRuns> {
         self.room_for(fs, count)?;
         self.commit_if_needed(fs)?;
-        let near = near.or(self.pending.goal(ino));
-        let goal = hole_goal(fs, ino, logical, near)?;
+        let near = self.holes.near(ino, near);
+        let goal = mapping::hole_goal(fs, ino, logical, near)?;
         // Only libext2fs's block bitmap and counters change, in its memory,
         // and `allocate` gives back what it took if it fails: no change
         // (undo log, block cache overlay) is needed around it.
@@ -393,12 +377,9 @@ impl Transactions {
             self.touched.note(start, len, 1);
             // The blocks will hold file data: no metadata cached of them.
             self.cache.forget_clean(start, len);
-            self.in_flight.insert(start, len);
         }
+        self.holes.reserved(ino, &runs);
         self.since.get_or_insert_with(Instant::now);
-        if let Some(&(start, len)) = runs.last() {
-            self.pending.note_goal(ino, start + len);
-        }
         Ok(runs)
     }
 
@@ -408,19 +389,13 @@ impl Transactions {
     /// `ino` wait (the host links them, under its own lock, past
     /// [`LINK_AT`]).
     pub fn hole_filled(&mut self, ino: Ino, logical: u64, runs: &BlockRuns) -> usize {
-        for &(start, _) in runs {
-            self.in_flight.remove(&start);
-        }
-        self.pending.add(ino, logical, runs);
-        self.pending.count_of(ino)
+        self.holes.filled(ino, logical, runs)
     }
 
     /// Frees blocks `runs` reserved by [`Self::reserve_hole`] whose data
     /// could not be written, as one change.
     pub fn abandon_hole(&mut self, fs: &mut Filesystem, runs: &BlockRuns) -> Result<()> {
-        for &(start, _) in runs {
-            self.in_flight.remove(&start);
-        }
+        self.holes.abandoned(runs);
         self.run_change(fs, None, false, |fs| {
             mapping::free_blocks(fs, runs);
             Ok(())
@@ -428,7 +403,7 @@ impl Transactions {
     }
 
     /// A change that allocates `count` blocks (and may link them, as
-    /// [`Self::change`]), refused with ENOSPC if that would eat into the
+    /// [`Self::change`]), refused with [`Error::NoSpace`] if that would eat into the
     /// blocks the transaction keeps for itself (see [`Self::ensure_room`]).
     pub fn change_allocating<T>(
         &mut self,
@@ -445,9 +420,7 @@ impl Transactions {
     /// allocate on its own: tree nodes for the pending links, and, without
     /// a journal, a new home for every existing node a commit moves.
     fn reserve(&self) -> u64 {
-        let mut reserve = 64
-            + (self.pending.extents() + self.in_flight.len()) as u64 / 16
-            + 8 * self.pending.inode_count() as u64;
+        let mut reserve = 64 + self.holes.reserve();
         if let Mode::Ordered(_) = self.mode {
             reserve += self.cache.dirty_len() as u64;
         }
@@ -457,21 +430,18 @@ impl Transactions {
     /// Makes sure `count` more blocks can be allocated without taking the
     /// reserve: if not, first makes the pending links of `ino` (while there
     /// is room for their nodes; other files' trees are changed only when
-    /// their host asks), then refuses with ENOSPC if it is still short.
+    /// their host asks), then refuses with [`Error::NoSpace`] if it is still short.
     fn room_for(&self, fs: &mut Filesystem, count: u64) -> Result<()> {
         // SAFETY: open filesystem; reads its in-memory superblock.
         let free = unsafe { sys::ext2fs_free_blocks_count((*fs.raw()).super_) };
         if free >= count + self.reserve() {
             return Ok(());
         }
-        Err(Error::other(
-            Errno::ENOSPC,
-            format!(
-                "no space left: {free} blocks free, {count} wanted, {} kept for the filesystem's \
-                 own metadata",
-                self.reserve()
-            ),
-        ))
+        Err(Error::NoSpace(format!(
+            "no space left: {free} blocks free, {count} wanted, {} kept for the filesystem's \
+             own metadata",
+            self.reserve()
+        )))
     }
 
     fn ensure_room(&mut self, fs: &mut Filesystem, ino: Ino, count: u64) -> Result<()> {
@@ -487,9 +457,9 @@ impl Transactions {
     /// is more than one transaction may hold, commits in between.  The
     /// caller keeps readers of that tree out meanwhile.
     pub fn link_pending(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<()> {
-        while self.pending.has(ino) {
+        while self.holes.pending().has(ino) {
             self.link_some(fs, ino)?;
-            if self.pending.has(ino) {
+            if self.holes.pending().has(ino) {
                 self.commit(fs, Durability::Recoverable)?;
             }
         }
@@ -498,7 +468,7 @@ impl Transactions {
 
     /// [`Self::link_pending`], saying what it did (see [`Linked`]).
     pub fn link_pending_noting_writes(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<Linked> {
-        let blocks = self.pending.of(ino).iter().map(|e| e.2).sum();
+        let blocks = self.holes.pending().of(ino).iter().map(|e| e.2).sum();
         let (result, rewritten) = self.noting_writes(|tx| tx.link_pending(fs, ino));
         result.map(|()| Linked { blocks, rewritten })
     }
@@ -509,9 +479,9 @@ impl Transactions {
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T>,
     ) -> (Result<T>, Vec<u64>) {
-        self.noted_writes = Some(Vec::new());
+        self.holes.start_noting();
         let result = op(self);
-        (result, self.noted_writes.take().unwrap_or_default())
+        (result, self.holes.stop_noting())
     }
 
     /// Links, as one change, those of up to `max` extents pending for `ino`
@@ -533,7 +503,7 @@ impl Transactions {
         if self.method() != Method::Journal {
             return Ok((Linked::default(), None));
         }
-        let extents = self.pending.take_from(ino, from, max);
+        let extents = self.holes.pending_mut().take_from(ino, from, max);
         let Some(&(last, _, _)) = extents.last() else {
             return Ok((Linked::default(), None));
         };
@@ -545,7 +515,7 @@ impl Transactions {
         let refused = match result {
             Ok(refused) => refused,
             Err(e) => {
-                self.pending.put_back(ino, extents);
+                self.holes.pending_mut().put_back(ino, extents);
                 return Err(e);
             }
         };
@@ -555,9 +525,9 @@ impl Transactions {
             rewritten,
         };
         if linked.blocks > 0 {
-            self.links_made += 1;
+            self.holes.linked();
         }
-        self.pending.put_back(ino, refused);
+        self.holes.pending_mut().put_back(ino, refused);
         Ok((linked, Some(last + 1)))
     }
 
@@ -567,7 +537,7 @@ impl Transactions {
     fn link_some(&mut self, fs: &mut Filesystem, ino: Ino) -> Result<()> {
         /// Extents per change: each may change a leaf (and split it).
         const BATCH: usize = 64;
-        let Some(mut extents) = self.pending.take(ino) else {
+        let Some(mut extents) = self.holes.pending_mut().take(ino) else {
             return Ok(());
         };
         // Not committing first: the blocks are allocated in this
@@ -580,7 +550,7 @@ impl Transactions {
             Vec::new()
         };
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, 1);
+            undo::apply(fs.handle(), start, count, 1);
         }
         let mut linked = 0;
         let mut result = Ok(());
@@ -595,14 +565,14 @@ impl Transactions {
             linked += batch.len();
         }
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, -1);
+            undo::apply(fs.handle(), start, count, -1);
         }
         let rest = extents.split_off(linked);
         if !rest.is_empty() {
-            self.pending.put_back(ino, rest);
+            self.holes.pending_mut().put_back(ino, rest);
         }
         if linked > 0 {
-            self.links_made += 1;
+            self.holes.linked();
         }
         debug!(
             Topic::Map,
@@ -649,7 +619,7 @@ impl Transactions {
             let flags = std::ptr::addr_of_mut!((*fs.raw()).flags);
             self.cache.begin_change_verifying_once(flags);
         }
-        let recording = undo::Recording::start(fs);
+        let recording = undo::Recording::start(fs.handle());
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let value = op(fs)?;
             if let (Mode::Ordered(ordered), Some(ino)) = (&mut self.mode, ino) {
@@ -685,7 +655,7 @@ impl Transactions {
             }
             Ok(Err(e)) => Err(e),
             Err(panic) => {
-                undo::reverse(fs, &changes);
+                undo::reverse(fs.handle(), &changes);
                 self.cache.end_change(false);
                 resume_unwind(panic)
             }
@@ -693,15 +663,13 @@ impl Transactions {
         let value = match result {
             Ok(value) => value,
             Err(e) => {
-                undo::reverse(fs, &changes);
+                undo::reverse(fs.handle(), &changes);
                 self.cache.end_change(false);
                 return Err(e);
             }
         };
         let written = self.cache.end_change(true);
-        if let Some(noted) = self.noted_writes.as_mut() {
-            noted.extend(written);
-        }
+        self.holes.note_writes(written);
         let mut freed = false;
         for &(start, count, inuse) in &changes {
             self.touched.note(start, count, inuse);
@@ -761,8 +729,7 @@ impl Transactions {
     pub fn commit(&mut self, fs: &mut Filesystem, durability: Durability) -> Result<()> {
         let cache = self.cache.clone();
         let _remember = cache.remembering();
-        let mut unlinked = self.pending.block_runs();
-        unlinked.extend(self.in_flight.iter().map(|(&start, &count)| (start, count)));
+        let unlinked = self.holes.unlinked_runs();
         let result = match &mut self.mode {
             Mode::Journal(log) => log.commit(fs, &self.cache, &self.touched, &unlinked, durability),
             Mode::Ordered(ordered) => {
@@ -786,7 +753,7 @@ impl Transactions {
     /// Links every pending extent of every file (see [`Self::link_pending`]):
     /// for a host that knows no reader walks any tree now.
     pub fn link_all(&mut self, fs: &mut Filesystem) -> Result<()> {
-        for ino in self.pending.inodes() {
+        for ino in self.holes.pending().inodes() {
             self.link_pending(fs, ino)?;
         }
         Ok(())
@@ -802,16 +769,6 @@ impl Transactions {
             Mode::Journal(log) => log.shutdown(&self.cache),
             Mode::Ordered(ordered) => ordered.shutdown(&self.cache),
         }
-    }
-}
-
-/// Where new blocks for file block `logical` of `ino` go: `near` (a
-/// neighbour the caller knows, else after the last run pending for the
-/// file), else libext2fs's goal for the block.
-fn hole_goal(fs: &mut Filesystem, ino: Ino, logical: u64, near: Option<u64>) -> Result<u64> {
-    match near {
-        Some(goal) => Ok(goal),
-        None => mapping::goal_for(fs, ino, logical),
     }
 }
 
@@ -860,7 +817,7 @@ pub(crate) fn write_runs(raw: &dyn BlockDevice, bs: u64, blocks: &[(u64, Vec<u8>
         for (_, data) in &blocks[i..i + n] {
             buf.extend_from_slice(data);
         }
-        raw.write_at(&buf, first * bs)?;
+        raw.write_at(&buf, first * bs).map_err(Error::reported)?;
         i += n;
     }
     Ok(())
@@ -878,11 +835,17 @@ pub(crate) fn edit_superblock_on_disk(
     let block = sb::OFFSET / bs;
     let at = (sb::OFFSET - block * bs) as usize;
     let mut buf = vec![0u8; bs as usize];
-    cache.raw().read_at(&mut buf, block * bs)?;
+    cache
+        .raw()
+        .read_at(&mut buf, block * bs)
+        .map_err(Error::reported)?;
     if !edit(&mut buf[at..at + sb::BYTES]) {
         return Ok(false);
     }
-    cache.raw().write_at(&buf, block * bs)?;
+    cache
+        .raw()
+        .write_at(&buf, block * bs)
+        .map_err(Error::reported)?;
     cache.refresh_clean(block, &buf);
     Ok(true)
 }
@@ -892,13 +855,13 @@ pub(crate) fn edit_superblock_on_disk(
 /// of `unlinked` (allocated, not yet linked to a file) shown free.
 pub(crate) fn capture(fs: &mut Filesystem, unlinked: &[(u64, u64)]) -> Result<()> {
     for &(start, count) in unlinked {
-        undo::apply(fs, start, count, -1);
+        undo::apply(fs.handle(), start, count, -1);
     }
     let result = fs
         .flush()
         .map_err(|e| e.in_context("writing the bitmaps and the superblock"));
     for &(start, count) in unlinked {
-        undo::apply(fs, start, count, 1);
+        undo::apply(fs.handle(), start, count, 1);
     }
     result
 }

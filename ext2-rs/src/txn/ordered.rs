@@ -150,11 +150,11 @@ impl Ordered {
             }
         }
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, 1);
+            undo::apply(fs.handle(), start, count, 1);
         }
         let result = relocate_changed_nodes(fs, ino, &existing, &is_dirty);
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, -1);
+            undo::apply(fs.handle(), start, count, -1);
         }
         let moved =
             result.map_err(|e| e.in_context(format!("inode {ino}: moving extent nodes")))?;
@@ -176,7 +176,7 @@ impl Ordered {
         if self.moved.is_empty() {
             return;
         }
-        let recording = undo::Recording::start(fs);
+        let recording = undo::Recording::start(fs.handle());
         for &block in &self.moved {
             // SAFETY: open read-write filesystem; the block was a node,
             // marked in use since.
@@ -206,11 +206,11 @@ impl Ordered {
         // The allocation records as they must be first: freed blocks still
         // in use.
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, 1);
+            undo::apply(fs.handle(), start, count, 1);
         }
         let captured = capture(fs, unlinked);
         for &(start, count) in &freed {
-            undo::apply(fs, start, count, -1);
+            undo::apply(fs.handle(), start, count, -1);
         }
         captured?;
         let mut taken = cache.take_dirty();
@@ -259,7 +259,7 @@ impl Ordered {
         }
         if self.valid_on_disk {
             edit_superblock_on_disk(cache, |sb| sb::set_valid(sb, false))?;
-            raw.flush()?;
+            raw.flush().map_err(Error::reported)?;
             self.valid_on_disk = false;
             debug!(
                 Topic::Journal,
@@ -267,14 +267,14 @@ impl Ordered {
             );
         }
         write_runs(raw.as_ref(), bs, &records)?;
-        raw.flush()?;
+        raw.flush().map_err(Error::reported)?;
         write_runs(raw.as_ref(), bs, &new)?;
         if !new.is_empty() && !old.is_empty() {
-            raw.flush()?;
+            raw.flush().map_err(Error::reported)?;
         }
         write_runs(raw.as_ref(), bs, &old)?;
         if !freed.is_empty() {
-            raw.flush()?;
+            raw.flush().map_err(Error::reported)?;
             // The freed blocks, free on disk too.
             capture(fs, unlinked)?;
             let last = cache.take_dirty();
@@ -297,10 +297,10 @@ impl Ordered {
         if durability == Durability::Recoverable {
             return Ok(());
         }
-        cache.raw().flush()?;
+        cache.raw().flush().map_err(Error::reported)?;
         if self.valid_at_open && !self.valid_on_disk {
             edit_superblock_on_disk(cache, |sb| sb::set_valid(sb, true))?;
-            cache.raw().flush()?;
+            cache.raw().flush().map_err(Error::reported)?;
             self.valid_on_disk = true;
             debug!(Topic::Journal, "ordered: the filesystem is marked clean");
         }

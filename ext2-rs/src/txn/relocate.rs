@@ -14,43 +14,40 @@
 
 use std::ptr;
 
-use crate::error::{Error, Result};
-use crate::fs::{check, Filesystem, Ino};
-use crate::sb::{le16, le32};
+use crate::error::{check, Error, Result};
+use crate::format::{
+    extent_entry_at, i_block_bytes, index_entry, set_i_block, set_index_child, ExtentHeader,
+    EXTENT_MAGIC,
+};
+use crate::fs::{Filesystem, Ino};
 use crate::sys;
-
-const EXT3_EXT_MAGIC: u16 = 0xf30a;
-const HEADER_BYTES: usize = 12;
-const ENTRY_BYTES: usize = 12;
 
 /// The child block an index entry points at.
 pub(super) fn index_leaf(node: &[u8], i: usize) -> u64 {
-    let at = HEADER_BYTES + i * ENTRY_BYTES;
-    u64::from(le32(node, at + 4)) | (u64::from(le16(node, at + 8)) << 32)
+    index_entry(node, extent_entry_at(i)).1
 }
 
 fn set_index_leaf(node: &mut [u8], i: usize, block: u64) {
-    let at = HEADER_BYTES + i * ENTRY_BYTES;
-    node[at + 4..at + 8].copy_from_slice(&(block as u32).to_le_bytes());
-    node[at + 8..at + 10].copy_from_slice(&((block >> 32) as u16).to_le_bytes());
+    set_index_child(node, extent_entry_at(i), block);
 }
 
 /// (entries, depth) of a node, checked.
 fn header(node: &[u8], what: impl Fn() -> String) -> Result<(usize, u16)> {
-    if node.len() < HEADER_BYTES || le16(node, 0) != EXT3_EXT_MAGIC {
+    if node.len() < extent_entry_at(0) || ExtentHeader::read(node).magic != EXTENT_MAGIC {
         return Err(Error::other(
             crate::Errno::EIO,
             format!("{}: not an extent node", what()),
         ));
     }
-    let entries = usize::from(le16(node, 2));
-    if HEADER_BYTES + entries * ENTRY_BYTES > node.len() {
+    let header = ExtentHeader::read(node);
+    let entries = usize::from(header.entries);
+    if extent_entry_at(entries) > node.len() {
         return Err(Error::other(
             crate::Errno::EIO,
             format!("{}: {entries} extent entries overflow the node", what()),
         ));
     }
-    Ok((entries, le16(node, 6)))
+    Ok((entries, header.depth))
 }
 
 struct Walk<'a> {
@@ -176,7 +173,7 @@ pub fn relocate_changed_nodes(
     if inode.i_flags & sys::EXT4_EXTENTS_FL == 0 {
         return Ok(Vec::new());
     }
-    let mut root: Vec<u8> = inode.i_block.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut root = i_block_bytes(&inode.i_block);
     let (_, depth) = header(&root, || format!("inode {ino}"))?;
     if depth == 0 {
         return Ok(Vec::new());
@@ -192,9 +189,7 @@ pub fn relocate_changed_nodes(
     };
     let mut hops = 0;
     if walk.visit(&mut root, depth, &mut hops)? {
-        for (word, bytes) in inode.i_block.iter_mut().zip(root.chunks_exact(4)) {
-            *word = u32::from_le_bytes(bytes.try_into().expect("four bytes"));
-        }
+        set_i_block(&mut inode.i_block, &root);
         walk.fs.write_inode_raw(ino, &mut inode)?;
     }
     Ok(walk.moved)

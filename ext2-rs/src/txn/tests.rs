@@ -225,7 +225,8 @@ impl Rig {
                     buf[(lo - run_start) as usize..(hi - run_start) as usize].copy_from_slice(part);
                     self.tx
                         .change(&mut self.fs, Some(ino), |fs| {
-                            rec.write_at(&buf, physical * bs)?;
+                            rec.write_at(&buf, physical * bs)
+                                .map_err(crate::Error::reported)?;
                             mapping::mark_written(fs, ino, block, stop)
                         })
                         .unwrap();
@@ -247,7 +248,8 @@ impl Rig {
                             let mut at = 0usize;
                             for &(physical, len) in &runs {
                                 let n = (len * bs) as usize;
-                                rec.write_at(&buf[at..at + n], physical * bs)?;
+                                rec.write_at(&buf[at..at + n], physical * bs)
+                                    .map_err(crate::Error::reported)?;
                                 at += n;
                             }
                             Ok(runs)

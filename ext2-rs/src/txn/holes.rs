@@ -1,6 +1,7 @@
-//! Writes into holes whose links into their file's extent tree wait until
-//! the host asks for them (before a flush), or the next change of that
-//! file's tree.
+//! Writes into holes, the transactions' side ([`HoleFills`]): their
+//! blocks reserved while the host writes the data, then their links into
+//! the file's extent tree, which wait until the host asks for them (before
+//! a flush), or the next change of that file's tree.
 //!
 //! A write into a hole must allocate its blocks and write its data at
 //! once, but nothing needs the extent tree to say so before a flush makes
@@ -142,6 +143,119 @@ impl PendingLinks {
                 self.extents += 1;
             }
         }
+    }
+}
+
+/// The transactions' side of writes into holes, in one place: the runs
+/// reserved whose data is still being written (in flight), the runs
+/// written and waiting to be linked into their files' trees (pending), how
+/// often a tree gained links, and, while a linking runs for a host that
+/// asked, the metadata blocks its changes wrote.  Commits write the blocks
+/// of in-flight and pending runs as free ([`HoleFills::unlinked_runs`]).
+#[derive(Debug, Default)]
+pub(super) struct HoleFills {
+    /// Written, not linked yet.
+    pending: PendingLinks,
+    /// Reserved, data still being written: image block -> count.
+    in_flight: BTreeMap<u64, u64>,
+    /// How many times a file's tree gained pending links so far.
+    links_made: u64,
+    /// While a linking notes its writes: the blocks its changes wrote.
+    noted_writes: Option<Vec<u64>>,
+}
+
+impl HoleFills {
+    /// Whether no written run waits to be linked.
+    pub(super) fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Where new blocks for `ino` go: `near` if the caller knows a
+    /// neighbour, else after the last run reserved or written for it.
+    pub(super) fn near(&self, ino: Ino, near: Option<u64>) -> Option<u64> {
+        near.or(self.pending.goal(ino))
+    }
+
+    /// `runs` were reserved for `ino`; their data is being written.
+    pub(super) fn reserved(&mut self, ino: Ino, runs: &[(u64, u64)]) {
+        for &(start, len) in runs {
+            self.in_flight.insert(start, len);
+        }
+        if let Some(&(start, len)) = runs.last() {
+            self.pending.note_goal(ino, start + len);
+        }
+    }
+
+    /// The data of reserved `runs` is in; they wait to be linked from file
+    /// block `logical` of `ino`.  Returns how many extents of `ino` wait.
+    pub(super) fn filled(&mut self, ino: Ino, logical: u64, runs: &[(u64, u64)]) -> usize {
+        for &(start, _) in runs {
+            self.in_flight.remove(&start);
+        }
+        self.written(ino, logical, runs)
+    }
+
+    /// The data of reserved `runs` could not be written: they are freed.
+    pub(super) fn abandoned(&mut self, runs: &[(u64, u64)]) {
+        for &(start, _) in runs {
+            self.in_flight.remove(&start);
+        }
+    }
+
+    /// `runs`, allocated and written in one change, wait to be linked from
+    /// file block `logical` of `ino`.  Returns how many extents of `ino` wait.
+    pub(super) fn written(&mut self, ino: Ino, logical: u64, runs: &[(u64, u64)]) -> usize {
+        self.pending.add(ino, logical, runs);
+        self.pending.count_of(ino)
+    }
+
+    /// Blocks to keep free for the tree nodes that linking what waits may
+    /// allocate.
+    pub(super) fn reserve(&self) -> u64 {
+        (self.pending.extents() + self.in_flight.len()) as u64 / 16
+            + 8 * self.pending.inode_count() as u64
+    }
+
+    /// The blocks allocated and not linked to any file: (first, count).
+    pub(super) fn unlinked_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = self.pending.block_runs();
+        runs.extend(self.in_flight.iter().map(|(&start, &count)| (start, count)));
+        runs
+    }
+
+    /// The runs waiting to be linked.
+    pub(super) fn pending(&self) -> &PendingLinks {
+        &self.pending
+    }
+
+    pub(super) fn pending_mut(&mut self) -> &mut PendingLinks {
+        &mut self.pending
+    }
+
+    /// A file's tree gained links.
+    pub(super) fn linked(&mut self) {
+        self.links_made += 1;
+    }
+
+    pub(super) fn links_made(&self) -> u64 {
+        self.links_made
+    }
+
+    /// Starts noting the blocks changes write.
+    pub(super) fn start_noting(&mut self) {
+        self.noted_writes = Some(Vec::new());
+    }
+
+    /// A change wrote `blocks`: noted, if noting.
+    pub(super) fn note_writes(&mut self, blocks: impl IntoIterator<Item = u64>) {
+        if let Some(noted) = self.noted_writes.as_mut() {
+            noted.extend(blocks);
+        }
+    }
+
+    /// Stops noting; what was noted.
+    pub(super) fn stop_noting(&mut self) -> Vec<u64> {
+        self.noted_writes.take().unwrap_or_default()
     }
 }
 
