@@ -3,6 +3,7 @@
 //! (`device::memory`), judged by e2fsprogs (`e2fsck -fn`, `debugfs`) and
 //! ext2-rs's crash judges.  nbdkit itself is tested in `tests/`.
 
+mod discard;
 mod faults;
 mod holes;
 mod read;
