@@ -6,6 +6,7 @@
 mod discard;
 mod faults;
 mod holes;
+mod mmp;
 mod read;
 mod upgrade;
 mod write;
