@@ -163,6 +163,13 @@ impl Image {
         self.device.zero(len, offset, may_trim, fast)
     }
 
+    /// Trims `len` bytes at `offset` (blocks the filesystem freed), refused
+    /// as writes are.
+    pub fn trim(&self, len: u64, offset: u64) -> Result<(), Errno> {
+        self.refuse_write()?;
+        self.device.trim(len, offset)
+    }
+
     pub fn flush(&self) -> Result<(), Errno> {
         self.device.flush()
     }

@@ -16,6 +16,13 @@
 //! - the kernel judges a sample too: it mounts the state (replaying the
 //!   journal), the files are read back through it, then `e2fsck -fn`.
 //!
+//! The recording plugin can trim, so the filter's discard is on: a trimmed
+//! range is unknown content, which the plugin makes garbage at once and a
+//! crash state shows as it was before the trim or as that garbage (a write
+//! of garbage, judged like any other write).  A trim sent before the change
+//! that freed its blocks is durable, or over a block in use, shows up as a
+//! file or the filesystem reading garbage.
+//!
 //! `EXT2FILTER_CRASH_STATES=N` samples N random subsets per epoch instead
 //! of 1 (thousands of states for N around 20).
 
@@ -187,7 +194,11 @@ fn client_script(w: &Workload, log: &Path) -> String {
     s
 }
 
-/// Parses the recorder's log.
+/// What the recording plugin leaves in a trimmed range (`TRIMMED` in
+/// `recorder.py`).
+const TRIMMED: u8 = 0xdb;
+
+/// Parses the recorder's log; a trim is a write of garbage.
 fn parse_log(bytes: &[u8]) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut at = 0;
@@ -202,6 +213,15 @@ fn parse_log(bytes: &[u8]) -> Vec<Op> {
                 });
                 at += 13 + len;
             }
+            b'T' => {
+                let offset = u64::from_le_bytes(bytes[at + 1..at + 9].try_into().unwrap());
+                let len = u32::from_le_bytes(bytes[at + 9..at + 13].try_into().unwrap()) as usize;
+                ops.push(Op::Write {
+                    offset,
+                    data: vec![TRIMMED; len],
+                });
+                at += 13;
+            }
             b'F' => {
                 ops.push(Op::Flush);
                 at += 1;
@@ -210,6 +230,24 @@ fn parse_log(bytes: &[u8]) -> Vec<Op> {
         }
     }
     ops
+}
+
+/// How many trims the recorder's log holds.
+fn count_trims(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    let mut trims = 0;
+    while at < bytes.len() {
+        let len = || u32::from_le_bytes(bytes[at + 9..at + 13].try_into().unwrap()) as usize;
+        at += match bytes[at] {
+            b'W' => 13 + len(),
+            b'T' => {
+                trims += 1;
+                13
+            }
+            _ => 1,
+        };
+    }
+    trims
 }
 
 /// How many random subsets of each epoch's writes to judge.
@@ -302,7 +340,12 @@ fn judge_workload(w: &Workload) -> usize {
         let (_, n) = line.split_once(' ').expect("client output");
         n.parse::<usize>().expect("a request count")
     });
-    let ops = parse_log(&read_file(&log));
+    let recorded = read_file(&log);
+    let ops = parse_log(&recorded);
+    let trims = count_trims(&recorded);
+    if w.name.starts_with("discard") {
+        assert!(trims > 0, "{}: the filter sent no trim", w.name);
+    }
 
     let bs = u64::from(w.block_size);
     let mut histories: Vec<FileHistory> = w
@@ -410,7 +453,8 @@ fn judge_workload(w: &Workload) -> usize {
         },
     );
     eprintln!(
-        "{}: {} requests, {count} crash states judged ({kernel} by the kernel too)",
+        "{}: {} requests ({trims} trims), {count} crash states judged ({kernel} by the kernel \
+         too)",
         w.name,
         ops.len(),
     );
@@ -651,6 +695,82 @@ fn zero_and_trim_ext4_4k_without_journal() {
     judge_workload(&zero_and_trim(
         "zero_trim_ext4_4k_nj",
         4096,
+        &["-O", "^has_journal"],
+    ));
+}
+
+/// Discard: large trims and zeroes that free blocks, writes that reuse the
+/// freed (and trimmed) blocks at once, and trims again, in several epochs.
+fn discard(name: &'static str, block_size: u32, mkfs: &'static [&'static str]) -> Workload {
+    let len = 4 * MIB;
+    let bs = u64::from(block_size);
+    Workload {
+        name,
+        fs: FsType::Ext4,
+        block_size,
+        mkfs,
+        debugfs: vec![],
+        files: vec![Served {
+            path: "/d",
+            file: SparseFile {
+                len,
+                pieces: vec![(0, random_bytes(11, len as usize))],
+            },
+        }],
+        conns: vec![0],
+        requests: vec![
+            Req::Trim {
+                conn: 0,
+                offset: MIB,
+                len: MIB as usize,
+            },
+            write(0, MIB + 3 * bs, 40 * bs as usize),
+            Req::Trim {
+                conn: 0,
+                offset: 3 * MIB - 7,
+                len: MIB as usize / 2,
+            },
+            Req::Flush { conn: 0 },
+            write(0, 3 * MIB + 5, 20 * bs as usize),
+            Req::Zero {
+                conn: 0,
+                offset: 0,
+                len: MIB as usize / 4,
+                trim: true,
+            },
+            Req::Trim {
+                conn: 0,
+                offset: MIB,
+                len: 2 * MIB as usize,
+            },
+            write(0, 2 * MIB, 64 * bs as usize),
+            Req::Flush { conn: 0 },
+            Req::Trim {
+                conn: 0,
+                offset: 2 * MIB + 8 * bs,
+                len: 16 * bs as usize,
+            },
+            Req::Idle,
+            write(0, 100 * bs, 3 * bs as usize),
+        ],
+        recovery: if mkfs.contains(&"^has_journal") {
+            Recovery::Preen
+        } else {
+            Recovery::JournalReplay
+        },
+    }
+}
+
+#[test]
+fn discard_ext4_4k() {
+    judge_workload(&discard("discard_ext4_4k", 4096, &[]));
+}
+
+#[test]
+fn discard_ext4_1k_without_journal() {
+    judge_workload(&discard(
+        "discard_ext4_1k_nj",
+        1024,
         &["-O", "^has_journal"],
     ));
 }

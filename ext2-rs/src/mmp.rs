@@ -370,7 +370,19 @@ impl Protection {
                 Errno::EIO,
                 "multi-mount protection: the update thread panicked",
             ))
-        })
+        })?;
+        // The updater stopped early: the block is left to whoever took it.
+        match self.lost() {
+            Some(why) => Err(Error::other(
+                Errno::EIO,
+                format!(
+                    "multi-mount protection: the MMP block {} is not marked clean at \
+                     shutdown: it was given up earlier: {why}",
+                    self.shared.medium.config.block
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -442,19 +454,29 @@ fn update(shared: &Shared, mut block: MmpBlock) -> Result<()> {
         failures += 1;
     };
     loop {
+        // Asked to stop: however late this thread is (a stall past the
+        // check interval proves nothing while the block still holds our
+        // number), the block is read back and marked clean if it is ours.
+        if *shared.stop.lock() {
+            return mark_clean(medium, &mut block, on_disk);
+        }
         match still_ours(medium, &block, on_disk) {
             Ok(true) => last_check = Instant::now(),
             Ok(false) => return give_up(shared, medium),
             // A read that fails is no proof of anything, unless it has been
             // so long that another node could have taken the block.
             Err(e) if last_check.elapsed().as_secs() > check_interval => {
+                if *shared.stop.lock() {
+                    // Shutting down: tried again before anything is said.
+                    return mark_clean(medium, &mut block, on_disk);
+                }
                 lose(shared, e.to_string());
                 return Ok(());
             }
             Err(e) => complain(&e),
         }
         if *shared.stop.lock() {
-            break;
+            return mark_clean(medium, &mut block, on_disk);
         }
         seq = if seq >= SEQ_MAX { 1 } else { seq + 1 };
         block.set_seq(seq);
@@ -476,9 +498,54 @@ fn update(shared: &Shared, mut block: MmpBlock) -> Result<()> {
             (CHECK_MULT * late.as_secs()).clamp(MIN_CHECK_INTERVAL, MAX_CHECK_INTERVAL);
         block.set_check_interval(check_interval);
     }
+}
+
+/// Reads tried before the block is left as it is at shutdown.
+const CLEAN_READS: u32 = 3;
+
+/// At shutdown: marks the block clean (and flushes) once a read shows it
+/// still holds what this node wrote last; otherwise leaves it and says
+/// exactly why (another node's number in it, or reads failing
+/// [`CLEAN_READS`] times: another node may hold it).
+fn mark_clean(medium: &Medium, block: &mut MmpBlock, on_disk: u32) -> Result<()> {
+    let not_clean = |why: String| {
+        Error::other(
+            Errno::EIO,
+            format!(
+                "multi-mount protection: the MMP block {} is not marked clean at shutdown: \
+                 {why}",
+                medium.config.block
+            ),
+        )
+    };
+    let mut attempt = 0;
+    let now = loop {
+        attempt += 1;
+        match medium.read() {
+            Ok(now) => break now,
+            Err(e) if attempt >= CLEAN_READS => {
+                return Err(not_clean(format!(
+                    "reading it back failed {CLEAN_READS} times ({e}), so another node may \
+                     hold it; e2fsck -f or tune2fs -f -E clear_mmp clears it once no node \
+                     uses the filesystem"
+                )));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    if now.seq() != on_disk || now.nodename() != block.nodename() {
+        return Err(not_clean(
+            held_elsewhere(
+                "the filesystem has been taken by another node",
+                "leaving the block to it",
+                &now,
+            )
+            .to_string(),
+        ));
+    }
     block.set_seq(SEQ_CLEAN);
-    medium.write(&mut block)?;
-    medium.flush()
+    medium.write(block).map_err(|e| not_clean(e.to_string()))?;
+    medium.flush().map_err(|e| not_clean(e.to_string()))
 }
 
 /// Whether the block still holds what this node wrote last.

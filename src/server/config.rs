@@ -9,7 +9,21 @@ pub enum Target {
     ExportName,
 }
 
+pub use crate::volume::discard::DiscardMode;
 pub use crate::volume::JournalMode;
+
+impl DiscardMode {
+    /// The parameter's value, or `Err` with nbdkit-style wording.
+    pub fn parse(value: &str) -> Result<DiscardMode, String> {
+        match value {
+            "on" => Ok(DiscardMode::On),
+            "off" => Ok(DiscardMode::Off),
+            _ => Err(format!(
+                "could not parse ext2discard: {value}: expecting 'on' or 'off'"
+            )),
+        }
+    }
+}
 
 impl JournalMode {
     /// The parameter's value, or `Err` with nbdkit-style wording.
@@ -35,6 +49,8 @@ pub struct Config {
     pub journal: JournalMode,
     /// Bytes of memory for served files' map blocks (`ext2mapcache=`).
     pub map_cache: usize,
+    /// Whether blocks the filesystem frees are trimmed in the plugin.
+    pub discard: DiscardMode,
 }
 
 /// The map cache's default size: the map blocks of a file of hundreds of
@@ -64,7 +80,7 @@ pub fn parse_size(key: &str, value: &str) -> Result<usize, String> {
 /// that walking a huge tree cannot stall the handshake.
 pub const DEFAULT_MAX_EXPORTS: usize = 1000;
 
-pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.\next2mapcache=<SIZE>  Memory for files' map blocks (default 16M).";
+pub const HELP: &str = "ext2file=<FILENAME>  (required) Absolute name of file to serve inside the\n                     disk image, or 'exportname' for client choice.\next2exports=<N>      With ext2file=exportname: list at most N files\n                     (default 1000, 0 lists none).\next2default=<FILE>   With ext2file=exportname: the file for export \"\".\next2journal=<MODE>   If the journal needs recovery: 'memory' (default)\n                     replays it in memory and serves read-only; 'replay'\n                     writes it into the image and serves read-write.\next2mapcache=<SIZE>  Memory for files' map blocks (default 16M).\next2discard=on|off   Trim the blocks the filesystem frees in the plugin\n                     once the change is committed (default on if the\n                     plugin can trim).";
 
 /// The parameters that are ours; nbdkit hands every other one to the plugin.
 pub const KEYS: &[&str] = &[
@@ -73,6 +89,7 @@ pub const KEYS: &[&str] = &[
     "ext2default",
     "ext2journal",
     "ext2mapcache",
+    "ext2discard",
 ];
 
 /// Whether `key` is one of our parameters.
@@ -95,6 +112,7 @@ pub struct ConfigBuilder {
     default_export: Option<String>,
     journal: Option<JournalMode>,
     map_cache: Option<usize>,
+    discard: Option<DiscardMode>,
 }
 
 impl ConfigBuilder {
@@ -134,6 +152,11 @@ impl ConfigBuilder {
                     return Err(twice());
                 }
             }
+            "ext2discard" => {
+                if self.discard.replace(DiscardMode::parse(value)?).is_some() {
+                    return Err(twice());
+                }
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -161,6 +184,7 @@ impl ConfigBuilder {
             default_export: self.default_export,
             journal: self.journal.unwrap_or_default(),
             map_cache: self.map_cache.unwrap_or(DEFAULT_MAP_CACHE),
+            discard: self.discard.unwrap_or_default(),
         })
     }
 }
@@ -323,6 +347,38 @@ mod tests {
     }
 
     #[test]
+    fn discard_mode() {
+        assert_eq!(
+            build(&[("ext2file", "/a")]).unwrap().discard,
+            DiscardMode::Auto,
+            "on if the plugin can trim, by default"
+        );
+        for (value, mode) in [("on", DiscardMode::On), ("off", DiscardMode::Off)] {
+            assert_eq!(
+                build(&[("ext2file", "/a"), ("ext2discard", value)])
+                    .unwrap()
+                    .discard,
+                mode
+            );
+        }
+        for bad in ["", "yes", "ON", "1"] {
+            assert_eq!(
+                build(&[("ext2file", "/a"), ("ext2discard", bad)]).unwrap_err(),
+                format!("could not parse ext2discard: {bad}: expecting 'on' or 'off'")
+            );
+        }
+        assert_eq!(
+            build(&[
+                ("ext2file", "/a"),
+                ("ext2discard", "on"),
+                ("ext2discard", "off")
+            ])
+            .unwrap_err(),
+            "ext2discard parameter specified more than once"
+        );
+    }
+
+    #[test]
     fn help_names_every_parameter() {
         for key in ["ext2file=", "ext2exports=", "ext2default=", "ext2journal="] {
             assert!(HELP.contains(key), "{key} missing from HELP");
@@ -345,6 +401,7 @@ mod tests {
                 "ext2exports" => "1",
                 "ext2journal" => "memory",
                 "ext2mapcache" => "1M",
+                "ext2discard" => "off",
                 _ => "/a",
             };
             assert_eq!(ConfigBuilder::default().set(key, value), Ok(true), "{key}");

@@ -47,6 +47,7 @@ impl Server {
     /// stops nbdkit at start instead of failing every client.
     pub fn start(config: Arc<Config>, device: Arc<dyn Device>) -> Result<Server> {
         let volume = Arc::new(Volume::open(device, config.map_cache)?);
+        volume.set_discard(config.discard);
         let files = Arc::new(Files::new(volume));
         let file = match &config.target {
             Target::File(path) => Some(files.open(path)?),

@@ -3,8 +3,10 @@
 //! (`device::memory`), judged by e2fsprogs (`e2fsck -fn`, `debugfs`) and
 //! ext2-rs's crash judges.  nbdkit itself is tested in `tests/`.
 
+mod discard;
 mod faults;
 mod holes;
+mod mmp;
 mod read;
 mod upgrade;
 mod write;

@@ -17,6 +17,7 @@
 //! (`file::holes`), which the file's own code does under its lock.
 
 pub mod committer;
+pub mod discard;
 pub mod door;
 pub mod open;
 
@@ -28,6 +29,7 @@ use parking_lot::{MappedMutexGuard, Mutex};
 use crate::device::Device;
 use crate::image::{Image, MapDevice};
 use crate::volume::committer::{Committer, INTERVAL};
+use crate::volume::discard::DiscardMode;
 use crate::volume::door::{Door, FsState};
 use crate::volume::open::Reopened;
 use ext2_rs::error::{Errno, Error, Result};
@@ -66,6 +68,9 @@ pub struct Volume {
     /// Whether the log says why the journal stays unwritten (told once, by
     /// the first read-only connection or the re-open).
     told_read_only: AtomicBool,
+    /// Whether commits trim the blocks they freed (`ext2discard`), decided
+    /// when the filesystem is opened read-write.
+    discard: Mutex<DiscardMode>,
 }
 
 /// A regular file found in the filesystem, to serve.
@@ -145,11 +150,18 @@ impl Volume {
             writable: AtomicBool::new(false),
             reopened: Mutex::new(false),
             told_read_only: AtomicBool::new(false),
+            discard: Mutex::new(DiscardMode::Auto),
         })
     }
 
     pub fn device(&self) -> &Arc<dyn Device> {
         self.image.device()
+    }
+
+    /// Whether the blocks commits free are trimmed in the device (see
+    /// [`discard`]), once the filesystem is opened read-write: set before.
+    pub fn set_discard(&self, mode: DiscardMode) {
+        *self.discard.lock() = mode;
     }
 
     /// Opened read-write, and no other node has taken the filesystem since
@@ -182,8 +194,12 @@ impl Volume {
         match open::reopen_writable(&self.image, &mut state.fs, journal)? {
             Reopened::Unchanged => {}
             Reopened::ReadOnly(fs) => state.fs = fs,
-            Reopened::Writable { fs, tx, held } => {
+            Reopened::Writable { fs, mut tx, held } => {
                 self.map_device.read_through(tx.cache().clone());
+                let bs = u64::from(fs.block_size());
+                if let Some(discard) = discard::discarder(&self.image, bs, *self.discard.lock()) {
+                    tx.discard_freed(discard);
+                }
                 state.fs = fs;
                 state.tx = Some(*tx);
                 *self.mmp.lock() = held;

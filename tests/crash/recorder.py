@@ -1,12 +1,16 @@
 # An nbdkit plugin (nbdkit's python plugin) serving an image file and
-# recording, in order, every write, zero and flush that reaches it, so
-# that tests can rebuild what a power cut could have left on the medium.
+# recording, in order, every write, zero, trim and flush that reaches it,
+# so that tests can rebuild what a power cut could have left on the medium.
 #
-#   nbdkit python tests/crash/recorder.py file=IMAGE log=LOG
+#   nbdkit python tests/crash/recorder.py file=IMAGE log=LOG [trim=no]
 #
 # LOG gets one record per request: b'W' + offset (u64 LE) + length (u32
-# LE) + the bytes written (zeroes for a zero request), or b'F' for a
-# flush.  LOG.count holds the number of records so far, rewritten after
+# LE) + the bytes written (zeroes for a zero request), b'T' + offset +
+# length for a trim, or b'F' for a flush.  A trimmed range holds unknown
+# content afterwards: the plugin fills it with TRIMMED bytes (so that a
+# filter reading it back gets garbage), and a crash state may show the
+# range as it was or as that garbage.  With trim=no the plugin cannot
+# trim.  LOG.count holds the number of records so far, rewritten after
 # each, so a client can tell which requests its flush covered.  Requests
 # are serialized: the log's order is the order they reached the file.
 
@@ -22,14 +26,20 @@ image = None
 log_path = None
 log = None
 records = 0
+trim_ok = True
+
+# What a trimmed range reads as (the crash judges use the same byte).
+TRIMMED = 0xDB
 
 
 def config(key, value):
-    global image, log_path
+    global image, log_path, trim_ok
     if key == "file":
         image = value
     elif key == "log":
         log_path = value
+    elif key == "trim":
+        trim_ok = value != "no"
     else:
         raise RuntimeError("unknown parameter " + key)
 
@@ -49,6 +59,8 @@ def record(kind, offset=0, data=b""):
         log = io.open(log_path, "ab")
     if kind == b"W":
         log.write(kind + struct.pack("<QI", offset, len(data)) + data)
+    elif kind == b"T":
+        log.write(kind + struct.pack("<QI", offset, len(data)))
     else:
         log.write(kind)
     log.flush()
@@ -81,7 +93,7 @@ def can_flush(h):
 
 
 def can_trim(h):
-    return False
+    return trim_ok
 
 
 def can_zero(h):
@@ -107,6 +119,12 @@ def zero(h, count, offset, flags):
     data = bytes(count)
     os.pwrite(h, data, offset)
     record(b"W", offset, data)
+
+
+def trim(h, count, offset, flags):
+    data = bytes([TRIMMED]) * count
+    os.pwrite(h, data, offset)
+    record(b"T", offset, data)
 
 
 def flush(h, flags):

@@ -223,7 +223,11 @@ fn a_node_that_comes_back_late_and_finds_another_one_stops_writing() {
     write_as_other_node(&dev, 0x4242, "node-b");
     let lost = wait_until_lost(&held, Duration::from_secs(15));
     assert!(lost.contains("node-b"), "{lost}");
-    held.release().unwrap();
+    let why = held.release().unwrap_err().to_string();
+    assert!(
+        why.contains("not marked clean") && why.contains("node-b"),
+        "{why}"
+    );
     // node-a writes nothing more: node-b's block stays.
     assert_block(&dev, 0x4242, "node-b");
 }
@@ -241,7 +245,11 @@ fn of_two_nodes_taking_a_clean_block_at_once_one_gives_up() {
         lost.contains("node-b") && lost.contains("no longer writing it"),
         "{lost}"
     );
-    held.release().unwrap();
+    let why = held.release().unwrap_err().to_string();
+    assert!(
+        why.contains("not marked clean") && why.contains("node-b"),
+        "{why}"
+    );
     assert_block(&dev, 0x4242, "node-b");
 }
 
@@ -251,7 +259,122 @@ fn the_block_is_not_marked_clean_under_another_node() {
     let held = Protection::take(dev.clone(), config(&dev), "node-a", "disk-a").unwrap();
     write_as_other_node(&dev, 0x77, "node-b");
     // Released before the updater's next round: the last check still sees
-    // node-b and leaves its block alone.
-    held.release().unwrap();
+    // node-b and leaves its block alone, saying so.
+    let why = held.release().unwrap_err().to_string();
+    assert!(
+        why.contains("not marked clean") && why.contains("taken by another node"),
+        "{why}"
+    );
     assert_block(&dev, 0x77, "node-b");
+}
+
+/// A device whose reads of one block, once stalled, sleep and then fail a
+/// given number of times (a plugin under heavy load, timing out).
+struct StallingReads {
+    inner: Arc<MemDevice>,
+    block_offset: u64,
+    stall: Duration,
+    /// Reads of the block still to stall (and fail, if `fail`).
+    left: Mutex<u32>,
+    fail: bool,
+    /// Reads of the block that began while stalled.
+    stalled: std::sync::atomic::AtomicU32,
+}
+
+impl BlockDevice for StallingReads {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::result::Result<(), Errno> {
+        if offset == self.block_offset {
+            let stalled = {
+                let mut left = self.left.lock();
+                let now = *left > 0;
+                *left = left.saturating_sub(1);
+                now
+            };
+            if stalled {
+                self.stalled.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(self.stall);
+                if self.fail {
+                    return Err(Errno::EIO);
+                }
+            }
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::result::Result<(), Errno> {
+        self.inner.write_at(buf, offset)
+    }
+    fn zero_at(&self, len: u64, offset: u64) -> std::result::Result<(), Errno> {
+        self.inner.zero_at(len, offset)
+    }
+    fn flush(&self) -> std::result::Result<(), Errno> {
+        self.inner.flush()
+    }
+}
+
+fn stalling_reads(dev: &Arc<MemDevice>, stall: Duration, fail: bool) -> Arc<StallingReads> {
+    Arc::new(StallingReads {
+        inner: dev.clone(),
+        block_offset: config(dev).offset(),
+        stall,
+        left: Mutex::new(0),
+        fail,
+        stalled: std::sync::atomic::AtomicU32::new(0),
+    })
+}
+
+/// Waits until the updater is inside a stalled read.
+fn wait_for_stall(device: &StallingReads) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while device.stalled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the updater never read the block"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The updater stalls past the check interval in a read that then fails,
+/// just as the server shuts down: the stall proves nothing, the block is
+/// read again, found ours and marked clean.
+#[test]
+fn an_updater_stalled_past_the_check_interval_still_marks_the_block_clean() {
+    let dev = mmp_image();
+    let device = stalling_reads(&dev, Duration::from_secs(6), true);
+    let held = Protection::take(device.clone(), config(&dev), "node-a", "disk-a").unwrap();
+    *device.left.lock() = 1;
+    wait_for_stall(&device);
+    // Shutdown comes while the read hangs; it fails 6 s later, past the
+    // check interval (5 s).
+    std::thread::sleep(Duration::from_millis(200));
+    held.release().unwrap();
+    assert_eq!(medium(&dev).read().unwrap().seq(), SEQ_CLEAN);
+}
+
+/// Reads that keep failing at shutdown: the block is left as it is (another
+/// node may hold it), and the error says so.
+#[test]
+fn reads_failing_at_shutdown_say_why_the_block_is_not_clean() {
+    let dev = mmp_image();
+    let device = stalling_reads(&dev, Duration::from_millis(50), true);
+    let held = Protection::take(device.clone(), config(&dev), "node-a", "disk-a").unwrap();
+    let before = medium(&dev).read().unwrap().seq();
+    *device.left.lock() = u32::MAX;
+    wait_for_stall(&device);
+    let why = held.release().unwrap_err().to_string();
+    assert!(
+        why.contains("not marked clean at shutdown")
+            && why.contains("reading it back failed")
+            && why.contains("another node may hold it"),
+        "{why}"
+    );
+    let after = medium(&dev).read().unwrap();
+    assert_ne!(after.seq(), SEQ_CLEAN);
+    assert!(
+        after.seq() == before || after.seq() < 4,
+        "only our own numbers"
+    );
 }

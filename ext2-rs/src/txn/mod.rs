@@ -38,6 +38,7 @@
 //! the one way to change it.
 
 mod cache;
+mod discard;
 mod holes;
 mod journal;
 mod ordered;
@@ -61,6 +62,7 @@ use crate::sys;
 use crate::undo;
 
 pub use cache::MetaCache;
+pub use discard::Discard;
 use holes::HoleFills;
 use journal::JournalLog;
 use ordered::Ordered;
@@ -131,6 +133,9 @@ pub struct Transactions {
     commits: u64,
     /// Blocks of group descriptors (each may change with a group).
     desc_blocks: u64,
+    /// Told the blocks each commit freed, once they are free for good
+    /// ([`Self::discard_freed`]).
+    discard: Option<Discard>,
 }
 
 /// The block size of the filesystem on `raw`, from its superblock (1024 if
@@ -186,6 +191,7 @@ pub fn open_read_write(
         frees_pending: false,
         holes: HoleFills::default(),
         commits: 0,
+        discard: None,
     };
     debug!(
         Topic::Journal,
@@ -743,11 +749,25 @@ impl Transactions {
             self.frees_pending |= self.method() == Method::Ordered;
             return Err(e);
         }
+        if let Some(discard) = self.discard.as_mut() {
+            let freed = freed_ranges(fs, &self.touched);
+            if !freed.is_empty() {
+                discard(&freed);
+            }
+        }
         self.touched.clear();
         self.frees_pending = false;
         self.since = None;
         self.commits += 1;
         Ok(())
+    }
+
+    /// From now on, every commit that succeeds calls `discard` with the
+    /// runs of blocks its transaction freed, once the frees are durable
+    /// and before any of those blocks can be allocated again (see
+    /// [`discard`]).
+    pub fn discard_freed(&mut self, discard: Discard) {
+        self.discard = Some(discard);
     }
 
     /// Links every pending extent of every file (see [`Self::link_pending`]):
