@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Builds a Debian package of the filter for the nbdkit that pkg-config names,
-# which must be a Debian nbdkit (nbdkit-plugin-dev):
+# which must be a Debian nbdkit (nbdkit-plugin-dev), with the crates.io build
+# (Cargo.lock; any Rust toolchain >= 1.77).  This is the way on Debian 12,
+# whose Rust crates and rustc are too old for debian/; on Debian 13 and sid
+# build that source package instead (dpkg-buildpackage -b -us -uc): the same
+# package from Debian's crates (scripts/test-distro.sh):
 #
 #   scripts/package-deb.sh     # -> target/debian/nbdkit-ext2rs-filter_VERSION_ARCH.deb
 #
@@ -33,9 +37,9 @@ fi
 
 # The version: Cargo's, which the changelog's latest entry must carry.
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
-changelog_version="$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)"
+changelog_version="$(dpkg-parsechangelog -l debian/changelog -S Version)"
 [ "$version" = "$changelog_version" ] ||
-  die "Cargo.toml says $version but packaging/debian/changelog's latest entry is $changelog_version"
+  die "Cargo.toml says $version but debian/changelog's latest entry is $changelog_version"
 
 # The nbdkit built against: pkg-config's, from a Debian package.
 includedir="$(pkg-config --variable=includedir nbdkit)" ||
@@ -78,9 +82,9 @@ pod2man --section=1 --center="nbdkit" --release="ext2filter $version" \
 chmod 0644 "$man"
 
 doc="$stage/usr/share/doc/$pkg"
-install -D -m 0644 packaging/debian/copyright "$doc/copyright"
+install -D -m 0644 debian/copyright "$doc/copyright"
 # A native package's changelog is changelog.gz (Debian policy 12.7).
-gzip -9n < packaging/debian/changelog > "$doc/changelog.gz"
+gzip -9n < debian/changelog > "$doc/changelog.gz"
 chmod 0644 "$doc/changelog.gz"
 
 # The shared libraries the filter links.  nbdkit_* are left undefined on
@@ -91,6 +95,10 @@ shlibs="$(cd "$build" && dpkg-shlibdeps --warnings=6 -O "-edebian/$pkg$filterdir
 [ -n "$shlibs" ] || die "dpkg-shlibdeps found no shared library dependencies"
 
 installed_size="$(du -k -s --exclude=DEBIAN "$stage" | cut -f1)"
+# Section, Priority and Description: debian/control's, the source package's.
+field() { sed -n "s/^$1: //p" debian/control | head -1; }
+description="$(sed -n "/^Package: $pkg\$/,/^\$/{/^Description:/,/^\$/p}" debian/control | sed '/^$/d')"
+[ -n "$description" ] || die "debian/control has no Description for $pkg"
 cat > "$stage/DEBIAN/control" <<CONTROL
 Package: $pkg
 Version: $version
@@ -98,18 +106,9 @@ Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: $installed_size
 Depends: $nbdkit_depends, $shlibs
-Section: admin
-Priority: optional
-Description: nbdkit filter serving one file from inside an ext2/3/4 image
- With this filter nbdkit serves one regular file stored inside an ext2,
- ext3 or ext4 filesystem image as an NBD export: nbdkit --filter=ext2rs
- file fs.img ext2file=/disks/disk.img.  The image can come from any nbdkit
- plugin.  Nothing is mounted and no privileges are needed.
- .
- It replaces nbdkit's ext2 filter with the same parameters and messages:
- block status describes the file, flush is durable, connections run in
- parallel on one shared filesystem, data moves in one request per
- contiguous run, -r writes nothing, and an unclean journal is replayed.
+Section: $(field Section)
+Priority: $(field Priority)
+$description
 CONTROL
 (cd "$stage" && find . -type f ! -path './DEBIAN/*' -printf '%P\0' | sort -z | xargs -0 md5sum) \
   > "$stage/DEBIAN/md5sums"

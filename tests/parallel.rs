@@ -736,7 +736,9 @@ def writer(k):
         h.pwrite(data, off)
     h.flush()
 run_threads([lambda k=k: writer(k) for k in range(4)])
-print(len(spots))
+# Flushed: print() text waits in sys.stdout's own buffer and would otherwise
+# come out after the bytes written to sys.stdout.buffer below (Python 3.14).
+print(len(spots), flush=True)
 
 # Punch every 5th spot's whole block back out (zero without NO_HOLE, aligned).
 def puncher(k):

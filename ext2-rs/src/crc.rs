@@ -82,17 +82,23 @@ pub fn crc32c(crc: u32, bytes: &[u8]) -> u32 {
 /// CRC32C with the SSE4.2 instruction, eight bytes at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
+// rustc before 1.87 (Debian 13 has 1.85) counts the intrinsics as unsafe to
+// call even here; later ones as safe, and call the blocks unused.
+#[allow(unused_unsafe)]
 unsafe fn crc32c_sse42(crc: u32, bytes: &[u8]) -> u32 {
     use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
     let mut words = bytes.chunks_exact(8);
     let mut crc = u64::from(crc);
     for word in &mut words {
         let word = u64::from_le_bytes(word.try_into().expect("eight bytes"));
-        crc = _mm_crc32_u64(crc, word);
+        // SAFETY: SSE4.2 is enabled for this function, and its caller checked
+        // that the processor has it.
+        crc = unsafe { _mm_crc32_u64(crc, word) };
     }
     let mut crc = crc as u32;
     for &b in words.remainder() {
-        crc = _mm_crc32_u8(crc, b);
+        // SAFETY: as above.
+        crc = unsafe { _mm_crc32_u8(crc, b) };
     }
     crc
 }

@@ -271,6 +271,8 @@ pub fn judge_with_kernel(
             || text.contains("must be superuser")
             || text.contains("only root")
             || text.contains("failed to setup loop device")
+            // util-linux 2.42 (sid) spells it "set up".
+            || text.contains("failed to set up loop device")
             || text.contains("Operation not permitted")
         {
             if !NO_MOUNT_SAID.swap(true, Ordering::Relaxed) {
