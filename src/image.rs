@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use ext2_rs::error::Errno;
-use ext2_rs::jbd2::{Replay, JBD2_MAGIC};
+use ext2_rs::jbd2::Replay;
 use ext2_rs::mmp::Watch;
 use ext2_rs::BlockDevice;
 
@@ -105,9 +105,7 @@ impl Image {
                 self.read_plain(buf, offset, run_start..pos)?;
                 let mut whole = vec![0u8; bs as usize];
                 self.device.pread(&mut whole, copy.image_block * bs)?;
-                if copy.escaped {
-                    whole[..4].copy_from_slice(&JBD2_MAGIC.to_be_bytes());
-                }
+                copy.unescape(&mut whole);
                 let from = (pos - block * bs) as usize;
                 let len = (block_end - pos) as usize;
                 let at = (pos - offset) as usize;

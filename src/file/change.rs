@@ -79,10 +79,7 @@ impl ServedFile {
         } else {
             let runs = volume.change_allocating(self.ino, count, |tx| {
                 let fs = tx.fs();
-                let goal = match near {
-                    Some(goal) => goal,
-                    None => mapping::goal_for(fs, self.ino, blocks.start)?,
-                };
+                let goal = mapping::hole_goal(fs, self.ino, blocks.start, near)?;
                 let ratio = fs.cluster_ratio();
                 let (runs, new_units) = if ratio == 1 {
                     let runs = mapping::allocate(fs, goal, count)?;

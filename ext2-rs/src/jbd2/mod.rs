@@ -51,6 +51,16 @@ pub struct JournalCopy {
     pub escaped: bool,
 }
 
+impl JournalCopy {
+    /// Turns `block`, read from [`JournalCopy::image_block`], into the
+    /// replayed contents: an escaped copy gets its magic back.
+    pub fn unescape(&self, block: &mut [u8]) {
+        if self.escaped {
+            block[..4].copy_from_slice(&JBD2_MAGIC.to_be_bytes());
+        }
+    }
+}
+
 /// The in-memory result of replaying a journal.
 #[derive(Clone, Debug, Default)]
 pub struct Replay {
