@@ -180,6 +180,19 @@ pub fn assert_fsck_clean(bytes: &[u8]) {
     assert_eq!(code, 0, "e2fsck -fn:\n{text}");
 }
 
+/// `bytes` as boot leaves it after a power cut: the journal replayed
+/// (`e2fsck -p -E journal_only`), then checked clean by `e2fsck -fn`.
+pub fn recovered(bytes: &[u8]) -> Vec<u8> {
+    let dir = TempDir::new();
+    let image = dir.path().join("crashed.img");
+    std::fs::write(&image, bytes).unwrap();
+    let (code, text) = run_on("e2fsck", &["-p", "-E", "journal_only"], &image);
+    assert!(code <= 1, "journal replay:\n{text}");
+    let recovered = std::fs::read(&image).unwrap();
+    assert_fsck_clean(&recovered);
+    recovered
+}
+
 /// What `debugfs` dumps of `path` in `bytes`.
 pub fn dump(bytes: &[u8], path: &str) -> Vec<u8> {
     let dir = TempDir::new();
