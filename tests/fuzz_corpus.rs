@@ -2,7 +2,8 @@
 //! `scripts/fuzz.sh`) replayed without AFL over the committed corpus
 //! (`fuzz/corpus/TARGET/`) and the inputs of every crash or hang the
 //! fuzzer found (`fuzz/regressions/TARGET/`), so that the normal suite runs
-//! them: none may panic.
+//! them: none may panic.  The write target's images must also stay clean
+//! for `e2fsck -fn` when they were clean before.
 
 #[allow(dead_code)]
 #[path = "../fuzz/src/targets.rs"]
@@ -51,6 +52,46 @@ fn quota_corpus() {
 #[test]
 fn write_corpus() {
     replay("write");
+}
+
+/// Whether `e2fsck -fn` finds `image` clean.
+fn e2fsck_clean(image: &[u8], name: &str) -> bool {
+    let path = std::env::temp_dir().join(format!("fuzz-corpus-{}-{name}", std::process::id()));
+    std::fs::write(&path, image).unwrap();
+    let out = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&path)
+        .output()
+        .expect("e2fsck runs (install e2fsprogs)");
+    let _ = std::fs::remove_file(&path);
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    out.status.success()
+}
+
+#[test]
+fn writes_leave_clean_images_clean() {
+    let mut written = 0;
+    for input in inputs("fuzz/corpus", "write")
+        .iter()
+        .chain(&inputs("fuzz/regressions", "write"))
+    {
+        let data = std::fs::read(input).unwrap();
+        let Some((before, after)) = targets::write_images(&data) else {
+            continue;
+        };
+        let name = input.file_name().unwrap().to_string_lossy().into_owned();
+        if e2fsck_clean(&before, &name) {
+            written += 1;
+            assert!(
+                e2fsck_clean(&after, &name),
+                "{}: e2fsck -fn passes before the writes, fails after",
+                input.display()
+            );
+        }
+    }
+    assert!(written > 0, "no clean image was written");
 }
 
 #[test]

@@ -538,18 +538,28 @@ impl Writer {
         self.map.reload()
     }
 
+    /// The blocks a change of `[offset, offset + len)` looks at, as the
+    /// filter's `change_window`: the block before (where new blocks go)
+    /// too, rounded out to whole clusters (bigalloc places a block in the
+    /// cluster its neighbours already have).
+    fn window_blocks(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let first = (offset / self.bs).saturating_sub(1) / self.ratio * self.ratio;
+        let end = (offset + len).div_ceil(self.bs).div_ceil(self.ratio) * self.ratio;
+        first..end
+    }
+
     fn write(&mut self, offset: u64, data: &[u8]) -> ext2_rs::Result<()> {
         let len = data.len() as u64;
-        let blocks = offset / self.bs..(offset + len).div_ceil(self.bs);
-        let window = self.window(blocks)?;
+        // Kept up to date for the rest of the request, as the filter's.
+        let mut window = self.window(self.window_blocks(offset, len))?;
         for piece in window.pieces(offset, len) {
             let at = (piece.file_offset - offset) as usize;
             let bytes = &data[at..at + piece.len as usize];
             match piece.content {
                 Content::Data { image_offset } => self.image.write_at(bytes, image_offset)?,
-                Content::Hole => self.fill_hole(&window, &piece, bytes)?,
+                Content::Hole => self.fill_hole(&mut window, &piece, bytes)?,
                 Content::Unwritten { image_offset } => {
-                    self.fill_unwritten(&window, &piece, image_offset, bytes)?
+                    self.fill_unwritten(&mut window, &piece, image_offset, bytes)?
                 }
             }
         }
@@ -567,7 +577,12 @@ impl Writer {
         (first..end, buf)
     }
 
-    fn fill_hole(&mut self, window: &FileMap, piece: &Piece, bytes: &[u8]) -> ext2_rs::Result<()> {
+    fn fill_hole(
+        &mut self,
+        window: &mut FileMap,
+        piece: &Piece,
+        bytes: &[u8],
+    ) -> ext2_rs::Result<()> {
         let (blocks, buf) = self.padded(piece, bytes);
         let chunk = HOLE_CHUNK.max(self.ratio);
         let mut start = blocks.start;
@@ -583,7 +598,7 @@ impl Writer {
 
     fn fill_chunk(
         &mut self,
-        window: &FileMap,
+        window: &mut FileMap,
         blocks: std::ops::Range<u64>,
         buf: &[u8],
     ) -> ext2_rs::Result<()> {
@@ -621,7 +636,13 @@ impl Writer {
             if self.tx.links_made() != links {
                 self.tree_changed()?;
             }
-            result.map(drop)
+            let runs = result?;
+            window.replace_range(
+                blocks.start,
+                blocks.end,
+                &Extent::written_runs(blocks.start, &runs),
+            );
+            Ok(())
         } else {
             let result = self.tx.change_allocating(&mut self.fs, ino, count, |fs| {
                 let goal = match near {
@@ -632,22 +653,28 @@ impl Writer {
                     let runs = mapping::allocate(fs, goal, count)?;
                     (runs.clone(), runs)
                 } else {
-                    let existing = |cluster: u64| physical_cluster(window, cluster, ratio);
+                    let existing = |cluster: u64| physical_cluster(&*window, cluster, ratio);
                     mapping::allocate_clustered(fs, blocks.clone(), existing, goal)?
                 };
                 write_runs(&runs)?;
                 let new_count = new.iter().map(|r| r.1).sum::<u64>() / ratio;
                 mapping::link_blocks(fs, ino, layout, blocks.start, &runs, new_count)?;
-                Ok(())
+                Ok(runs)
             });
             self.tree_changed()?;
-            result
+            let runs = result?;
+            window.replace_range(
+                blocks.start,
+                blocks.end,
+                &Extent::written_runs(blocks.start, &runs),
+            );
+            Ok(())
         }
     }
 
     fn fill_unwritten(
         &mut self,
-        _window: &FileMap,
+        window: &mut FileMap,
         piece: &Piece,
         image_offset: u64,
         bytes: &[u8],
@@ -660,7 +687,15 @@ impl Writer {
             mapping::mark_written(fs, ino, blocks.start, blocks.end)
         });
         self.tree_changed()?;
-        result
+        result?;
+        let written = Extent {
+            logical: blocks.start,
+            physical,
+            len: blocks.end - blocks.start,
+            unwritten: false,
+        };
+        window.replace_range(blocks.start, blocks.end, &[written]);
+        Ok(())
     }
 
     /// Frees whole blocks `blocks` (extent files without bigalloc, as the
@@ -699,7 +734,7 @@ impl Writer {
             end
         };
         self.punch(first..end)?;
-        let window = self.window(offset / self.bs..(offset + len).div_ceil(self.bs))?;
+        let window = self.window(self.window_blocks(offset, len))?;
         for piece in window.pieces(offset, len) {
             if let Content::Data { image_offset } = piece.content {
                 self.image.zero_at(piece.len, image_offset)?;
