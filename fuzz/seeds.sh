@@ -19,7 +19,7 @@ replay="$CARGO_TARGET_DIR/release/replay"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 rm -rf corpus
-mkdir -p corpus/read corpus/journal corpus/quota corpus/write
+mkdir -p corpus/read corpus/journal corpus/quota corpus/quota-tree corpus/write
 
 # The tree every image holds.
 src="$work/src"
@@ -140,5 +140,19 @@ for name in quota quota-bigalloc; do
 done
 for name in ext2-1k ext3-1k ext4-4k ext4-1k-csum bigalloc meta_bg quota quota-bigalloc; do
     encode "$work/$name.img" write "$name" "$write_params"
+done
+# quota-tree: each quota file of the quota image alone, with requests
+# (kind, count, then op and u32 id each): find, charge (insert) new and
+# known ids, add space, list.
+tree_requests="08$(printf '%s' 0000000000 0100000000 01e8030000 0110270000 02e8030000 0100000100 0342000000 0010270000)"
+for kind in user group project; do
+    case $kind in
+        user) k=00 ;;
+        group) k=01 ;;
+        project) k=02 ;;
+    esac
+    ino=$(dumpe2fs -h "$work/quota.img" 2>/dev/null | awk -v k="$kind" 'tolower($0) ~ "^" k " quota inode:" {print $NF}')
+    debugfs -R "dump <$ino> $work/$kind.quota" "$work/quota.img" >/dev/null 2>&1
+    { printf '%s' "$k$tree_requests" | xxd -r -p; cat "$work/$kind.quota"; } >"corpus/quota-tree/$kind"
 done
 du -sh corpus

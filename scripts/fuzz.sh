@@ -20,7 +20,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 fuzz="$root/fuzz"
-targets=(read journal quota write)
+targets=(read journal quota quota-tree write)
 
 if [ $# -eq 0 ]; then
     printf '%s\n' "${targets[@]}"

@@ -50,6 +50,11 @@ fn quota_corpus() {
 }
 
 #[test]
+fn quota_tree_corpus() {
+    replay("quota-tree");
+}
+
+#[test]
 fn write_corpus() {
     replay("write");
 }
@@ -97,7 +102,7 @@ fn writes_leave_clean_images_clean() {
 #[test]
 fn every_target_is_tested() {
     let names: Vec<&str> = targets::TARGETS.iter().map(|(n, _)| *n).collect();
-    assert_eq!(names, ["read", "journal", "quota", "write"]);
+    assert_eq!(names, ["read", "journal", "quota", "quota-tree", "write"]);
 }
 
 #[test]

@@ -30,7 +30,7 @@ use ext2_rs::fs::{Access, Filesystem, Ino, InodeInfo, Layout};
 use ext2_rs::jbd2::{self, Replay, JBD2_MAGIC};
 use ext2_rs::lazy_map::{LazyMap, MapSource};
 use ext2_rs::mapping;
-use ext2_rs::quota::{Kind, Owner, Quotas};
+use ext2_rs::quota::{tree, Kind, Owner, Quotas};
 use ext2_rs::testing::MemDevice;
 use ext2_rs::txn::{self, Durability, Transactions};
 use ext2_rs::BlockDevice;
@@ -43,6 +43,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("read", read),
     ("journal", journal),
     ("quota", quota),
+    ("quota-tree", quota_tree),
     ("write", write),
 ];
 
@@ -492,6 +493,85 @@ pub fn quota(data: &[u8]) {
         for kind in kinds {
             let _ = quotas.records(&mut fs, kind);
         }
+    }
+}
+
+/// A quota file in memory, 1 KiB blocks (at most [`QUOTA_FILE_BLOCKS`]).
+struct QuotaFile(Vec<tree::Block>);
+
+/// The most blocks a fuzzed quota file grows to.
+const QUOTA_FILE_BLOCKS: usize = 4096;
+
+impl tree::Store for QuotaFile {
+    fn read(&mut self, index: u32) -> ext2_rs::Result<tree::Block> {
+        Ok(self
+            .0
+            .get(index as usize)
+            .copied()
+            .unwrap_or([0; tree::BLOCK]))
+    }
+
+    fn write(&mut self, index: u32, block: &tree::Block) -> ext2_rs::Result<()> {
+        let index = index as usize;
+        if index >= QUOTA_FILE_BLOCKS {
+            return Err(ext2_rs::Error::other(Errno::EFBIG, "quota file too large"));
+        }
+        if index >= self.0.len() {
+            self.0.resize(index + 1, [0; tree::BLOCK]);
+        }
+        self.0[index] = *block;
+        Ok(())
+    }
+}
+
+/// `quota-tree`: the quota file format alone (`ext2_rs::quota::tree`),
+/// in memory.  Input: the kind (a byte, modulo 3), the number of requests
+/// (a byte, at most 64), the requests (an operation byte, then an id as a
+/// u32: find, find or insert as the quota code charges an owner, add to
+/// its space, list every entry), then the file's bytes.
+pub fn quota_tree(data: &[u8]) {
+    let mut params = Params(data);
+    let kind = [Kind::User, Kind::Group, Kind::Project][usize::from(params.byte() % 3)];
+    let count = usize::from(params.byte() % 65);
+    let requests: Vec<(u8, u32)> = (0..count)
+        .map(|_| {
+            let op = params.byte();
+            let id = u32::from(params.u16()) | u32::from(params.u16()) << 16;
+            (op, id)
+        })
+        .collect();
+    let blocks = params
+        .0
+        .chunks(tree::BLOCK)
+        .map(|chunk| {
+            let mut block = [0u8; tree::BLOCK];
+            block[..chunk.len()].copy_from_slice(chunk);
+            block
+        })
+        .collect();
+    let Ok(mut quota) = tree::QuotaTree::open(QuotaFile(blocks), kind) else {
+        return;
+    };
+    for (op, id) in requests {
+        let result = match op % 4 {
+            0 => quota.find(id).map(drop),
+            1 => match quota.find(id) {
+                Ok(Some(at)) => quota.entry(at).map(drop),
+                Ok(None) => quota.insert(id).map(drop),
+                Err(e) => Err(e),
+            },
+            2 => match quota.find(id) {
+                Ok(Some(at)) => quota
+                    .update_entry(at, |entry| {
+                        entry.add_space(i64::from(op as i8) << 10);
+                        Ok(())
+                    })
+                    .map(drop),
+                other => other.map(drop),
+            },
+            _ => quota.all_entries().map(drop),
+        };
+        note(|| format!("quota tree request {op} for {id}: {result:?}"));
     }
 }
 

@@ -4,7 +4,7 @@
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
     if !ext2_fuzz::targets::TARGETS.iter().any(|(n, _)| *n == name) {
-        eprintln!("usage: fuzz-afl TARGET (one of: read, journal, quota, write)");
+        eprintln!("usage: fuzz-afl TARGET (scripts/fuzz.sh lists them)");
         std::process::exit(2);
     }
     ext2_fuzz::targets::setup();
