@@ -12,6 +12,9 @@
 # found run once more under valgrind's memcheck, which must report no
 # error and no memory definitely lost (see "Leaks" in the README).
 #
+# For `write`, every image AFL kept that e2fsck -fn passes before its
+# requests must pass after them (fuzz/target/release/replay --e2fsck).
+#
 # Findings stay in FUZZ_OUT (default fuzz/target/afl/TARGET): crashes/ and
 # hangs/ under default/, fuzzer_stats for executions per second and edges.
 # Installs cargo-afl (`cargo install cargo-afl`) when it is missing. The
@@ -90,6 +93,15 @@ for hang in $hangs; do
         status=1
     fi
 done
+
+# The write target's promise: an image e2fsck -fn passes before the
+# requests still passes after them (every input AFL kept; images that do
+# not stay in $out/e2fsck).
+if [ "$target" = write ] && ! "$CARGO_TARGET_DIR/release/replay" --e2fsck "$out/e2fsck" \
+    "corpus/$target" "$out/default/queue"; then
+    echo "fuzz.sh: $target: images e2fsck passed before the writes fail after (in $out/e2fsck)" >&2
+    status=1
+fi
 
 # Leaks: the corpus and the newest inputs found, once, under memcheck.
 leak_inputs=("corpus/$target")
