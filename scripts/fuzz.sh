@@ -15,6 +15,7 @@
 # For `write`, every image AFL kept that e2fsck -fn passes before its
 # requests must pass after them (fuzz/target/release/replay --e2fsck).
 #
+# FUZZ_RESUME=1 resumes the run in FUZZ_OUT instead of starting afresh.
 # Findings stay in FUZZ_OUT (default fuzz/target/afl/TARGET): crashes/ and
 # hangs/ under default/, fuzzer_stats for executions per second and edges.
 # Installs cargo-afl (`cargo install cargo-afl`) when it is missing. The
@@ -56,13 +57,20 @@ cd "$fuzz"
 cargo afl build --release --features afl --bin fuzz-afl
 cargo build --release --bin replay
 
-rm -rf "$out"
+# FUZZ_RESUME=1 goes on from the inputs a previous run in FUZZ_OUT kept.
+input="corpus/$target"
+if [ "${FUZZ_RESUME:-0}" = 1 ] && [ -d "$out/default/queue" ]; then
+    input=-
+    export AFL_AUTORESUME=1
+else
+    rm -rf "$out"
+fi
 mkdir -p "$out"
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_AFFINITY=1
 export AFL_NO_UI=1 AFL_SKIP_CRASHES=0
 export AFL_FORKSRV_INIT_TMOUT=${AFL_FORKSRV_INIT_TMOUT:-60000}
-cargo afl fuzz -V "$seconds" -t "${FUZZ_TIMEOUT_MS:-2000}" -i "corpus/$target" -o "$out" \
-    -- "$CARGO_TARGET_DIR/release/fuzz-afl" "$target" >"$out/afl.log" 2>&1 || {
+cargo afl fuzz -V "$seconds" -t "${FUZZ_TIMEOUT_MS:-2000}" -i "$input" -o "$out" \
+    -- "$CARGO_TARGET_DIR/release/fuzz-afl" "$target" >>"$out/afl.log" 2>&1 || {
     tail -30 "$out/afl.log" >&2
     echo "fuzz.sh: afl-fuzz failed (log: $out/afl.log)" >&2
     exit 1
